@@ -21,86 +21,86 @@ import orbax.checkpoint as ocp
 
 
 def abstract(tree: Any) -> Any:
-  """Shape/dtype/sharding skeleton of a pytree of arrays, the restore target."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+    """Shape/dtype/sharding skeleton of a pytree of arrays, the restore target."""
+    return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            tree)
 
 
 class RunCheckpoints:
-  """The ``checkpoints/`` and ``best/`` managers of one run directory."""
+    """The ``checkpoints/`` and ``best/`` managers of one run directory."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, read_only: bool = False):
-    workdir = pathlib.Path(workdir).absolute()
-    self.latest = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                             read_only=read_only))
-    self.best = ocp.CheckpointManager(
-        workdir / "best",
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
-                                             read_only=read_only))
+    def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, read_only: bool = False):
+        workdir = pathlib.Path(workdir).absolute()
+        self.latest = ocp.CheckpointManager(
+                workdir / "checkpoints",
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                                                                          read_only=read_only))
+        self.best = ocp.CheckpointManager(
+                workdir / "best",
+                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
+                                                                                          read_only=read_only))
 
-  @staticmethod
-  def _save_args(model: Any, train: Any, meta: dict) -> ocp.args.Composite:
-    return ocp.args.Composite(
-        model=ocp.args.StandardSave(model),
-        train=ocp.args.StandardSave(train),
-        meta=ocp.args.JsonSave(meta))
+    @staticmethod
+    def _save_args(model: Any, train: Any, meta: dict) -> ocp.args.Composite:
+        return ocp.args.Composite(
+                model=ocp.args.StandardSave(model),
+                train=ocp.args.StandardSave(train),
+                meta=ocp.args.JsonSave(meta))
 
-  def save(self, step: int, *, model: Any, train: Any, meta: dict, best: bool) -> None:
-    """Asynchronous save; ``best`` also replaces the best checkpoint."""
-    args = self._save_args(model, train, meta)
-    self.latest.save(step, args=args, force=True)
-    if best:
-      self.best.save(step, args=self._save_args(model, train, meta), force=True)
+    def save(self, step: int, *, model: Any, train: Any, meta: dict, best: bool) -> None:
+        """Asynchronous save; ``best`` also replaces the best checkpoint."""
+        args = self._save_args(model, train, meta)
+        self.latest.save(step, args=args, force=True)
+        if best:
+            self.best.save(step, args=self._save_args(model, train, meta), force=True)
 
-  def latest_step(self) -> int | None:
-    return self.latest.latest_step()
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
 
-  def restore_latest(self, *, model: Any, train: Any) -> tuple[Any, Any, dict]:
-    step = self.latest.latest_step()
-    restored = self.latest.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(abstract(model)),
-        train=ocp.args.StandardRestore(abstract(train)),
-        meta=ocp.args.JsonRestore()))
-    return restored["model"], restored["train"], restored["meta"]
+    def restore_latest(self, *, model: Any, train: Any) -> tuple[Any, Any, dict]:
+        step = self.latest.latest_step()
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract(model)),
+                train=ocp.args.StandardRestore(abstract(train)),
+                meta=ocp.args.JsonRestore()))
+        return restored["model"], restored["train"], restored["meta"]
 
-  def best_meta(self) -> dict | None:
-    step = self.best.latest_step()
-    if step is None:
-      return None
-    return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    def best_meta(self) -> dict | None:
+        step = self.best.latest_step()
+        if step is None:
+            return None
+        return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
 
-  def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
 
 
 def restore_model(workdir: str | pathlib.Path, *, model_target: Any,
-                  which: str = "best") -> tuple[Any, dict]:
-  """The trained net's variables and meta from a finished run directory.
+                                    which: str = "best") -> tuple[Any, dict]:
+    """The trained net's variables and meta from a finished run directory.
 
-  ``which`` is ``best`` (highest validation macro-AUC; what evaluation and
-  teachers use) or ``latest``.
-  """
-  if which not in ("best", "latest"):
-    raise ValueError(f"which must be 'best' or 'latest', not {which!r}")
-  folder = pathlib.Path(workdir).absolute() / ("best" if which == "best" else "checkpoints")
-  if not folder.is_dir():
-    raise FileNotFoundError(f"{folder} does not exist: is {workdir} a finished training run?")
-  manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {folder}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(abstract(model_target)),
-        meta=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  return restored["model"], restored["meta"]
+    ``which`` is ``best`` (highest validation macro-AUC; what evaluation and
+    teachers use) or ``latest``.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', not {which!r}")
+    folder = pathlib.Path(workdir).absolute() / ("best" if which == "best" else "checkpoints")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: is {workdir} a finished training run?")
+    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {folder}")
+        restored = manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract(model_target)),
+                meta=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return restored["model"], restored["meta"]

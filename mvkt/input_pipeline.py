@@ -24,96 +24,96 @@ from mvkt import data as data_lib
 
 
 class TrainBatches:
-  """Fixed-shape global training batches, addressable by step."""
+    """Fixed-shape global training batches, addressable by step."""
 
-  def __init__(self, split: data_lib.Split, *, global_batch_size: int,
-               crop_length: int, random_crop: bool, seed: int,
-               host_rows: slice | None = None):
-    if len(split) < global_batch_size:
-      raise ValueError(
-          f"the train split has {len(split)} records, fewer than the batch size "
-          f"{global_batch_size}; lower --config.train.batch_size")
-    self.split = split
-    self.global_batch_size = global_batch_size
-    self.crop_length = crop_length
-    self.random_crop = random_crop
-    self.seed = seed
-    self.host_rows = host_rows or slice(0, global_batch_size)
-    # Incomplete final batches are dropped: fixed shapes, one compilation.
-    self.steps_per_epoch = len(split) // global_batch_size
+    def __init__(self, split: data_lib.Split, *, global_batch_size: int,
+                              crop_length: int, random_crop: bool, seed: int,
+                              host_rows: slice | None = None):
+        if len(split) < global_batch_size:
+            raise ValueError(
+                    f"the train split has {len(split)} records, fewer than the batch size "
+                    f"{global_batch_size}; lower --config.train.batch_size")
+        self.split = split
+        self.global_batch_size = global_batch_size
+        self.crop_length = crop_length
+        self.random_crop = random_crop
+        self.seed = seed
+        self.host_rows = host_rows or slice(0, global_batch_size)
+        # Incomplete final batches are dropped: fixed shapes, one compilation.
+        self.steps_per_epoch = len(split) // global_batch_size
 
-  def crop_starts(self, indices: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    """Crop offsets: uniform when random, else the record's centre (deterministic)."""
-    slack = np.maximum(self.split.lengths[indices] - self.crop_length, 0)
-    if self.random_crop:
-      return rng.integers(0, slack + 1)
-    return slack // 2
+    def crop_starts(self, indices: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """Crop offsets: uniform when random, else the record's centre (deterministic)."""
+        slack = np.maximum(self.split.lengths[indices] - self.crop_length, 0)
+        if self.random_crop:
+            return rng.integers(0, slack + 1)
+        return slack // 2
 
-  def indices_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global record indices and crop starts of the batch at ``step``."""
-    epoch, position = divmod(step, self.steps_per_epoch)
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
-    indices = order[position * self.global_batch_size:(position + 1) * self.global_batch_size]
-    crop_rng = np.random.default_rng([self.seed, epoch, position, 1])
-    return indices, self.crop_starts(indices, crop_rng)
+    def indices_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global record indices and crop starts of the batch at ``step``."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+        indices = order[position * self.global_batch_size:(position + 1) * self.global_batch_size]
+        crop_rng = np.random.default_rng([self.seed, epoch, position, 1])
+        return indices, self.crop_starts(indices, crop_rng)
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """This host's rows of the global batch at ``step``."""
-    indices, starts = self.indices_at(step)
-    indices, starts = indices[self.host_rows], starts[self.host_rows]
-    return {
-        "x": self.split.crop(indices, starts, self.crop_length),
-        "y": self.split.y[indices].astype(np.float32),
-        "index": indices.astype(np.int32),
-    }
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """This host's rows of the global batch at ``step``."""
+        indices, starts = self.indices_at(step)
+        indices, starts = indices[self.host_rows], starts[self.host_rows]
+        return {
+                "x": self.split.crop(indices, starts, self.crop_length),
+                "y": self.split.y[indices].astype(np.float32),
+                "index": indices.astype(np.int32),
+        }
 
-  def fixed_crops(self) -> tuple[np.ndarray, np.ndarray]:
-    """Every record's deterministic crop (only valid without random crops)."""
-    if self.random_crop:
-      raise ValueError("fixed crops are only defined with data.random_crop=False")
-    indices = np.arange(len(self.split))
-    return indices, self.crop_starts(indices, None)
+    def fixed_crops(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every record's deterministic crop (only valid without random crops)."""
+        if self.random_crop:
+            raise ValueError("fixed crops are only defined with data.random_crop=False")
+        indices = np.arange(len(self.split))
+        return indices, self.crop_starts(indices, None)
 
 
 def window_index(lengths: np.ndarray, *, window: int, stride: int,
-                 window_starts: Callable[..., np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """(record index, start) of every sliding window over every record."""
-  records, starts = [], []
-  for i, length in enumerate(lengths):
-    s = window_starts(length=int(length), window=window, stride=stride)
-    records.append(np.full(len(s), i))
-    starts.append(s)
-  return np.concatenate(records), np.concatenate(starts)
+                                  window_starts: Callable[..., np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(record index, start) of every sliding window over every record."""
+    records, starts = [], []
+    for i, length in enumerate(lengths):
+        s = window_starts(length=int(length), window=window, stride=stride)
+        records.append(np.full(len(s), i))
+        starts.append(s)
+    return np.concatenate(records), np.concatenate(starts)
 
 
 class Prefetcher:
-  """Iterates ``produce(step)`` for steps in [start, stop), ``depth`` steps ahead."""
+    """Iterates ``produce(step)`` for steps in [start, stop), ``depth`` steps ahead."""
 
-  def __init__(self, produce: Callable[[int], object], start: int, stop: int,
-               depth: int = 2, threads: int = 2):
-    self._produce = produce
-    self._steps = iter(range(start, stop))
-    self._pool = concurrent.futures.ThreadPoolExecutor(threads)
-    self._queue: collections.deque = collections.deque()
-    for _ in range(depth):
-      self._submit()
+    def __init__(self, produce: Callable[[int], object], start: int, stop: int,
+                              depth: int = 2, threads: int = 2):
+        self._produce = produce
+        self._steps = iter(range(start, stop))
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self._queue: collections.deque = collections.deque()
+        for _ in range(depth):
+            self._submit()
 
-  def _submit(self) -> None:
-    step = next(self._steps, None)
-    if step is not None:
-      self._queue.append((step, self._pool.submit(self._produce, step)))
+    def _submit(self) -> None:
+        step = next(self._steps, None)
+        if step is not None:
+            self._queue.append((step, self._pool.submit(self._produce, step)))
 
-  def __iter__(self) -> Iterator[tuple[int, object]]:
-    try:
-      while self._queue:
-        step, future = self._queue.popleft()
-        self._submit()
-        yield step, future.result()
-    finally:
-      self.close()
+    def __iter__(self) -> Iterator[tuple[int, object]]:
+        try:
+            while self._queue:
+                step, future = self._queue.popleft()
+                self._submit()
+                yield step, future.result()
+        finally:
+            self.close()
 
-  def close(self) -> None:
-    for _, future in self._queue:
-      future.cancel()
-    self._queue.clear()
-    self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self) -> None:
+        for _, future in self._queue:
+            future.cancel()
+        self._queue.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -26,49 +26,49 @@ DATA_AXIS = "data"
 
 @dataclasses.dataclass(frozen=True)
 class Parallelism:
-  """The mesh and the two shardings the trainer uses."""
+    """The mesh and the two shardings the trainer uses."""
 
-  mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh
 
-  @property
-  def num_devices(self) -> int:
-    return self.mesh.devices.size
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
 
-  @property
-  def batch(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(DATA_AXIS))
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(DATA_AXIS))
 
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
 
-  def host_slice(self, global_batch_size: int) -> slice:
-    """The rows of a global batch that this host loads."""
-    check_batch_size(global_batch_size, self.num_devices)
-    per_host = global_batch_size // jax.process_count()
-    start = jax.process_index() * per_host
-    return slice(start, start + per_host)
+    def host_slice(self, global_batch_size: int) -> slice:
+        """The rows of a global batch that this host loads."""
+        check_batch_size(global_batch_size, self.num_devices)
+        per_host = global_batch_size // jax.process_count()
+        start = jax.process_index() * per_host
+        return slice(start, start + per_host)
 
-  def to_global(self, local_batch: Any) -> Any:
-    """Host-local NumPy batch (this host's rows) -> globally sharded jax.Arrays."""
-    return jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(self.batch, np.asarray(a)),
-        local_batch)
+    def to_global(self, local_batch: Any) -> Any:
+        """Host-local NumPy batch (this host's rows) -> globally sharded jax.Arrays."""
+        return jax.tree.map(
+                lambda a: jax.make_array_from_process_local_data(self.batch, np.asarray(a)),
+                local_batch)
 
-  def replicate(self, tree: Any) -> Any:
-    return jax.device_put(tree, self.replicated)
+    def replicate(self, tree: Any) -> Any:
+        return jax.device_put(tree, self.replicated)
 
 
 def make_parallelism(devices: Sequence[jax.Device] | None = None) -> Parallelism:
-  """A data-parallel mesh over ``devices`` (default: all devices of all hosts)."""
-  devices = list(jax.devices() if devices is None else devices)
-  mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
-  return Parallelism(mesh=mesh)
+    """A data-parallel mesh over ``devices`` (default: all devices of all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+    return Parallelism(mesh=mesh)
 
 
 def check_batch_size(global_batch_size: int, num_devices: int) -> None:
-  if global_batch_size % num_devices or global_batch_size % jax.process_count():
-    raise ValueError(
-        f"global batch size {global_batch_size} must be divisible by the number "
-        f"of devices ({num_devices}) and of hosts ({jax.process_count()}); "
-        "change --config.train.batch_size")
+    if global_batch_size % num_devices or global_batch_size % jax.process_count():
+        raise ValueError(
+                f"global batch size {global_batch_size} must be divisible by the number "
+                f"of devices ({num_devices}) and of hosts ({jax.process_count()}); "
+                "change --config.train.batch_size")

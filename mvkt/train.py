@@ -55,530 +55,530 @@ CLT_VARIANTS = ("memory_bank", "in_batch")
 
 
 class TrainingDivergedError(RuntimeError):
-  """A loss term became NaN/inf; the last good checkpoint is kept."""
+    """A loss term became NaN/inf; the last good checkpoint is kept."""
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
-  params: dict          # {"model": net params, "heads": {"student", "teacher"} CLT projections}
-  batch_stats: dict     # the trained net's BatchNorm statistics
-  opt_state: Any
-  memory_bank: Any      # losses.MemoryBank for memory-bank CLT, else None
-  rng: jax.Array        # base key; each step folds its own step number in
-  teacher: Any          # frozen {"params", "batch_stats"} or None; never differentiated
+    step: jax.Array
+    params: dict          # {"model": net params, "heads": {"student", "teacher"} CLT projections}
+    batch_stats: dict     # the trained net's BatchNorm statistics
+    opt_state: Any
+    memory_bank: Any      # losses.MemoryBank for memory-bank CLT, else None
+    rng: jax.Array        # base key; each step folds its own step number in
+    teacher: Any          # frozen {"params", "batch_stats"} or None; never differentiated
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-  """Which loss terms a method uses and their hyper-parameters."""
+    """Which loss terms a method uses and their hyper-parameters."""
 
-  method: str
-  alpha: float
-  beta: float
-  temperature: float
-  clt_variant: str
-  clt_temperature: float
-  clt_dim: int
-  num_negatives: int
-  momentum: float
-  mask_mode: str
+    method: str
+    alpha: float
+    beta: float
+    temperature: float
+    clt_variant: str
+    clt_temperature: float
+    clt_dim: int
+    num_negatives: int
+    momentum: float
+    mask_mode: str
 
-  @property
-  def uses_mkd(self) -> bool:
-    return self.method in ("kd", "mkd", "mvkt")
+    @property
+    def uses_mkd(self) -> bool:
+        return self.method in ("kd", "mkd", "mvkt")
 
-  @property
-  def uses_clt(self) -> bool:
-    return self.method in ("clt", "mvkt")
+    @property
+    def uses_clt(self) -> bool:
+        return self.method in ("clt", "mvkt")
 
-  @property
-  def needs_teacher(self) -> bool:
-    return self.uses_mkd or self.uses_clt
+    @property
+    def needs_teacher(self) -> bool:
+        return self.uses_mkd or self.uses_clt
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "LossSpec":
-    if config.method not in METHODS:
-      raise ValueError(f"config.method must be one of {METHODS}, not {config.method!r}")
-    if config.clt.variant not in CLT_VARIANTS:
-      raise ValueError(f"config.clt.variant must be one of {CLT_VARIANTS}, not {config.clt.variant!r}")
-    temperature = config.kd_temperature if config.method == "kd" else config.mkd_temperature
-    return cls(method=config.method, alpha=float(config.alpha), beta=float(config.beta),
-               temperature=float(temperature), clt_variant=config.clt.variant,
-               clt_temperature=float(config.clt.temperature), clt_dim=int(config.clt.dim),
-               num_negatives=int(config.clt.num_negatives), momentum=float(config.clt.momentum),
-               mask_mode=config.clt.mask_mode)
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "LossSpec":
+        if config.method not in METHODS:
+            raise ValueError(f"config.method must be one of {METHODS}, not {config.method!r}")
+        if config.clt.variant not in CLT_VARIANTS:
+            raise ValueError(f"config.clt.variant must be one of {CLT_VARIANTS}, not {config.clt.variant!r}")
+        temperature = config.kd_temperature if config.method == "kd" else config.mkd_temperature
+        return cls(method=config.method, alpha=float(config.alpha), beta=float(config.beta),
+                              temperature=float(temperature), clt_variant=config.clt.variant,
+                              clt_temperature=float(config.clt.temperature), clt_dim=int(config.clt.dim),
+                              num_negatives=int(config.clt.num_negatives), momentum=float(config.clt.momentum),
+                              mask_mode=config.clt.mask_mode)
 
 
 # ----------------------------------------------------------------------------- building blocks
 
 def parse_leads(leads: str | list[str]) -> list[str]:
-  """'I' | 'I,II,V2' | 'all' | a list -> validated lead names in the order given."""
-  if isinstance(leads, str):
-    names = list(data_lib.LEADS) if leads.strip().lower() == "all" else [
-        s.strip() for s in leads.split(",") if s.strip()]
-  else:
-    names = list(leads)
-  data_lib.lead_indices(names)  # raises a clear error for unknown names
-  if len(set(names)) != len(names):
-    raise ValueError(f"duplicate leads in {leads!r}")
-  return names
+    """'I' | 'I,II,V2' | 'all' | a list -> validated lead names in the order given."""
+    if isinstance(leads, str):
+        names = list(data_lib.LEADS) if leads.strip().lower() == "all" else [
+                s.strip() for s in leads.split(",") if s.strip()]
+    else:
+        names = list(leads)
+    data_lib.lead_indices(names)  # raises a clear error for unknown names
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate leads in {leads!r}")
+    return names
 
 
 def make_schedule(train_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  lr = float(train_config.learning_rate)
-  if train_config.schedule == "onecycle":
-    # As in the PTB-XL benchmark (fastai fit_one_cycle defaults).
-    return optax.cosine_onecycle_schedule(
-        transition_steps=max(total_steps, 1), peak_value=lr, pct_start=0.3,
-        div_factor=25.0, final_div_factor=1e4)
-  if train_config.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=min(max(total_steps // 20, 1), max(total_steps - 1, 1)),
-        decay_steps=max(total_steps, 2))
-  if train_config.schedule == "constant":
-    return optax.constant_schedule(lr)
-  raise ValueError(f"unknown schedule {train_config.schedule!r}: onecycle | cosine | constant")
+    lr = float(train_config.learning_rate)
+    if train_config.schedule == "onecycle":
+        # As in the PTB-XL benchmark (fastai fit_one_cycle defaults).
+        return optax.cosine_onecycle_schedule(
+                transition_steps=max(total_steps, 1), peak_value=lr, pct_start=0.3,
+                div_factor=25.0, final_div_factor=1e4)
+    if train_config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+                0.0, lr, warmup_steps=min(max(total_steps // 20, 1), max(total_steps - 1, 1)),
+                decay_steps=max(total_steps, 2))
+    if train_config.schedule == "constant":
+        return optax.constant_schedule(lr)
+    raise ValueError(f"unknown schedule {train_config.schedule!r}: onecycle | cosine | constant")
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = make_schedule(train_config, total_steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(float(train_config.grad_clip_norm)),
-      optax.adamw(schedule, weight_decay=float(train_config.weight_decay)))
-  return tx, schedule
+                                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(train_config, total_steps)
+    tx = optax.chain(
+            optax.clip_by_global_norm(float(train_config.grad_clip_norm)),
+            optax.adamw(schedule, weight_decay=float(train_config.weight_decay)))
+    return tx, schedule
 
 
 def create_train_state(*, rng: jax.Array, model: nn.Module, head: nn.Module | None,
-                       tx: optax.GradientTransformation, sample_x: jax.Array,
-                       train_labels: np.ndarray | None, loss_spec: LossSpec,
-                       teacher: Any, teacher_feature_dim: int | None) -> TrainState:
-  """A fresh state; ``sample_x`` has the student's lead count."""
-  init_rng, head_rng, bank_rng, base_rng = jax.random.split(rng, 4)
-  variables = model.init(init_rng, sample_x, train=False)
-  params = {"model": variables["params"], "heads": {}}
-  memory_bank = None
-  if loss_spec.uses_clt:
-    _, features = model.apply(variables, sample_x, train=False)
-    s_rng, t_rng = jax.random.split(head_rng)
-    params["heads"] = {
-        "student": head.init(s_rng, features)["params"],
-        "teacher": head.init(t_rng, jnp.zeros((1, teacher_feature_dim), jnp.float32))["params"],
-    }
-    if loss_spec.clt_variant == "memory_bank":
-      memory_bank = losses.init_memory_bank(bank_rng, labels=jnp.asarray(train_labels),
-                                            dim=loss_spec.clt_dim)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    memory_bank=memory_bank, rng=base_rng, teacher=teacher)
+                                              tx: optax.GradientTransformation, sample_x: jax.Array,
+                                              train_labels: np.ndarray | None, loss_spec: LossSpec,
+                                              teacher: Any, teacher_feature_dim: int | None) -> TrainState:
+    """A fresh state; ``sample_x`` has the student's lead count."""
+    init_rng, head_rng, bank_rng, base_rng = jax.random.split(rng, 4)
+    variables = model.init(init_rng, sample_x, train=False)
+    params = {"model": variables["params"], "heads": {}}
+    memory_bank = None
+    if loss_spec.uses_clt:
+        _, features = model.apply(variables, sample_x, train=False)
+        s_rng, t_rng = jax.random.split(head_rng)
+        params["heads"] = {
+                "student": head.init(s_rng, features)["params"],
+                "teacher": head.init(t_rng, jnp.zeros((1, teacher_feature_dim), jnp.float32))["params"],
+        }
+        if loss_spec.clt_variant == "memory_bank":
+            memory_bank = losses.init_memory_bank(bank_rng, labels=jnp.asarray(train_labels),
+                                                                                        dim=loss_spec.clt_dim)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                                        memory_bank=memory_bank, rng=base_rng, teacher=teacher)
 
 
 def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: nn.Module | None,
-                   tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   loss_spec: LossSpec, student_leads: list[int],
-                   replicated: jax.sharding.Sharding | None = None) -> Callable:
-  """The pure ``update_fn(state, batch, rng) -> (state, metrics)`` (jit it, donate state).
+                                      tx: optax.GradientTransformation, schedule: optax.Schedule,
+                                      loss_spec: LossSpec, student_leads: list[int],
+                                      replicated: jax.sharding.Sharding | None = None) -> Callable:
+    """The pure ``update_fn(state, batch, rng) -> (state, metrics)`` (jit it, donate state).
 
-  ``batch``: ``x`` (B, T, 12) the 12-lead crop, ``y`` (B, C) float, ``index`` (B,)
-  train-record indices, optionally ``teacher_logits``/``teacher_features`` from the
-  teacher cache. ``replicated``: the mesh's replicated sharding, used to gather CLT
-  embeddings over the global batch before contrasting them.
-  """
-  lead_index = np.asarray(student_leads)
+    ``batch``: ``x`` (B, T, 12) the 12-lead crop, ``y`` (B, C) float, ``index`` (B,)
+    train-record indices, optionally ``teacher_logits``/``teacher_features`` from the
+    teacher cache. ``replicated``: the mesh's replicated sharding, used to gather CLT
+    embeddings over the global batch before contrasting them.
+    """
+    lead_index = np.asarray(student_leads)
 
-  def gather(x):
-    return x if replicated is None else jax.sharding.reshard(x, replicated.spec)
+    def gather(x):
+        return x if replicated is None else jax.sharding.reshard(x, replicated.spec)
 
-  def update_fn(state: TrainState, batch: dict, rng: jax.Array):
-    step_rng = jax.random.fold_in(rng, state.step)
-    dropout_rng, clt_rng = jax.random.split(step_rng)
-    labels = batch["y"]
-    x_student = batch["x"][..., lead_index]
+    def update_fn(state: TrainState, batch: dict, rng: jax.Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        dropout_rng, clt_rng = jax.random.split(step_rng)
+        labels = batch["y"]
+        x_student = batch["x"][..., lead_index]
 
-    teacher_logits = teacher_features = None
-    if loss_spec.needs_teacher:
-      if "teacher_logits" in batch:
-        teacher_logits, teacher_features = batch["teacher_logits"], batch["teacher_features"]
-      else:
-        teacher_logits, teacher_features = teacher_model.apply(state.teacher, batch["x"], train=False)
-      teacher_logits = jax.lax.stop_gradient(teacher_logits)
-      teacher_features = jax.lax.stop_gradient(teacher_features)
+        teacher_logits = teacher_features = None
+        if loss_spec.needs_teacher:
+            if "teacher_logits" in batch:
+                teacher_logits, teacher_features = batch["teacher_logits"], batch["teacher_features"]
+            else:
+                teacher_logits, teacher_features = teacher_model.apply(state.teacher, batch["x"], train=False)
+            teacher_logits = jax.lax.stop_gradient(teacher_logits)
+            teacher_features = jax.lax.stop_gradient(teacher_features)
 
-    def loss_fn(params):
-      (logits, features), mutated = model.apply(
-          {"params": params["model"], "batch_stats": state.batch_stats}, x_student,
-          train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-      terms = {"bce": losses.bce_with_logits(logits=logits, labels=labels)}
-      total = terms["bce"]
-      bank = state.memory_bank
-      if loss_spec.uses_mkd:
-        terms["mkd"] = losses.mkd_loss(student_logits=logits, teacher_logits=teacher_logits,
-                                       temperature=loss_spec.temperature)
-        total = total + loss_spec.alpha * terms["mkd"]
-      if loss_spec.uses_clt:
-        student_embed = gather(head.apply({"params": params["heads"]["student"]}, features))
-        teacher_embed = gather(head.apply({"params": params["heads"]["teacher"]}, teacher_features))
-        clt_labels = gather(labels)
-        if loss_spec.clt_variant == "in_batch":
-          terms["clt"] = losses.in_batch_clt_loss(
-              student_embed=student_embed, teacher_embed=teacher_embed, labels=clt_labels,
-              temperature=loss_spec.clt_temperature, mask_mode=loss_spec.mask_mode)
-        else:
-          terms["clt"], bank = losses.memory_bank_clt_loss(
-              student_embed=student_embed, teacher_embed=teacher_embed,
-              indices=gather(batch["index"]), labels=clt_labels, bank=bank, rng=clt_rng,
-              num_negatives=loss_spec.num_negatives, temperature=loss_spec.clt_temperature,
-              momentum=loss_spec.momentum, mask_mode=loss_spec.mask_mode)
-        total = total + loss_spec.beta * terms["clt"]
-      return total, (terms, mutated["batch_stats"], bank)
+        def loss_fn(params):
+            (logits, features), mutated = model.apply(
+                    {"params": params["model"], "batch_stats": state.batch_stats}, x_student,
+                    train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+            terms = {"bce": losses.bce_with_logits(logits=logits, labels=labels)}
+            total = terms["bce"]
+            bank = state.memory_bank
+            if loss_spec.uses_mkd:
+                terms["mkd"] = losses.mkd_loss(student_logits=logits, teacher_logits=teacher_logits,
+                                                                              temperature=loss_spec.temperature)
+                total = total + loss_spec.alpha * terms["mkd"]
+            if loss_spec.uses_clt:
+                student_embed = gather(head.apply({"params": params["heads"]["student"]}, features))
+                teacher_embed = gather(head.apply({"params": params["heads"]["teacher"]}, teacher_features))
+                clt_labels = gather(labels)
+                if loss_spec.clt_variant == "in_batch":
+                    terms["clt"] = losses.in_batch_clt_loss(
+                            student_embed=student_embed, teacher_embed=teacher_embed, labels=clt_labels,
+                            temperature=loss_spec.clt_temperature, mask_mode=loss_spec.mask_mode)
+                else:
+                    terms["clt"], bank = losses.memory_bank_clt_loss(
+                            student_embed=student_embed, teacher_embed=teacher_embed,
+                            indices=gather(batch["index"]), labels=clt_labels, bank=bank, rng=clt_rng,
+                            num_negatives=loss_spec.num_negatives, temperature=loss_spec.clt_temperature,
+                            momentum=loss_spec.momentum, mask_mode=loss_spec.mask_mode)
+                total = total + loss_spec.beta * terms["clt"]
+            return total, (terms, mutated["batch_stats"], bank)
 
-    (loss, (terms, batch_stats, bank)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(state.step)}
-    metrics.update({f"loss_{name}": value for name, value in terms.items()})
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, memory_bank=bank)
-    return new_state, metrics
+        (loss, (terms, batch_stats, bank)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                              "learning_rate": schedule(state.step)}
+        metrics.update({f"loss_{name}": value for name, value in terms.items()})
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                                            opt_state=opt_state, memory_bank=bank)
+        return new_state, metrics
 
-  return update_fn
+    return update_fn
 
 
 def make_forward_fn(model: nn.Module, lead_index: list[int],
-                    parallel: parallel_lib.Parallelism) -> Callable:
-  """Jitted ``forward(variables, x12) -> (logits, features)``: eval mode, chosen leads,
-  outputs replicated so every host can read them."""
-  lead_index = np.asarray(lead_index)
+                                        parallel: parallel_lib.Parallelism) -> Callable:
+    """Jitted ``forward(variables, x12) -> (logits, features)``: eval mode, chosen leads,
+    outputs replicated so every host can read them."""
+    lead_index = np.asarray(lead_index)
 
-  def forward(variables, x12):
-    return model.apply(variables, x12[..., lead_index], train=False)
+    def forward(variables, x12):
+        return model.apply(variables, x12[..., lead_index], train=False)
 
-  return jax.jit(forward, out_shardings=parallel.replicated)
+    return jax.jit(forward, out_shardings=parallel.replicated)
 
 
 def predict_windows(forward: Callable, variables: Any, split: data_lib.Split, *,
-                    record_index: np.ndarray, starts: np.ndarray, window: int,
-                    batch_size: int, parallel: parallel_lib.Parallelism,
-                    with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-  """Logits (and features) of every (record, start) window, in fixed-shape batches."""
-  rows = parallel.host_slice(batch_size)
-  logits_out, features_out = [], []
-  num = len(record_index)
+                                        record_index: np.ndarray, starts: np.ndarray, window: int,
+                                        batch_size: int, parallel: parallel_lib.Parallelism,
+                                        with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (and features) of every (record, start) window, in fixed-shape batches."""
+    rows = parallel.host_slice(batch_size)
+    logits_out, features_out = [], []
+    num = len(record_index)
 
-  def produce(i):
-    sl = np.arange(i * batch_size, (i + 1) * batch_size)
-    sl = np.minimum(sl, num - 1)  # pad the last batch by repeating its final window
-    x = split.crop(record_index[sl][rows], starts[sl][rows], window)
-    return parallel.to_global(x)
+    def produce(i):
+        sl = np.arange(i * batch_size, (i + 1) * batch_size)
+        sl = np.minimum(sl, num - 1)  # pad the last batch by repeating its final window
+        x = split.crop(record_index[sl][rows], starts[sl][rows], window)
+        return parallel.to_global(x)
 
-  num_batches = math.ceil(num / batch_size)
-  for _, x in input_pipeline.Prefetcher(produce, 0, num_batches):
-    logits, features = forward(variables, x)
-    logits_out.append(np.asarray(logits))
-    if with_features:
-      features_out.append(np.asarray(features))
-  logits = np.concatenate(logits_out)[:num]
-  features = np.concatenate(features_out)[:num] if with_features else None
-  return logits, features
+    num_batches = math.ceil(num / batch_size)
+    for _, x in input_pipeline.Prefetcher(produce, 0, num_batches):
+        logits, features = forward(variables, x)
+        logits_out.append(np.asarray(logits))
+        if with_features:
+            features_out.append(np.asarray(features))
+    logits = np.concatenate(logits_out)[:num]
+    features = np.concatenate(features_out)[:num] if with_features else None
+    return logits, features
 
 
 def predict_records(forward: Callable, variables: Any, split: data_lib.Split, *, window: int,
-                    stride: int, batch_size: int, parallel: parallel_lib.Parallelism,
-                    aggregate: str = "max") -> np.ndarray:
-  """Per-record sigmoid scores (N, C): sliding windows aggregated by max (benchmark) or mean."""
-  record_index, starts = input_pipeline.window_index(
-      split.lengths, window=window, stride=stride, window_starts=metrics_lib.window_starts)
-  logits, _ = predict_windows(forward, variables, split, record_index=record_index,
-                              starts=starts, window=window, batch_size=batch_size,
-                              parallel=parallel)
-  probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-  return metrics_lib.aggregate_windows(scores=probs, record_index=record_index,
-                                       num_records=len(split), how=aggregate)
+                                        stride: int, batch_size: int, parallel: parallel_lib.Parallelism,
+                                        aggregate: str = "max") -> np.ndarray:
+    """Per-record sigmoid scores (N, C): sliding windows aggregated by max (benchmark) or mean."""
+    record_index, starts = input_pipeline.window_index(
+            split.lengths, window=window, stride=stride, window_starts=metrics_lib.window_starts)
+    logits, _ = predict_windows(forward, variables, split, record_index=record_index,
+                                                            starts=starts, window=window, batch_size=batch_size,
+                                                            parallel=parallel)
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return metrics_lib.aggregate_windows(scores=probs, record_index=record_index,
+                                                                              num_records=len(split), how=aggregate)
 
 
 # ----------------------------------------------------------------------------- run directory
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: is {workdir} a training run directory?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training run directory?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  return models.create_model(config.student.arch, num_classes=num_classes,
-                             width_mult=float(config.student.width_mult),
-                             dtype=jnp.dtype(config.student.dtype))
+    return models.create_model(config.student.arch, num_classes=num_classes,
+                                                          width_mult=float(config.student.width_mult),
+                                                          dtype=jnp.dtype(config.student.dtype))
 
 
 def load_trained_model(workdir: str | pathlib.Path, *, which: str = "best",
-                       parallel: parallel_lib.Parallelism | None = None):
-  """(model, variables, run config, lead names, meta) of a finished run."""
-  parallel = parallel or parallel_lib.make_parallelism()
-  run_config = load_run_config(workdir)
-  meta_path = pathlib.Path(workdir) / "run_info.json"
-  info = json.loads(meta_path.read_text())
-  model = build_model(run_config, len(info["label_names"]))
-  sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
-  target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
-  target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target)
-  variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
-  return model, variables, run_config, info, meta
+                                              parallel: parallel_lib.Parallelism | None = None):
+    """(model, variables, run config, lead names, meta) of a finished run."""
+    parallel = parallel or parallel_lib.make_parallelism()
+    run_config = load_run_config(workdir)
+    meta_path = pathlib.Path(workdir) / "run_info.json"
+    info = json.loads(meta_path.read_text())
+    model = build_model(run_config, len(info["label_names"]))
+    sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
+    target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
+    target = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target)
+    variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
+    return model, variables, run_config, info, meta
 
 
 class MetricsLog:
-  """``metrics.jsonl``: one JSON object per line; rows past a resumed step are dropped."""
+    """``metrics.jsonl``: one JSON object per line; rows past a resumed step are dropped."""
 
-  def __init__(self, path: pathlib.Path, *, resume_step: int, enabled: bool):
-    self.path = path
-    self.enabled = enabled
-    if enabled and path.exists():
-      rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-      kept = [r for r in rows if r.get("step", 0) <= resume_step]
-      path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def __init__(self, path: pathlib.Path, *, resume_step: int, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        if enabled and path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-  def write(self, row: dict) -> None:
-    if self.enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 class _StopRequest:
-  """SIGTERM (preemption) -> save at the next step and exit cleanly."""
+    """SIGTERM (preemption) -> save at the next step and exit cleanly."""
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
+    def __init__(self):
+        self.requested = False
+        self._previous = None
 
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
 
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
-    self.requested = True
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
 
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _teacher_for(config: ml_collections.ConfigDict, label_names: list[str],
-                 parallel: parallel_lib.Parallelism):
-  if not config.teacher_workdir:
-    raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
-  model, variables, teacher_config, info, meta = load_trained_model(
-      config.teacher_workdir, which="best", parallel=parallel)
-  if info["label_names"] != list(label_names):
-    raise ValueError(f"teacher in {config.teacher_workdir} was trained on labels {info['label_names']}, "
-                     f"these shards have {list(label_names)}")
-  if info["leads"] != list(data_lib.LEADS):
-    raise ValueError(f"teacher in {config.teacher_workdir} sees leads {info['leads']}, not all 12")
-  return model, variables, info, meta
+                                  parallel: parallel_lib.Parallelism):
+    if not config.teacher_workdir:
+        raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
+    model, variables, teacher_config, info, meta = load_trained_model(
+            config.teacher_workdir, which="best", parallel=parallel)
+    if info["label_names"] != list(label_names):
+        raise ValueError(f"teacher in {config.teacher_workdir} was trained on labels {info['label_names']}, "
+                                          f"these shards have {list(label_names)}")
+    if info["leads"] != list(data_lib.LEADS):
+        raise ValueError(f"teacher in {config.teacher_workdir} sees leads {info['leads']}, not all 12")
+    return model, variables, info, meta
 
 
 def _teacher_cache(teacher_model, teacher_variables, loader: input_pipeline.TrainBatches,
-                   *, batch_size: int, parallel: parallel_lib.Parallelism):
-  """Teacher logits and features of every train record's deterministic crop."""
-  indices, starts = loader.fixed_crops()
-  forward = make_forward_fn(teacher_model, list(range(len(data_lib.LEADS))), parallel)
-  return predict_windows(forward, teacher_variables, loader.split, record_index=indices,
-                         starts=starts, window=loader.crop_length, batch_size=batch_size,
-                         parallel=parallel, with_features=True)
+                                      *, batch_size: int, parallel: parallel_lib.Parallelism):
+    """Teacher logits and features of every train record's deterministic crop."""
+    indices, starts = loader.fixed_crops()
+    forward = make_forward_fn(teacher_model, list(range(len(data_lib.LEADS))), parallel)
+    return predict_windows(forward, teacher_variables, loader.split, record_index=indices,
+                                                  starts=starts, window=loader.crop_length, batch_size=batch_size,
+                                                  parallel=parallel, with_features=True)
 
 
 def _check_finite(values: dict, step: int) -> None:
-  bad = {k: v for k, v in values.items() if not np.isfinite(v)}
-  if bad:
-    raise TrainingDivergedError(
-        f"non-finite loss at step {step}: {bad}. The run stopped; the last good checkpoint is kept. "
-        "Lower the learning rate (--config.train.learning_rate) or enable gradient clipping.")
+    bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+    if bad:
+        raise TrainingDivergedError(
+                f"non-finite loss at step {step}: {bad}. The run stopped; the last good checkpoint is kept. "
+                "Lower the learning rate (--config.train.learning_rate) or enable gradient clipping.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       parallel: parallel_lib.Parallelism | None = None,
-                       progress: bool = True) -> dict:
-  """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
-  workdir = pathlib.Path(workdir).absolute()
-  parallel = parallel or parallel_lib.make_parallelism()
-  is_chief = jax.process_index() == 0
-  loss_spec = LossSpec.from_config(config)
-  train_split = data_lib.open_split(config.data.dir, "train")
-  val_split = data_lib.open_split(config.data.dir, "val")
-  label_names = list(train_split.label_names)
-  leads = parse_leads(config.student.leads)
-  student_leads = data_lib.lead_indices(leads)
-  crop_length = int(round(config.data.crop_seconds * train_split.sampling_rate))
-  batch_size = int(config.train.batch_size)
+                                              parallel: parallel_lib.Parallelism | None = None,
+                                              progress: bool = True) -> dict:
+    """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
+    workdir = pathlib.Path(workdir).absolute()
+    parallel = parallel or parallel_lib.make_parallelism()
+    is_chief = jax.process_index() == 0
+    loss_spec = LossSpec.from_config(config)
+    train_split = data_lib.open_split(config.data.dir, "train")
+    val_split = data_lib.open_split(config.data.dir, "val")
+    label_names = list(train_split.label_names)
+    leads = parse_leads(config.student.leads)
+    student_leads = data_lib.lead_indices(leads)
+    crop_length = int(round(config.data.crop_seconds * train_split.sampling_rate))
+    batch_size = int(config.train.batch_size)
 
-  loader = input_pipeline.TrainBatches(
-      train_split, global_batch_size=batch_size, crop_length=crop_length,
-      random_crop=bool(config.data.random_crop), seed=int(config.seed),
-      host_rows=parallel.host_slice(batch_size))
-  total_steps = int(config.train.epochs) * loader.steps_per_epoch
-  info = {"label_names": label_names, "leads": leads, "crop_length": crop_length,
-          "sampling_rate": train_split.sampling_rate, "data_dir": str(config.data.dir),
-          "method": config.method, "steps_per_epoch": loader.steps_per_epoch,
-          "total_steps": total_steps, "num_devices": parallel.num_devices,
-          "config_hash": config_hash(config)}
-  if is_chief:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
-    (workdir / "run_info.json").write_text(json.dumps(info, indent=2))
+    loader = input_pipeline.TrainBatches(
+            train_split, global_batch_size=batch_size, crop_length=crop_length,
+            random_crop=bool(config.data.random_crop), seed=int(config.seed),
+            host_rows=parallel.host_slice(batch_size))
+    total_steps = int(config.train.epochs) * loader.steps_per_epoch
+    info = {"label_names": label_names, "leads": leads, "crop_length": crop_length,
+                    "sampling_rate": train_split.sampling_rate, "data_dir": str(config.data.dir),
+                    "method": config.method, "steps_per_epoch": loader.steps_per_epoch,
+                    "total_steps": total_steps, "num_devices": parallel.num_devices,
+                    "config_hash": config_hash(config)}
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
+        (workdir / "run_info.json").write_text(json.dumps(info, indent=2))
 
-  teacher_model = teacher_variables = None
-  teacher_feature_dim = None
-  if loss_spec.needs_teacher:
-    teacher_model, teacher_variables, teacher_info, teacher_meta = _teacher_for(
-        config, label_names, parallel)
-    sample12 = jnp.zeros((1, crop_length, len(data_lib.LEADS)), jnp.float32)
-    teacher_feature_dim = jax.eval_shape(
-        lambda v: teacher_model.apply(v, sample12, train=False), teacher_variables)[1].shape[-1]
-    logging.info("teacher: %s (step %s, val macro-AUC %s)", config.teacher_workdir,
-                 teacher_meta.get("step"), teacher_meta.get("val_macro_auc"))
+    teacher_model = teacher_variables = None
+    teacher_feature_dim = None
+    if loss_spec.needs_teacher:
+        teacher_model, teacher_variables, teacher_info, teacher_meta = _teacher_for(
+                config, label_names, parallel)
+        sample12 = jnp.zeros((1, crop_length, len(data_lib.LEADS)), jnp.float32)
+        teacher_feature_dim = jax.eval_shape(
+                lambda v: teacher_model.apply(v, sample12, train=False), teacher_variables)[1].shape[-1]
+        logging.info("teacher: %s (step %s, val macro-AUC %s)", config.teacher_workdir,
+                                  teacher_meta.get("step"), teacher_meta.get("val_macro_auc"))
 
-  model = build_model(config, len(label_names))
-  head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
-  tx, schedule = make_optimizer(config.train, total_steps)
-  state = create_train_state(
-      rng=jax.random.PRNGKey(int(config.seed)), model=model, head=head, tx=tx,
-      sample_x=jnp.zeros((1, crop_length, len(leads)), jnp.float32),
-      train_labels=train_split.y if loss_spec.uses_clt else None, loss_spec=loss_spec,
-      teacher=teacher_variables, teacher_feature_dim=teacher_feature_dim)
-  state = parallel.replicate(state)
+    model = build_model(config, len(label_names))
+    head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
+    tx, schedule = make_optimizer(config.train, total_steps)
+    state = create_train_state(
+            rng=jax.random.PRNGKey(int(config.seed)), model=model, head=head, tx=tx,
+            sample_x=jnp.zeros((1, crop_length, len(leads)), jnp.float32),
+            train_labels=train_split.y if loss_spec.uses_clt else None, loss_spec=loss_spec,
+            teacher=teacher_variables, teacher_feature_dim=teacher_feature_dim)
+    state = parallel.replicate(state)
 
-  checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
-  best_auc = -math.inf
-  if checkpoints.latest_step() is not None:
-    model_part, train_part, meta = checkpoints.restore_latest(
-        model=_model_part(state), train=_train_part(state))
-    state = _merge(state, model_part, train_part)
-    best = checkpoints.best_meta()
-    best_auc = best["val_macro_auc"] if best else -math.inf
-    logging.info("resumed from %s at step %d", workdir, int(state.step))
-  start_step = int(state.step)
-  log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=is_chief)
+    checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
+    best_auc = -math.inf
+    if checkpoints.latest_step() is not None:
+        model_part, train_part, meta = checkpoints.restore_latest(
+                model=_model_part(state), train=_train_part(state))
+        state = _merge(state, model_part, train_part)
+        best = checkpoints.best_meta()
+        best_auc = best["val_macro_auc"] if best else -math.inf
+        logging.info("resumed from %s at step %d", workdir, int(state.step))
+    start_step = int(state.step)
+    log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=is_chief)
 
-  if start_step >= total_steps:
-    checkpoints.close()
-    logging.info("%s already finished (%d/%d steps): nothing to train", workdir, start_step, total_steps)
-    return {"workdir": str(workdir), "step": start_step, "total_steps": total_steps,
-            "best_val_macro_auc": best_auc, "resumed_finished": True}
+    if start_step >= total_steps:
+        checkpoints.close()
+        logging.info("%s already finished (%d/%d steps): nothing to train", workdir, start_step, total_steps)
+        return {"workdir": str(workdir), "step": start_step, "total_steps": total_steps,
+                        "best_val_macro_auc": best_auc, "resumed_finished": True}
 
-  cache = None
-  if config.teacher_cache and loss_spec.needs_teacher:
-    cache = _teacher_cache(teacher_model, teacher_variables, loader,
-                           batch_size=batch_size, parallel=parallel)
+    cache = None
+    if config.teacher_cache and loss_spec.needs_teacher:
+        cache = _teacher_cache(teacher_model, teacher_variables, loader,
+                                                      batch_size=batch_size, parallel=parallel)
 
-  def produce(step):
-    batch = loader.batch_at(step)
-    if cache is not None:
-      batch["teacher_logits"] = cache[0][batch["index"]]
-      batch["teacher_features"] = cache[1][batch["index"]]
-    return parallel.to_global(batch)
+    def produce(step):
+        batch = loader.batch_at(step)
+        if cache is not None:
+            batch["teacher_logits"] = cache[0][batch["index"]]
+            batch["teacher_features"] = cache[1][batch["index"]]
+        return parallel.to_global(batch)
 
-  update = jax.jit(
-      make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx,
-                     schedule=schedule, loss_spec=loss_spec, student_leads=student_leads,
-                     replicated=parallel.replicated),
-      donate_argnums=(0,))
-  forward = make_forward_fn(model, student_leads, parallel)
-  window = crop_length
-  stride = max(int(window * config.data.eval_stride_fraction), 1)
-  stop_at = int(config.train.stop_at_step) if config.train.stop_at_step else None
+    update = jax.jit(
+            make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx,
+                                          schedule=schedule, loss_spec=loss_spec, student_leads=student_leads,
+                                          replicated=parallel.replicated),
+            donate_argnums=(0,))
+    forward = make_forward_fn(model, student_leads, parallel)
+    window = crop_length
+    stride = max(int(window * config.data.eval_stride_fraction), 1)
+    stop_at = int(config.train.stop_at_step) if config.train.stop_at_step else None
 
-  def validate() -> float:
-    scores = predict_records(forward, {"params": state.params["model"], "batch_stats": state.batch_stats},
-                             val_split, window=window, stride=stride,
-                             batch_size=int(config.eval.batch_size), parallel=parallel,
-                             aggregate=config.eval.aggregate)
-    return metrics_lib.macro_auc(y_true=val_split.y, y_score=scores).macro_auc
+    def validate() -> float:
+        scores = predict_records(forward, {"params": state.params["model"], "batch_stats": state.batch_stats},
+                                                          val_split, window=window, stride=stride,
+                                                          batch_size=int(config.eval.batch_size), parallel=parallel,
+                                                          aggregate=config.eval.aggregate)
+        return metrics_lib.macro_auc(y_true=val_split.y, y_score=scores)
 
-  def save(step, epoch, val_auc, best):
-    meta = {"step": step, "epoch": epoch, "val_macro_auc": val_auc, "best_val_macro_auc": best_auc,
-            "config_hash": info["config_hash"], "label_names": label_names, "leads": leads}
-    checkpoints.save(step, model=_model_part(state), train=_train_part(state), meta=meta, best=best)
+    def save(step, epoch, val_auc, best):
+        meta = {"step": step, "epoch": epoch, "val_macro_auc": val_auc, "best_val_macro_auc": best_auc,
+                        "config_hash": info["config_hash"], "label_names": label_names, "leads": leads}
+        checkpoints.save(step, model=_model_part(state), train=_train_part(state), meta=meta, best=best)
 
-  pending: list[dict] = []
-  last_log_time, last_log_step = time.perf_counter(), start_step
-  bar = _progress_bar(progress and is_chief, start_step, total_steps, workdir.name)
-  with _StopRequest() as stop:
-    try:
-      for step, batch in input_pipeline.Prefetcher(produce, start_step, total_steps):
-        state, step_metrics = update(state, batch, state.rng)
-        pending.append(step_metrics)
-        done = step + 1
-        epoch_end = done % loader.steps_per_epoch == 0
-        must_stop = stop.requested or (stop_at is not None and done >= stop_at)
-        bar.update(1)
-        if done % int(config.train.log_every_steps) and not (epoch_end or must_stop):
-          continue
-        # Host read of device metrics only here, at log points.
-        means = {k: float(v) for k, v in jax.device_get(
-            jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)).items()}
-        pending.clear()
-        _check_finite({k: v for k, v in means.items() if k.startswith("loss")}, done)
-        now = time.perf_counter()
-        seconds_per_step = (now - last_log_time) / (done - last_log_step)
-        last_log_time, last_log_step = now, done
-        row = {"step": done, "epoch": done / loader.steps_per_epoch, **means,
-               "step_time_s": seconds_per_step, "samples_per_s": batch_size / seconds_per_step}
-        log.write(row)
-        bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
-        if epoch_end:
-          epoch = done // loader.steps_per_epoch
-          val_auc = None
-          if epoch % int(config.eval.every_epochs) == 0 or done == total_steps:
-            val_auc = float(validate())
-            log.write({"step": done, "epoch": epoch, "val_macro_auc": val_auc})
-            bar.write(f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC {val_auc:.4f}")
-          improved = val_auc is not None and val_auc > best_auc
-          if improved:
-            best_auc = val_auc
-          save(done, epoch, val_auc, improved)
-        elif must_stop:
-          save(done, done / loader.steps_per_epoch, None, False)
-        if must_stop:
-          logging.info("stopped at step %d (%s)", done, "SIGTERM" if stop.requested else "stop_at_step")
-          break
-    finally:
-      bar.close()
-      checkpoints.wait()
-      checkpoints.close()
-  final_step = int(state.step)
-  return {"workdir": str(workdir), "step": final_step, "total_steps": total_steps,
-          "best_val_macro_auc": best_auc, "resumed_finished": False,
-          "finished": final_step >= total_steps}
+    pending: list[dict] = []
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    bar = _progress_bar(progress and is_chief, start_step, total_steps, workdir.name)
+    with _StopRequest() as stop:
+        try:
+            for step, batch in input_pipeline.Prefetcher(produce, start_step, total_steps):
+                state, step_metrics = update(state, batch, state.rng)
+                pending.append(step_metrics)
+                done = step + 1
+                epoch_end = done % loader.steps_per_epoch == 0
+                must_stop = stop.requested or (stop_at is not None and done >= stop_at)
+                bar.update(1)
+                if done % int(config.train.log_every_steps) and not (epoch_end or must_stop):
+                    continue
+                # Host read of device metrics only here, at log points.
+                means = {k: float(v) for k, v in jax.device_get(
+                        jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)).items()}
+                pending.clear()
+                _check_finite({k: v for k, v in means.items() if k.startswith("loss")}, done)
+                now = time.perf_counter()
+                seconds_per_step = (now - last_log_time) / (done - last_log_step)
+                last_log_time, last_log_step = now, done
+                row = {"step": done, "epoch": done / loader.steps_per_epoch, **means,
+                              "step_time_s": seconds_per_step, "samples_per_s": batch_size / seconds_per_step}
+                log.write(row)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
+                if epoch_end:
+                    epoch = done // loader.steps_per_epoch
+                    val_auc = None
+                    if epoch % int(config.eval.every_epochs) == 0 or done == total_steps:
+                        val_auc = float(validate())
+                        log.write({"step": done, "epoch": epoch, "val_macro_auc": val_auc})
+                        bar.write(f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC {val_auc:.4f}")
+                    improved = val_auc is not None and val_auc > best_auc
+                    if improved:
+                        best_auc = val_auc
+                    save(done, epoch, val_auc, improved)
+                elif must_stop:
+                    save(done, done / loader.steps_per_epoch, None, False)
+                if must_stop:
+                    logging.info("stopped at step %d (%s)", done, "SIGTERM" if stop.requested else "stop_at_step")
+                    break
+        finally:
+            bar.close()
+            checkpoints.wait()
+            checkpoints.close()
+    final_step = int(state.step)
+    return {"workdir": str(workdir), "step": final_step, "total_steps": total_steps,
+                    "best_val_macro_auc": best_auc, "resumed_finished": False,
+                    "finished": final_step >= total_steps}
 
 
 def _model_part(state: TrainState) -> dict:
-  return {"params": state.params["model"], "batch_stats": state.batch_stats}
+    return {"params": state.params["model"], "batch_stats": state.batch_stats}
 
 
 def _train_part(state: TrainState) -> dict:
-  part = {"step": state.step, "heads": state.params["heads"], "opt_state": state.opt_state,
-          "rng": state.rng}
-  if state.memory_bank is not None:
-    part["memory_bank"] = state.memory_bank
-  return part
+    part = {"step": state.step, "heads": state.params["heads"], "opt_state": state.opt_state,
+                    "rng": state.rng}
+    if state.memory_bank is not None:
+        part["memory_bank"] = state.memory_bank
+    return part
 
 
 def _merge(state: TrainState, model_part: dict, train_part: dict) -> TrainState:
-  return state.replace(
-      step=train_part["step"],
-      params={"model": model_part["params"], "heads": train_part["heads"]},
-      batch_stats=model_part["batch_stats"], opt_state=train_part["opt_state"],
-      rng=train_part["rng"], memory_bank=train_part.get("memory_bank", state.memory_bank))
+    return state.replace(
+            step=train_part["step"],
+            params={"model": model_part["params"], "heads": train_part["heads"]},
+            batch_stats=model_part["batch_stats"], opt_state=train_part["opt_state"],
+            rng=train_part["rng"], memory_bank=train_part.get("memory_bank", state.memory_bank))
 
 
 def _progress_bar(enabled: bool, initial: int, total: int, name: str):
-  return tqdm.tqdm(total=total, initial=initial, desc=name, unit="step", disable=not enabled,
-                   dynamic_ncols=True, mininterval=1.0)
+    return tqdm.tqdm(total=total, initial=initial, desc=name, unit="step", disable=not enabled,
+                                      dynamic_ncols=True, mininterval=1.0)

@@ -8,55 +8,55 @@ import ml_collections
 
 
 def get_config(arg=None):
-  del arg
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  # bce | kd | mkd | clt | mvkt (see mvkt/train.py); bce on all 12 leads trains the teacher.
-  config.method = "bce"
-  config.teacher_workdir = ""    # a finished teacher run; needed by kd/mkd/clt/mvkt
-  config.teacher_cache = False   # precompute teacher outputs (needs data.random_crop=False)
+    del arg
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # bce | kd | mkd | clt | mvkt (see mvkt/train.py); bce on all 12 leads trains the teacher.
+    config.method = "bce"
+    config.teacher_workdir = ""    # a finished teacher run; needed by kd/mkd/clt/mvkt
+    config.teacher_cache = False   # precompute teacher outputs (needs data.random_crop=False)
 
-  config.data = ml_collections.ConfigDict()
-  config.data.dir = ""           # shards written by data_prep
-  config.data.crop_seconds = 2.5  # as the PTB-XL benchmark; 10.0 = full record as the authors
-  config.data.random_crop = True
-  config.data.eval_stride_fraction = 0.5  # sliding-window stride = half a window
+    config.data = ml_collections.ConfigDict()
+    config.data.dir = ""           # shards written by data_prep
+    config.data.crop_seconds = 2.5  # as the PTB-XL benchmark; 10.0 = full record as the authors
+    config.data.random_crop = True
+    config.data.eval_stride_fraction = 0.5  # sliding-window stride = half a window
 
-  # The net being trained: the 12-lead teacher in teacher.py, the student in student.py.
-  config.student = ml_collections.ConfigDict()
-  config.student.arch = "resnet1d_wang"  # xresnet1d18/34/50/101 | resnet1d_wang | inception1d
-  config.student.width_mult = 1.0
-  config.student.leads = "I"     # "I", "I,II,V2" or "all"
-  config.student.dtype = "float32"  # bfloat16 for GPU/TPU compute
+    # The net being trained: the 12-lead teacher in teacher.py, the student in student.py.
+    config.student = ml_collections.ConfigDict()
+    config.student.arch = "resnet1d_wang"  # xresnet1d18/34/50/101 | resnet1d_wang | inception1d
+    config.student.width_mult = 1.0
+    config.student.leads = "I"     # "I", "I,II,V2" or "all"
+    config.student.dtype = "float32"  # bfloat16 for GPU/TPU compute
 
-  # Loss weights (MVKT-ECG defaults) and temperatures.
-  config.alpha = 1.0
-  config.beta = 0.8
-  config.mkd_temperature = 1.0
-  config.kd_temperature = 4.0
+    # Loss weights (MVKT-ECG defaults) and temperatures.
+    config.alpha = 1.0
+    config.beta = 0.8
+    config.mkd_temperature = 1.0
+    config.kd_temperature = 4.0
 
-  config.clt = ml_collections.ConfigDict()
-  config.clt.variant = "memory_bank"  # memory_bank (CRD, paper) | in_batch (global-batch InfoNCE)
-  config.clt.dim = 128
-  config.clt.temperature = 0.07
-  config.clt.num_negatives = 1024
-  config.clt.momentum = 0.5
-  config.clt.mask_mode = "differs"  # differs | disjoint
+    config.clt = ml_collections.ConfigDict()
+    config.clt.variant = "memory_bank"  # memory_bank (CRD, paper) | in_batch (global-batch InfoNCE)
+    config.clt.dim = 128
+    config.clt.temperature = 0.07
+    config.clt.num_negatives = 1024
+    config.clt.momentum = 0.5
+    config.clt.mask_mode = "differs"  # differs | disjoint
 
-  config.train = ml_collections.ConfigDict()
-  config.train.epochs = 50
-  config.train.batch_size = 128
-  config.train.learning_rate = 1e-2
-  config.train.weight_decay = 1e-2
-  config.train.schedule = "onecycle"  # onecycle | cosine | constant
-  config.train.grad_clip_norm = 1.0
-  config.train.log_every_steps = 10
-  config.train.keep_checkpoints = 3
-  config.train.stop_at_step = 0   # > 0: save and stop there (planned interruption)
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 50
+    config.train.batch_size = 128
+    config.train.learning_rate = 1e-2
+    config.train.weight_decay = 1e-2
+    config.train.schedule = "onecycle"  # onecycle | cosine | constant
+    config.train.grad_clip_norm = 1.0
+    config.train.log_every_steps = 10
+    config.train.keep_checkpoints = 3
+    config.train.stop_at_step = 0   # > 0: save and stop there (planned interruption)
 
-  config.eval = ml_collections.ConfigDict()
-  config.eval.every_epochs = 1
-  config.eval.batch_size = 256
-  config.eval.aggregate = "max"   # window aggregation: max (benchmark) | mean
-  config.eval.bootstrap_resamples = 1000
-  return config
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_epochs = 1
+    config.eval.batch_size = 256
+    config.eval.aggregate = "max"   # window aggregation: max (benchmark) | mean
+    config.eval.bootstrap_resamples = 1000
+    return config

@@ -4,7 +4,7 @@ from experiments.configs import default
 
 
 def get_config(arg=None):
-  config = default.get_config(arg)
-  config.method = "bce"
-  config.student.leads = "all"
-  return config
+    config = default.get_config(arg)
+    config.method = "bce"
+    config.student.leads = "all"
+    return config
