@@ -193,8 +193,8 @@ def _batched_macro_auc(*, y_true: np.ndarray, y_score: np.ndarray, counts: np.nd
     return total / int(valid.sum())
 
 
-# Bootstrap functions use this vectorised path when metric_fn is `macro_auc`.
-_BATCHED_METRICS: dict[Callable[..., float], Callable[..., np.ndarray]] = {macro_auc: _batched_macro_auc}
+# Bootstrap functions use these vectorised paths when metric_fn is the key function itself.
+_BATCHED_METRICS: list[tuple[Callable[..., float], Callable[..., np.ndarray]]] = [(macro_auc, _batched_macro_auc)]
 
 
 # --------------------------------------------------------------------------- #
@@ -285,7 +285,7 @@ def _resample_stats(
     *, y_true: np.ndarray, y_score: np.ndarray, metric_fn: MetricFn, index_chunks: list[np.ndarray]
 ) -> np.ndarray:
     """metric_fn on every resample, vectorised when a batched implementation exists."""
-    batched = _BATCHED_METRICS.get(metric_fn)
+    batched = next((fast for fn, fast in _BATCHED_METRICS if fn is metric_fn), None)
     out = []
     for indices in index_chunks:
         if batched is not None:
@@ -657,7 +657,7 @@ def evaluate_scores(
     val. Returns a JSON-serialisable dict:
 
     macro_auc, macro_auc_ci [lo, hi], ci_level, n_resamples, per_class_auc {name: AUC|None},
-    excluded_classes, val_macro_auc, f1_macro, f1_samples, thresholds {name: float|None
+    excluded_classes, val_macro_auc, val_excluded_classes, f1_macro, f1_samples, thresholds {name: float|None
     (None = never predicted: no val positives)}, fmax (test, val threshold),
     fmax_threshold, num_val_records, num_test_records; with ``challenge=True`` also
     challenge_f_beta2, challenge_g_beta2 (F1 thresholds from val, arg-max class forced
@@ -676,8 +676,15 @@ def evaluate_scores(
     global_threshold = fmax_threshold(y_true_val=y_val, y_score_val=s_val)
 
     auc = per_class_auc(y_true=y_test, y_score=s_test, label_names=names)
-    ci = bootstrap_ci(y_true=y_test, y_score=s_test, metric_fn=macro_auc, n_resamples=n_resamples,
-                      alpha=alpha, seed=seed)
+    if auc.excluded_classes:
+        warnings.warn(
+            f"test macro AUC excludes classes without positives or negatives: {auc.excluded_classes}",
+            stacklevel=2,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # same exclusion, already reported by name
+        ci = bootstrap_ci(y_true=y_test, y_score=s_test, metric_fn=macro_auc, n_resamples=n_resamples,
+                          alpha=alpha, seed=seed)
     val_auc = per_class_auc(y_true=y_val, y_score=s_val, label_names=names)
     pred = apply_thresholds(y_score=s_test, thresholds=thresholds)
     f1 = f1_scores(y_true=y_test, y_pred=pred)
@@ -689,6 +696,7 @@ def evaluate_scores(
         "per_class_auc": auc.per_class_auc,
         "excluded_classes": auc.excluded_classes,
         "val_macro_auc": _json_float(val_auc.macro_auc),
+        "val_excluded_classes": val_auc.excluded_classes,
         "f1_macro": f1["f1_macro"],
         "f1_samples": f1["f1_samples"],
         "thresholds": {name: _json_float(t) for name, t in zip(names, thresholds)},
