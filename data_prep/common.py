@@ -1,0 +1,460 @@
+"""The dataset-independent half of data preparation: records in, validated shards out.
+
+Owns: `DataPrepError` (run-level failures), signal loading with per-record validation,
+band-pass and resampling, the parallel read loop, train-only standardisation, the
+temporary-folder-then-rename writer, `rejected.csv`, `manifest.json` and its sha256s.
+The shard format itself is fixed by docs/DESIGN.md; `mvkt.data` reads it.
+
+Dataset modules (`ptbxl`, `cpsc2018`, `cinc`) only turn their sources into a list of
+`Source`s plus a multi-hot label matrix and call `build_shards`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import sys
+import threading
+from fractions import Fraction
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from data_prep.wfdb_io import LEADS, RecordError, read_record
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+DTYPES = ("float32", "float16")
+BAND_PASS_ORDER = 2
+# Below this many records a worker pool costs more than it saves (and the in-project
+# samples, used by the tests, stay in-process).
+_MIN_RECORDS_FOR_POOL = 200
+
+
+class DataPrepError(Exception):
+    """Failure of the whole run (missing file/column, too many rejections, ...).
+
+    The CLIs print its message and exit 1; the output folder is left untouched.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One candidate record. `reader(path) -> (signal (T, 12) float32 in LEADS order, fs)`."""
+
+    record_id: str
+    path: str
+    reader: Callable[[str], tuple[np.ndarray, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalConfig:
+    target_fs: int
+    expected_fs: float | None = None  # reject records recorded at another rate
+    fixed_seconds: float | None = None  # fixed-length dataset (PTB-XL: 10 s); None = ragged
+    band_pass: tuple[float, float] | None = None
+
+
+def read_wfdb_source(path: str) -> tuple[np.ndarray, float]:
+    return read_record(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-record processing (runs in worker processes)
+
+
+def band_pass_filter(sig: np.ndarray, fs: float, band: tuple[float, float]) -> np.ndarray:
+    from scipy import signal as sps
+
+    lo, hi = band
+    sos = sps.butter(BAND_PASS_ORDER, [lo, hi], btype="bandpass", fs=fs, output="sos")
+    return sps.sosfiltfilt(sos, sig, axis=0).astype(np.float32)
+
+
+def resample(sig: np.ndarray, fs: float, target_fs: int) -> np.ndarray:
+    from scipy import signal as sps
+
+    ratio = Fraction(target_fs) / Fraction(str(fs)).limit_denominator(1000)
+    return sps.resample_poly(sig, ratio.numerator, ratio.denominator, axis=0).astype(np.float32)
+
+
+def load_signal(source: Source, cfg: SignalConfig) -> tuple[np.ndarray, float]:
+    """Read, validate, filter and resample one record -> (float32 (T, 12) at target_fs, source fs)."""
+    sig, fs = source.reader(source.path)
+    rid = source.record_id
+    if not fs or fs <= 0:
+        raise RecordError(f"{rid}: invalid sampling rate {fs}")
+    if cfg.expected_fs is not None and abs(fs - cfg.expected_fs) > 1e-6:
+        raise RecordError(f"{rid}: wrong sampling rate {fs:g} Hz (expected {cfg.expected_fs:g} Hz)")
+    if sig.ndim != 2 or sig.shape[1] != len(LEADS):
+        raise RecordError(f"{rid}: signal has shape {sig.shape}, expected (T, 12)")
+    if sig.shape[0] == 0:
+        raise RecordError(f"{rid}: zero-length record")
+    if cfg.fixed_seconds is not None:
+        want = round(cfg.fixed_seconds * fs)
+        if sig.shape[0] != want:
+            raise RecordError(f"{rid}: length {sig.shape[0]} samples, expected {want} "
+                              f"({cfg.fixed_seconds:g} s at {fs:g} Hz)")
+    finite = np.isfinite(sig)
+    if not finite.all():
+        lead = LEADS[int(np.nonzero(~finite.all(axis=0))[0][0])]
+        raise RecordError(f"{rid}: NaN/inf samples in lead {lead}")
+    if cfg.band_pass is not None:
+        try:
+            sig = band_pass_filter(sig, fs, cfg.band_pass)
+        except ValueError as e:  # record shorter than the filter's padding
+            raise RecordError(f"{rid}: band-pass failed: {e}") from None
+    if abs(fs - cfg.target_fs) > 1e-6:
+        sig = resample(sig, fs, cfg.target_fs)
+    return np.ascontiguousarray(sig, dtype=np.float32), fs
+
+
+def _load_one(item: tuple[int, Source], cfg: SignalConfig):
+    i, source = item
+    try:
+        sig, fs = load_signal(source, cfg)
+    except RecordError as e:
+        return i, None, str(e), None
+    except Exception as e:  # one damaged file must not abort a 20k-record run
+        return i, None, f"{source.record_id}: unexpected {type(e).__name__}: {e}", None
+    sig64 = sig.astype(np.float64)
+    mean = sig64.mean(axis=0)
+    m2 = ((sig64 - mean) ** 2).sum(axis=0)
+    return i, sig, None, (sig.shape[0], mean, m2, fs)
+
+
+def _pool_context():
+    # fork is fastest, but forking a process that already runs threads (e.g. JAX in the
+    # test session) can deadlock; fall back to forkserver then.
+    if "jax" in sys.modules or threading.active_count() > 1:
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("fork")
+
+
+def iter_loaded(sources: Sequence[Source], cfg: SignalConfig, *, num_workers: int | None,
+                progress: bool) -> Iterable[tuple]:
+    """Yield `_load_one` results in input order, with a tqdm bar showing records/s."""
+    from tqdm import tqdm
+
+    items = list(enumerate(sources))
+    workers = num_workers or os.cpu_count() or 1
+    bar = tqdm(total=len(items), unit="rec", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    fn = functools.partial(_load_one, cfg=cfg)
+    try:
+        if workers <= 1 or len(items) < _MIN_RECORDS_FOR_POOL:
+            for item in items:
+                yield fn(item)
+                bar.update(1)
+        else:
+            chunksize = max(1, min(64, len(items) // (workers * 8)))
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as ex:
+                for result in ex.map(fn, items, chunksize=chunksize):
+                    yield result
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Output folder handling
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> pathlib.Path:
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise DataPrepError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise DataPrepError(f"output path {out} exists and is not a folder")
+    return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_rejected(path: pathlib.Path, rows: Sequence[tuple[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["record", "reason"])
+        w.writerows(rows)
+
+
+def _combine_stats(stats: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Chan et al. parallel merge of per-record (n, mean, M2): exact, order-deterministic."""
+    n_tot, mean, m2 = 0, np.zeros(len(LEADS)), np.zeros(len(LEADS))
+    for n, mu, q in stats:
+        delta = mu - mean
+        new_n = n_tot + n
+        mean = mean + delta * (n / new_n)
+        m2 = m2 + q + delta ** 2 * (n_tot * n / new_n)
+        n_tot = new_n
+    return mean, np.sqrt(m2 / n_tot), n_tot
+
+
+def _as_json_rate(rate: float) -> int | float:
+    return int(rate) if float(rate).is_integer() else float(rate)
+
+
+def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], labels: np.ndarray,
+                 label_names: Sequence[str], signal_config: SignalConfig, dataset: str, source_desc: str,
+                 task: str, split_folds: dict[str, Sequence[int]], folds: np.ndarray | None = None,
+                 num_folds: int = 10, seed: int = 0, dtype: str = "float32",
+                 max_rejected_fraction: float = 0.05, pre_rejected: Sequence[tuple[str, str]] = (),
+                 uncounted_rejected: Sequence[tuple[str, str]] = (), dropped_no_label: int = 0,
+                 overwrite: bool = False, num_workers: int | None = None, progress: bool = False,
+                 extra: dict | None = None) -> dict:
+    """Read `sources`, validate, standardise with train statistics and write the shards.
+
+    labels: (N, C) multi-hot aligned with `sources`. folds: (N,) official folds, or None
+    to assign `num_folds` iteratively stratified folds (seeded) to the accepted records.
+    pre_rejected: problems found before reading (count towards --max_rejected_fraction);
+    uncounted_rejected: listed in rejected.csv but not counted (e.g. REFERENCE rows of
+    records absent from a partial copy). Returns the manifest.
+    """
+    from data_prep.folds import iterative_stratification
+
+    if dtype not in DTYPES:
+        raise DataPrepError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    out = check_output_dir(out_dir, overwrite)
+    labels = np.asarray(labels, dtype=np.uint8)
+    if labels.shape != (len(sources), len(label_names)):
+        raise ValueError(f"labels shape {labels.shape} != ({len(sources)}, {len(label_names)})")
+    _check_split_folds(split_folds)
+    ragged = signal_config.fixed_seconds is None
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        # 1. Read every record once, appending raw float32 samples to a scratch file.
+        scratch_path = tmp / "_scratch.f32"
+        accepted, lengths, stats, rates, rejected_read = [], [], [], [], []
+        with open(scratch_path, "wb") as scratch:
+            for i, sig, reason, st in iter_loaded(sources, signal_config, num_workers=num_workers,
+                                                   progress=progress):
+                if sig is None:
+                    rejected_read.append((sources[i].record_id, reason))
+                    continue
+                scratch.write(sig.tobytes())
+                accepted.append(i)
+                lengths.append(sig.shape[0])
+                stats.append(st[:3])
+                rates.append(st[3])
+        rejected_counted = list(pre_rejected) + rejected_read
+        total = len(sources) + len(pre_rejected)
+        all_rejected = rejected_counted + list(uncounted_rejected)
+        if total == 0:
+            raise DataPrepError(f"no records found in {source_desc}")
+        frac = len(rejected_counted) / total
+        if frac > max_rejected_fraction:
+            keep = out.parent / f"{out.name}.rejected.csv"
+            write_rejected(keep, all_rejected)
+            first = "; ".join(reason for _, reason in rejected_counted[:3])
+            raise DataPrepError(
+                f"{len(rejected_counted)} of {total} records ({frac:.1%}) rejected, more than "
+                f"--max_rejected_fraction={max_rejected_fraction:g}; nothing written to {out}. "
+                f"Reasons are listed in {keep}; first: {first}")
+        if not accepted:
+            raise DataPrepError(f"no usable records in {source_desc}")
+
+        # 2. Folds and splits of the accepted records.
+        accepted = np.asarray(accepted, dtype=np.int64)
+        acc_labels = labels[accepted]
+        if folds is None:
+            acc_folds = iterative_stratification(acc_labels, num_folds=num_folds, seed=seed)
+            fold_desc = {"source": "iterative_stratification", "num_folds": num_folds, "seed": seed}
+        else:
+            acc_folds = np.asarray(folds, dtype=np.int16)[accepted]
+            fold_desc = {"source": "strat_fold"}
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        members = {s: np.flatnonzero(np.isin(acc_folds, list(split_folds[s]))) for s in SPLITS}
+        unassigned = len(accepted) - sum(len(m) for m in members.values())
+        if len(members["train"]) == 0:
+            raise DataPrepError(f"train split (folds {list(split_folds['train'])}) is empty after "
+                                f"rejections in {source_desc}; cannot fit the standardisation")
+
+        # 3. Standardisation statistics from the train split only.
+        mean, std, n_fit = _combine_stats([stats[j] for j in members["train"]])
+        if (std < 1e-8).any():
+            lead = LEADS[int(np.argmin(std))]
+            raise DataPrepError(f"lead {lead} is constant over the train split of {source_desc}; "
+                                "cannot standardise")
+
+        # 4. Standardised per-split files.
+        raw = np.memmap(scratch_path, dtype=np.float32, mode="r", shape=(int(starts[-1]), len(LEADS))) \
+            if starts[-1] else np.zeros((0, len(LEADS)), np.float32)
+        mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
+        split_info = {}
+        for s in SPLITS:
+            idx = members[s]
+            _write_split(tmp, s, idx, raw, starts, mean32, std32, dtype, ragged,
+                         fixed_len=None if ragged else _fixed_len(lengths))
+            np.save(tmp / f"{s}_labels.npy", acc_labels[idx].astype(np.uint8))
+            ids = [sources[accepted[j]].record_id for j in idx]
+            np.save(tmp / f"{s}_record_ids.npy", np.asarray(ids, dtype=np.str_) if ids else np.zeros(0, "<U1"))
+            np.save(tmp / f"{s}_folds.npy", acc_folds[idx].astype(np.int16))
+            counts = acc_labels[idx].sum(axis=0) if len(idx) else np.zeros(len(label_names), np.int64)
+            split_info[s] = {
+                "num_records": int(len(idx)),
+                "label_counts": {name: int(c) for name, c in zip(label_names, counts)},
+                "folds": [int(f) for f in split_folds[s]],
+            }
+        del raw
+        scratch_path.unlink()
+        write_rejected(tmp / "rejected.csv", all_rejected)
+
+        src_rates = sorted({_as_json_rate(r) for r in rates})
+        resampled = [r for r in src_rates if abs(r - signal_config.target_fs) > 1e-6]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            "source": source_desc,
+            "task": task,
+            "label_names": list(label_names),
+            "leads": list(LEADS),
+            "sampling_rate": int(signal_config.target_fs),
+            "ragged": ragged,
+            "dtype": dtype,
+            "num_samples": None if ragged else _fixed_len(lengths),
+            "preprocessing": {
+                "resampled_from": (None if not resampled else resampled[0] if len(src_rates) == 1
+                                   else src_rates),
+                "source_sampling_rates": src_rates,
+                "resampling": "scipy.signal.resample_poly" if resampled else None,
+                "band_pass": list(signal_config.band_pass) if signal_config.band_pass else None,
+                "band_pass_filter": (f"butterworth order {BAND_PASS_ORDER}, zero-phase (sosfiltfilt), "
+                                     "at the source rate" if signal_config.band_pass else None),
+                "standardization": {
+                    "mean": [float(v) for v in mean],
+                    "std": [float(v) for v in std],
+                    "fitted_on": "train",
+                    "num_samples": int(n_fit),
+                },
+            },
+            "folds": fold_desc,
+            "splits": split_info,
+            "rejected": {"count": len(all_rejected), "file": "rejected.csv",
+                         "counted": len(rejected_counted), "not_counted": len(uncounted_rejected),
+                         "max_rejected_fraction": max_rejected_fraction},
+            "dropped_no_label": int(dropped_no_label),
+            "unassigned_records": int(unassigned),
+            **(extra or {}),
+        }
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+
+        # 5. Publish: the output folder only ever appears complete.
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fixed_len(lengths: Sequence[int]) -> int:
+    if not lengths:
+        return 0
+    if len(set(lengths)) != 1:  # load_signal enforces fixed_seconds, so this is a bug
+        raise AssertionError(f"fixed-length dataset with lengths {sorted(set(lengths))}")
+    return int(lengths[0])
+
+
+def _check_split_folds(split_folds: dict[str, Sequence[int]]) -> None:
+    missing = [s for s in SPLITS if s not in split_folds]
+    if missing:
+        raise DataPrepError(f"no folds given for split(s) {missing}")
+    seen = {}
+    for s in SPLITS:
+        for f in split_folds[s]:
+            if f in seen:
+                raise DataPrepError(f"fold {f} is assigned to both {seen[f]} and {s}")
+            seen[f] = s
+
+
+def _write_split(tmp: pathlib.Path, split: str, idx: np.ndarray, raw: np.ndarray, starts: np.ndarray,
+                 mean: np.ndarray, std: np.ndarray, dtype: str, ragged: bool, fixed_len: int | None,
+                 chunk_records: int = 512) -> None:
+    from numpy.lib.format import open_memmap
+
+    lens = (starts[idx + 1] - starts[idx]) if len(idx) else np.zeros(0, np.int64)
+    total = int(lens.sum())
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    shape = (total, len(LEADS)) if ragged else (len(idx), fixed_len, len(LEADS))
+    path = tmp / f"{split}_signals.npy"
+    if total == 0:
+        np.save(path, np.zeros(shape, dtype=dtype))
+    else:
+        out = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        flat = out.reshape(total, len(LEADS))
+        for c in range(0, len(idx), chunk_records):
+            sel = idx[c:c + chunk_records]
+            block = np.concatenate([raw[starts[j]:starts[j + 1]] for j in sel])
+            block = (block - mean) / std
+            flat[offsets[c]:offsets[c + len(sel)]] = block.astype(dtype)
+        out.flush()
+        del flat, out
+    if ragged:
+        np.save(tmp / f"{split}_offsets.npy", offsets)
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers shared by the dataset modules
+
+
+def parse_band_pass(values: Sequence[str] | Sequence[float] | None, target_fs: int,
+                    source_fs: float | None = None) -> tuple[float, float] | None:
+    if not values:
+        return None
+    try:
+        lo, hi = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise DataPrepError(f"--band_pass must be two numbers LO,HI in Hz, got {values!r}") from None
+    nyq = (source_fs or target_fs) / 2
+    if not 0 < lo < hi < nyq:
+        raise DataPrepError(f"--band_pass={lo:g},{hi:g} must satisfy 0 < LO < HI < {nyq:g} Hz "
+                            "(Nyquist of the source rate)")
+    return lo, hi
+
+
+def summarize(manifest: dict, out_dir: str | os.PathLike) -> str:
+    lines = [f"wrote {out_dir}: {manifest['dataset']} task={manifest['task']} "
+             f"{len(manifest['label_names'])} labels, {manifest['sampling_rate']} Hz, "
+             f"{'ragged' if manifest['ragged'] else 'fixed length'}, {manifest['dtype']}"]
+    for s in SPLITS:
+        info = manifest["splits"][s]
+        lines.append(f"  {s:5s}: {info['num_records']:6d} records (folds {info['folds']})")
+    rej = manifest["rejected"]
+    lines.append(f"  rejected: {rej['count']} (see {rej['file']}), dropped without label: "
+                 f"{manifest['dropped_no_label']}")
+    return "\n".join(lines)
+
+
+def multi_hot(label_sets: Sequence[Iterable[str]], label_names: Sequence[str]) -> np.ndarray:
+    pos = {n: k for k, n in enumerate(label_names)}
+    y = np.zeros((len(label_sets), len(label_names)), dtype=np.uint8)
+    for i, labs in enumerate(label_sets):
+        for lab in labs:
+            y[i, pos[lab]] = 1
+    return y
