@@ -502,7 +502,10 @@ def _fmax_curve(y: np.ndarray, s: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return f
 
 
-def _grid(thresholds: Any) -> np.ndarray:
+def _grid(thresholds: Any, scores: np.ndarray) -> np.ndarray:
+    if thresholds is None and scores.size and (scores.min() < 0.0 or scores.max() > 1.0):
+        # the default 0..1 grid would silently miss most of a logit range
+        raise ValueError("scores outside [0, 1]: pass probabilities or an explicit thresholds grid")
     grid = np.asarray(DEFAULT_FMAX_GRID if thresholds is None else thresholds, dtype=np.float64)
     if grid.ndim != 1 or grid.size == 0:
         raise ValueError("thresholds must be a non-empty 1-d grid")
@@ -520,7 +523,7 @@ def fmax(*, y_true: Any, y_score: Any, thresholds: Any = None) -> float:
     """
     y = _as_labels(y_true)
     s = _as_scores(y_score, like=y)
-    curve = _fmax_curve(y, s, _grid(thresholds))
+    curve = _fmax_curve(y, s, _grid(thresholds, s))
     return float(np.nanmax(curve)) if np.isfinite(curve).any() else 0.0
 
 
@@ -528,7 +531,7 @@ def fmax_threshold(*, y_true_val: Any, y_score_val: Any, thresholds: Any = None)
     """The global threshold maximising F(t) on the VALIDATION split (highest on ties)."""
     y = _as_labels(y_true_val)
     s = _as_scores(y_score_val, like=y, name="y_score_val")
-    grid = _grid(thresholds)
+    grid = _grid(thresholds, s)
     curve = _fmax_curve(y, s, grid)
     if not np.isfinite(curve).any():
         raise ValueError("no threshold of the grid yields any prediction")

@@ -268,6 +268,14 @@ def test_fmax_hand_computed():
     assert M.fmax_threshold(y_true_val=y, y_score_val=s, thresholds=grid) == 0.25
 
 
+def test_fmax_default_grid_refuses_logits():
+    y = np.array([[1, 0], [0, 1]])
+    logits = np.array([[2.0, -1.0], [-3.0, 0.5]])
+    with pytest.raises(ValueError, match="probabilities"):
+        M.fmax(y_true=y, y_score=logits)
+    assert M.fmax(y_true=y, y_score=logits, thresholds=np.linspace(-3, 3, 61)) == 1.0
+
+
 def test_fmax_is_the_max_of_fmax_at_over_the_default_grid():
     y, s = _random_split(seed=16, num_records=150, decimals=3)
     best = max(M.fmax_at(y_true=y, y_score=s, threshold=t) for t in M.DEFAULT_FMAX_GRID)
