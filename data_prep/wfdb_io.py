@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 
 import numpy as np
 
@@ -211,3 +212,16 @@ def _read_with_wfdb(base: str, h: Header) -> np.ndarray:
     if sig.shape[0] == 0:
         raise RecordError(f"{name}: zero-length record")
     return sig.astype(np.float32)
+
+
+def dx_codes(hea: pathlib.Path) -> list[str]:
+    """SNOMED CT codes of the `#Dx:` comment of a CinC header (RecordError if absent/invalid)."""
+    h = parse_header(hea)
+    dx = h.comment_value("Dx")
+    if dx is None:
+        raise RecordError(f"{hea.stem}: no #Dx line in {hea.name}")
+    codes = [c.strip() for c in dx.split(",") if c.strip()]
+    bad = [c for c in codes if not c.isdigit()]
+    if bad or not codes:
+        raise RecordError(f"{hea.stem}: invalid SNOMED code(s) {bad or [dx]} on the #Dx line of {hea.name}")
+    return codes
