@@ -62,7 +62,11 @@ class Parallelism:
 def make_parallelism(devices: Sequence[jax.Device] | None = None) -> Parallelism:
     """A data-parallel mesh over ``devices`` (default: all devices of all hosts)."""
     devices = list(jax.devices() if devices is None else devices)
-    mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+    # Auto (not Explicit) axes: flax's Dropout draws its mask without a sharding,
+    # which Explicit mode rejects. Semantics are unchanged: jit computes the
+    # function of the global arrays either way.
+    mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
     return Parallelism(mesh=mesh)
 
 

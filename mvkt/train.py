@@ -65,7 +65,6 @@ class TrainState:
     batch_stats: dict     # the trained net's BatchNorm statistics
     opt_state: Any
     memory_bank: Any      # losses.MemoryBank for memory-bank CLT, else None
-    rng: jax.Array        # base key; each step folds its own step number in
     teacher: Any          # frozen {"params", "batch_stats"} or None; never differentiated
 
 
@@ -155,7 +154,7 @@ def create_train_state(*, rng: jax.Array, model: nn.Module, head: nn.Module | No
                                               train_labels: np.ndarray | None, loss_spec: LossSpec,
                                               teacher: Any, teacher_feature_dim: int | None) -> TrainState:
     """A fresh state; ``sample_x`` has the student's lead count."""
-    init_rng, head_rng, bank_rng, base_rng = jax.random.split(rng, 4)
+    init_rng, head_rng, bank_rng = jax.random.split(rng, 3)
     variables = model.init(init_rng, sample_x, train=False)
     params = {"model": variables["params"], "heads": {}}
     memory_bank = None
@@ -171,7 +170,7 @@ def create_train_state(*, rng: jax.Array, model: nn.Module, head: nn.Module | No
                                                                                         dim=loss_spec.clt_dim)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                         batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                                        memory_bank=memory_bank, rng=base_rng, teacher=teacher)
+                                        memory_bank=memory_bank, teacher=teacher)
 
 
 def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: nn.Module | None,
@@ -179,6 +178,9 @@ def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: n
                                       loss_spec: LossSpec, student_leads: list[int],
                                       replicated: jax.sharding.Sharding | None = None) -> Callable:
     """The pure ``update_fn(state, batch, rng) -> (state, metrics)`` (jit it, donate state).
+
+    ``rng`` is the run's base key (not part of the donated state); each step folds
+    its own step number into it, so a resumed run draws the same randomness.
 
     ``batch``: ``x`` (B, T, 12) the 12-lead crop, ``y`` (B, C) float, ``index`` (B,)
     train-record indices, optionally ``teacher_logits``/``teacher_features`` from the
@@ -188,7 +190,9 @@ def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: n
     lead_index = np.asarray(student_leads)
 
     def gather(x):
-        return x if replicated is None else jax.sharding.reshard(x, replicated.spec)
+        # The whole global batch on every device: each anchor contrasts with all
+        # negatives of the global batch, not only its own shard.
+        return x if replicated is None else jax.lax.with_sharding_constraint(x, replicated)
 
     def update_fn(state: TrainState, batch: dict, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
@@ -448,19 +452,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     model = build_model(config, len(label_names))
     head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
     tx, schedule = make_optimizer(config.train, total_steps)
+    init_rng, rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     state = create_train_state(
-            rng=jax.random.PRNGKey(int(config.seed)), model=model, head=head, tx=tx,
-            sample_x=jnp.zeros((1, crop_length, len(leads)), jnp.float32),
-            train_labels=train_split.y if loss_spec.uses_clt else None, loss_spec=loss_spec,
-            teacher=teacher_variables, teacher_feature_dim=teacher_feature_dim)
-    state = parallel.replicate(state)
+        rng=init_rng, model=model, head=head, tx=tx,
+        sample_x=jnp.zeros((1, crop_length, len(leads)), jnp.float32),
+        train_labels=train_split.y if loss_spec.uses_clt else None, loss_spec=loss_spec,
+        teacher=teacher_variables, teacher_feature_dim=teacher_feature_dim)
+    state, rng = parallel.replicate((state, rng))
 
     checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
     best_auc = -math.inf
     if checkpoints.latest_step() is not None:
         model_part, train_part, meta = checkpoints.restore_latest(
-                model=_model_part(state), train=_train_part(state))
-        state = _merge(state, model_part, train_part)
+                model=_model_part(state), train=_train_part(state, rng))
+        state, rng = _merge(state, model_part, train_part), train_part["rng"]
         best = checkpoints.best_meta()
         best_auc = best["val_macro_auc"] if best else -math.inf
         logging.info("resumed from %s at step %d", workdir, int(state.step))
@@ -505,7 +510,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     def save(step, epoch, val_auc, best):
         meta = {"step": step, "epoch": epoch, "val_macro_auc": val_auc, "best_val_macro_auc": best_auc,
                         "config_hash": info["config_hash"], "label_names": label_names, "leads": leads}
-        checkpoints.save(step, model=_model_part(state), train=_train_part(state), meta=meta, best=best)
+        checkpoints.save(step, model=_model_part(state), train=_train_part(state, rng), meta=meta,
+                         best=best)
 
     pending: list[dict] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
@@ -513,7 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     with _StopRequest() as stop:
         try:
             for step, batch in input_pipeline.Prefetcher(produce, start_step, total_steps):
-                state, step_metrics = update(state, batch, state.rng)
+                state, step_metrics = update(state, batch, rng)
                 pending.append(step_metrics)
                 done = step + 1
                 epoch_end = done % loader.steps_per_epoch == 0
@@ -563,9 +569,9 @@ def _model_part(state: TrainState) -> dict:
     return {"params": state.params["model"], "batch_stats": state.batch_stats}
 
 
-def _train_part(state: TrainState) -> dict:
+def _train_part(state: TrainState, rng: jax.Array) -> dict:
     part = {"step": state.step, "heads": state.params["heads"], "opt_state": state.opt_state,
-                    "rng": state.rng}
+            "rng": rng}
     if state.memory_bank is not None:
         part["memory_bank"] = state.memory_bank
     return part
@@ -576,7 +582,7 @@ def _merge(state: TrainState, model_part: dict, train_part: dict) -> TrainState:
             step=train_part["step"],
             params={"model": model_part["params"], "heads": train_part["heads"]},
             batch_stats=model_part["batch_stats"], opt_state=train_part["opt_state"],
-            rng=train_part["rng"], memory_bank=train_part.get("memory_bank", state.memory_bank))
+            memory_bank=train_part.get("memory_bank", state.memory_bank))
 
 
 def _progress_bar(enabled: bool, initial: int, total: int, name: str):
