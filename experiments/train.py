@@ -16,6 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.logs import quiet_library_logs
 from mvkt import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/teacher.py",
@@ -28,6 +29,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 
 def main(argv):
     del argv
+    quiet_library_logs()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("devices: %s", jax.devices())

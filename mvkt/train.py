@@ -468,13 +468,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state, rng = _merge(state, model_part, train_part), train_part["rng"]
         best = checkpoints.best_meta()
         best_auc = best["val_macro_auc"] if best else -math.inf
-        logging.info("resumed from %s at step %d", workdir, int(state.step))
+        _say(is_chief, f"{workdir.name}: resumed at step {int(state.step)}/{total_steps}")
     start_step = int(state.step)
     log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=is_chief)
 
     if start_step >= total_steps:
         checkpoints.close()
-        logging.info("%s already finished (%d/%d steps): nothing to train", workdir, start_step, total_steps)
+        _say(is_chief, f"{workdir.name}: already finished ({start_step}/{total_steps} steps), nothing to train")
         return {"workdir": str(workdir), "step": start_step, "total_steps": total_steps,
                         "best_val_macro_auc": best_auc, "resumed_finished": True}
 
@@ -553,7 +553,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 elif must_stop:
                     save(done, done / loader.steps_per_epoch, None, False)
                 if must_stop:
-                    logging.info("stopped at step %d (%s)", done, "SIGTERM" if stop.requested else "stop_at_step")
+                    _say(is_chief, f"{workdir.name}: checkpoint saved, stopped at step {done}/{total_steps} "
+                         f"({'SIGTERM' if stop.requested else 'train.stop_at_step'}); rerun to continue")
                     break
         finally:
             bar.close()
@@ -583,6 +584,11 @@ def _merge(state: TrainState, model_part: dict, train_part: dict) -> TrainState:
             params={"model": model_part["params"], "heads": train_part["heads"]},
             batch_stats=model_part["batch_stats"], opt_state=train_part["opt_state"],
             memory_bank=train_part.get("memory_bank", state.memory_bank))
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        tqdm.tqdm.write(message)
 
 
 def _progress_bar(enabled: bool, initial: int, total: int, name: str):

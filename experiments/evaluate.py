@@ -1,0 +1,41 @@
+"""Evaluates a finished run on a split: ``python -m experiments.evaluate --workdir=RUN --split=test``.
+
+Writes RUN/eval_<split>.json (macro-AUC with bootstrap CI, per-class AUC, F1,
+Fmax, ICBEB challenge scores for CPSC) and RUN/scores_<split>.npz, and prints a
+table. Thresholds come from the validation split only.
+"""
+
+import sys
+
+from absl import app, flags
+
+from experiments.logs import quiet_library_logs
+from mvkt import evaluate
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a finished training run", required=True)
+_SPLIT = flags.DEFINE_enum("split", "test", ["val", "test"], "split to evaluate")
+_RESAMPLES = flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
+_SEED = flags.DEFINE_integer("seed", 0, "bootstrap seed")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                                  "best = selected on validation macro-AUC")
+_AGGREGATE = flags.DEFINE_enum("aggregate", None, ["max", "mean"],
+                                 "window aggregation (default: the run's config)")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "shards (default: the run's own)")
+
+
+def main(argv):
+    del argv
+    quiet_library_logs()
+    try:
+        result = evaluate.evaluate_run(_WORKDIR.value, split=_SPLIT.value,
+                                       n_resamples=_RESAMPLES.value, seed=_SEED.value,
+                                       which=_CHECKPOINT.value, aggregate=_AGGREGATE.value,
+                                       data_dir=_DATA_DIR.value)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(evaluate.format_table(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
