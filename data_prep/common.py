@@ -446,8 +446,8 @@ def summarize(manifest: dict, out_dir: str | os.PathLike) -> str:
         info = manifest["splits"][s]
         lines.append(f"  {s:5s}: {info['num_records']:6d} records (folds {info['folds']})")
     rej = manifest["rejected"]
-    lines.append(f"  rejected: {rej['counted']} counted towards --max_rejected_fraction, "
-                 f"{rej['not_counted']} listed only (e.g. label rows without a record); see {rej['file']}")
+    lines.append(f"  rejected: {rej['counted']} (+{rej['not_counted']} label rows without a record, "
+                 f"not counted), see {rej['file']}")
     lines.append(f"  dropped without label for the task: {manifest['dropped_no_label']}")
     return "\n".join(lines)
 
