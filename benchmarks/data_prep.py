@@ -50,9 +50,12 @@ def main(argv):
     n = len(sources)
 
     def read(workers):
-        for _, sig, reason, _ in common.iter_loaded(sources, cfg, num_workers=workers, progress=False):
-            if sig is None:
-                raise RuntimeError(reason)
+        with tempfile.TemporaryDirectory() as scratch:
+            for _, results in common.iter_loaded(sources, cfg, scratch_dir=scratch, num_workers=workers,
+                                                 progress=False):
+                bad = [reason for _, _, reason, _ in results if reason]
+                if bad:
+                    raise RuntimeError(bad[0])
 
     load_before = os.getloadavg()
     read(1)  # warm the page cache
@@ -62,7 +65,7 @@ def main(argv):
     rows.append(("wfdb.rdsamp, 1 process", len(sub), t))
     for workers in (1, 2):
         t = _best(lambda: read(workers), FLAGS.repeats)
-        rows.append((f"fast reader + validation, {workers} process{'es' if workers > 1 else ''}", n, t))
+        rows.append((f"fast reader + validation + scratch write, {workers} process{'es' if workers > 1 else ''}", n, t))
     with tempfile.TemporaryDirectory() as tmp:
         def prepare():
             ptbxl.prepare(src, pathlib.Path(tmp) / "out", overwrite=True, num_workers=2)

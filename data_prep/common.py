@@ -139,26 +139,51 @@ def _pool_context():
     return multiprocessing.get_context("fork")
 
 
-def iter_loaded(sources: Sequence[Source], cfg: SignalConfig, *, num_workers: int | None,
-                progress: bool) -> Iterable[tuple]:
-    """Yield `_load_one` results in input order, with a tqdm bar showing records/s."""
+def _load_chunk(job: tuple[int, list[tuple[int, Source]]], cfg: SignalConfig, scratch_dir: str):
+    """Read a run of records and append the accepted ones to one scratch file of its own.
+
+    Writing in the worker keeps the samples out of the inter-process pipe: only lengths,
+    moments and reasons go back to the parent, which would otherwise be the bottleneck.
+    """
+    part, items = job
+    path = os.path.join(scratch_dir, f"part-{part:06d}.f32")
+    results = []
+    with open(path, "wb") as f:
+        for item in items:
+            i, sig, reason, st = _load_one(item, cfg)
+            if sig is None:
+                results.append((i, 0, reason, None))
+            else:
+                f.write(sig.tobytes())
+                results.append((i, sig.shape[0], None, st))
+    return path, results
+
+
+def iter_loaded(sources: Sequence[Source], cfg: SignalConfig, *, scratch_dir: str | os.PathLike,
+                num_workers: int | None, progress: bool) -> Iterable[tuple[str, list]]:
+    """Yield (scratch part file, [(index, length, reason, moments), ...]) in input order.
+
+    Shows a tqdm bar with records/s. Accepted records of a part lie back to back in its file.
+    """
     from tqdm import tqdm
 
     items = list(enumerate(sources))
     workers = num_workers or os.cpu_count() or 1
+    serial = workers <= 1 or len(items) < _MIN_RECORDS_FOR_POOL
+    chunk = 64 if serial else max(1, min(64, len(items) // (workers * 4)))
+    jobs = [(k, items[lo:lo + chunk]) for k, lo in enumerate(range(0, len(items), chunk))]
+    fn = functools.partial(_load_chunk, cfg=cfg, scratch_dir=os.fspath(scratch_dir))
     bar = tqdm(total=len(items), unit="rec", disable=not progress, smoothing=0.1, dynamic_ncols=True)
-    fn = functools.partial(_load_one, cfg=cfg)
     try:
-        if workers <= 1 or len(items) < _MIN_RECORDS_FOR_POOL:
-            for item in items:
-                yield fn(item)
-                bar.update(1)
+        if serial:
+            for job in jobs:
+                yield fn(job)
+                bar.update(len(job[1]))
         else:
-            chunksize = max(1, min(64, len(items) // (workers * 8)))
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_pool_context()) as ex:
-                for result in ex.map(fn, items, chunksize=chunksize):
+                for job, result in zip(jobs, ex.map(fn, jobs)):
                     yield result
-                    bar.update(1)
+                    bar.update(len(job[1]))
     finally:
         bar.close()
 
@@ -240,20 +265,25 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        # 1. Read every record once, appending raw float32 samples to a scratch file.
-        scratch_path = tmp / "_scratch.f32"
+        # 1. Read every record once into scratch part files (raw float32, train stats later).
+        scratch = tmp / "_scratch"
+        scratch.mkdir()
         accepted, lengths, stats, rates, rejected_read = [], [], [], [], []
-        with open(scratch_path, "wb") as scratch:
-            for i, sig, reason, st in iter_loaded(sources, signal_config, num_workers=num_workers,
-                                                   progress=progress):
-                if sig is None:
+        parts, where = [], []  # where[j] = (part number, first sample in it) of accepted record j
+        for path, results in iter_loaded(sources, signal_config, scratch_dir=scratch,
+                                         num_workers=num_workers, progress=progress):
+            pos = 0
+            for i, n, reason, st in results:
+                if reason is not None:
                     rejected_read.append((sources[i].record_id, reason))
                     continue
-                scratch.write(sig.tobytes())
                 accepted.append(i)
-                lengths.append(sig.shape[0])
+                lengths.append(n)
                 stats.append(st[:3])
                 rates.append(st[3])
+                where.append((len(parts), pos))
+                pos += n
+            parts.append(np.memmap(path, dtype=np.float32, mode="r", shape=(pos, len(LEADS))) if pos else None)
         rejected_counted = list(pre_rejected) + rejected_read
         total = len(sources) + len(pre_rejected)
         all_rejected = rejected_counted + list(uncounted_rejected)
@@ -280,7 +310,6 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
         else:
             acc_folds = np.asarray(folds, dtype=np.int16)[accepted]
             fold_desc = {"source": "strat_fold"}
-        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         members = {s: np.flatnonzero(np.isin(acc_folds, list(split_folds[s]))) for s in SPLITS}
         unassigned = len(accepted) - sum(len(m) for m in members.values())
         if len(members["train"]) == 0:
@@ -295,13 +324,15 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
                                 "cannot standardise")
 
         # 4. Standardised per-split files.
-        raw = np.memmap(scratch_path, dtype=np.float32, mode="r", shape=(int(starts[-1]), len(LEADS))) \
-            if starts[-1] else np.zeros((0, len(LEADS)), np.float32)
+        def record_raw(j: int) -> np.ndarray:
+            p, pos = where[j]
+            return parts[p][pos:pos + lengths[j]]
+
         mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
         split_info = {}
         for s in SPLITS:
             idx = members[s]
-            _write_split(tmp, s, idx, raw, starts, mean32, std32, dtype, ragged,
+            _write_split(tmp, s, idx, record_raw, np.asarray(lengths, np.int64), mean32, std32, dtype, ragged,
                          fixed_len=None if ragged else _fixed_len(lengths))
             np.save(tmp / f"{s}_labels.npy", acc_labels[idx].astype(np.uint8))
             ids = [sources[accepted[j]].record_id for j in idx]
@@ -313,8 +344,8 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
                 "label_counts": {name: int(c) for name, c in zip(label_names, counts)},
                 "folds": [int(f) for f in split_folds[s]],
             }
-        del raw
-        scratch_path.unlink()
+        del parts, record_raw
+        shutil.rmtree(scratch)
         write_rejected(tmp / "rejected.csv", all_rejected)
 
         src_rates = sorted({_as_json_rate(r) for r in rates})
@@ -393,12 +424,12 @@ def _check_split_folds(split_folds: dict[str, Sequence[int]]) -> None:
             seen[f] = s
 
 
-def _write_split(tmp: pathlib.Path, split: str, idx: np.ndarray, raw: np.ndarray, starts: np.ndarray,
-                 mean: np.ndarray, std: np.ndarray, dtype: str, ragged: bool, fixed_len: int | None,
-                 chunk_records: int = 512) -> None:
+def _write_split(tmp: pathlib.Path, split: str, idx: np.ndarray, record_raw: Callable[[int], np.ndarray],
+                 lengths: np.ndarray, mean: np.ndarray, std: np.ndarray, dtype: str, ragged: bool,
+                 fixed_len: int | None, chunk_records: int = 512) -> None:
     from numpy.lib.format import open_memmap
 
-    lens = (starts[idx + 1] - starts[idx]) if len(idx) else np.zeros(0, np.int64)
+    lens = lengths[idx] if len(idx) else np.zeros(0, np.int64)
     total = int(lens.sum())
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     shape = (total, len(LEADS)) if ragged else (len(idx), fixed_len, len(LEADS))
@@ -410,7 +441,7 @@ def _write_split(tmp: pathlib.Path, split: str, idx: np.ndarray, raw: np.ndarray
         flat = out.reshape(total, len(LEADS))
         for c in range(0, len(idx), chunk_records):
             sel = idx[c:c + chunk_records]
-            block = np.concatenate([raw[starts[j]:starts[j + 1]] for j in sel])
+            block = np.concatenate([record_raw(j) for j in sel])
             block = (block - mean) / std
             flat[offsets[c]:offsets[c + len(sel)]] = block.astype(dtype)
         out.flush()

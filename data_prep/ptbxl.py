@@ -196,8 +196,9 @@ def check_patient_disjoint(record_ids: Sequence[str], patient_ids: Sequence, fol
             continue
         if pid in seen and seen[pid][0] != split:
             other_split, other_id = seen[pid]
+            pid_text = f"{pid:g}" if isinstance(pid, float) else str(pid)
             raise DataPrepError(
-                f"{where}: patient_id {pid:g} occurs in split {other_split} (ecg_id {other_id}) and in "
+                f"{where}: patient_id {pid_text} occurs in split {other_split} (ecg_id {other_id}) and in "
                 f"split {split} (ecg_id {rid}); splits must be patient-disjoint")
         seen.setdefault(pid, (split, rid))
 

@@ -459,6 +459,19 @@ def test_cinc_bad_header(tmp_path):
     assert "no #Dx line" in rejected["E00002"]
 
 
+def test_other_wfdb_formats_fall_back_to_wfdb(tmp_path):
+    from data_prep.wfdb_io import read_record
+
+    fast, fs = read_record(rec_base(PTBXL, 1))
+    rec = wfdb.rdrecord(str(rec_base(PTBXL, 1)), physical=False)
+    wfdb.wrsamp("00001_lr", fs=100, units=rec.units, sig_name=rec.sig_name, d_signal=rec.d_signal,
+                fmt=["24"] * 12, adc_gain=rec.adc_gain, baseline=rec.baseline, write_dir=str(tmp_path))
+    assert " 24 " in (tmp_path / "00001_lr.hea").read_text()
+    slow, fs2 = read_record(tmp_path / "00001_lr")
+    assert fs == fs2 == 100
+    np.testing.assert_allclose(slow, fast, atol=1e-6)
+
+
 def test_parallel_and_serial_reads_agree(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "_MIN_RECORDS_FOR_POOL", 10)
     ptbxl.prepare(PTBXL, tmp_path / "pool", num_workers=2)
