@@ -83,6 +83,8 @@ def main(prog: str, define: Callable[[flags.FlagValues], None], run: Callable[[f
     define(fv)
     if argv is None:  # a real command line: absl's app gives --help, --helpfull, logging flags
         flags.FLAGS.append_flag_values(fv)
+        for name in list(fv):  # so that --help lists them as the main module's flags
+            flags.FLAGS.register_flag_by_module(sys.argv[0], fv[name])
 
         def _main(rest):
             if len(rest) > 1:
