@@ -240,7 +240,7 @@ def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: n
         (loss, (terms, batch_stats, bank)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                               "learning_rate": schedule(state.step)}
         metrics.update({f"loss_{name}": value for name, value in terms.items()})
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -415,6 +415,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     parallel = parallel or parallel_lib.make_parallelism()
     is_chief = jax.process_index() == 0
     loss_spec = LossSpec.from_config(config)
+    if config.teacher_cache and config.data.random_crop:
+        raise ValueError("config.teacher_cache=True needs the same crop of a record every epoch: "
+                         "set --config.data.random_crop=False (centre crops; crop_seconds=10 "
+                         "uses whole PTB-XL records)")
     train_split = data_lib.open_split(config.data.dir, "train")
     val_split = data_lib.open_split(config.data.dir, "val")
     label_names = list(train_split.label_names)

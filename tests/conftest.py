@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import tempfile
 
 import pytest
+
+# Identical XLA programs (the same tiny net in several tests, and in the CLI
+# subprocesses, which inherit the environment) compile once per test session.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mvkt-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 SAMPLES_DIR = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "samples"
 

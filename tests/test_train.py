@@ -1,0 +1,280 @@
+"""Training core on the embedded real PTB-XL sample: loss goes down, exact resume,
+NaN guard, teacher cache, frozen teacher, config overrides and the CLI contract."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import student as student_config
+from experiments.configs import teacher as teacher_config
+from mvkt import data as data_lib
+from mvkt import input_pipeline
+from mvkt import models
+from mvkt import parallel as parallel_lib
+from mvkt import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"step_time_s", "samples_per_s"}
+
+
+def tiny(config, shards, **overrides):
+    """A config small enough for CI: quarter-width net, 2 steps per epoch on 67 records."""
+    config.data.dir = str(shards)
+    config.student.width_mult = 0.25
+    config.train.batch_size = 32
+    config.train.epochs = 2
+    config.train.log_every_steps = 1
+    config.eval.batch_size = 64
+    config.clt.num_negatives = 16
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def read_metrics(workdir):
+    rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(ptbxl_sample_shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("teacher") / "run"
+    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards), workdir,
+                             progress=False)
+    return workdir
+
+
+def test_teacher_run_writes_metrics_and_checkpoints(teacher_run):
+    rows = read_metrics(teacher_run)
+    loss_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_macro_auc" in r]
+    assert [r["step"] for r in loss_rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["loss"] == r["loss_bce"] for r in loss_rows)
+    assert [r["epoch"] for r in val_rows] == [1, 2]
+    assert all(0.0 <= r["val_macro_auc"] <= 1.0 for r in val_rows)
+    assert sorted(p.name for p in (teacher_run / "checkpoints").iterdir()) == ["2", "4"]
+    assert len(list((teacher_run / "best").iterdir())) == 1
+    info = json.loads((teacher_run / "run_info.json").read_text())
+    assert info["leads"] == list(data_lib.LEADS)
+
+
+def test_rerun_of_finished_run_does_not_train(teacher_run):
+    before = (teacher_run / "metrics.jsonl").read_text()
+    config = train.load_run_config(teacher_run)
+    summary = train.train_and_evaluate(config, teacher_run, progress=False)
+    assert summary["resumed_finished"] and summary["step"] == summary["total_steps"] == 4
+    assert (teacher_run / "metrics.jsonl").read_text() == before
+
+
+def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
+    split = data_lib.open_split(ptbxl_sample_shards, "train")
+    loader = input_pipeline.TrainBatches(split, global_batch_size=64, crop_length=250,
+                                         random_crop=False, seed=0)
+    config = tiny(teacher_config.get_config(), ptbxl_sample_shards)
+    config.train.schedule = "constant"
+    config.train.learning_rate = 3e-3
+    parallel = parallel_lib.make_parallelism()
+    model = train.build_model(config, split.num_classes)
+    spec = train.LossSpec.from_config(config)
+    tx, schedule = train.make_optimizer(config.train, 30)
+    state = train.create_train_state(rng=jax.random.PRNGKey(0), model=model, head=None, tx=tx,
+                                     sample_x=jnp.zeros((1, 250, 12)), train_labels=None,
+                                     loss_spec=spec, teacher=None, teacher_feature_dim=None)
+    update = jax.jit(train.make_update_fn(model=model, teacher_model=None, head=None, tx=tx,
+                                          schedule=schedule, loss_spec=spec,
+                                          student_leads=list(range(12)),
+                                          replicated=parallel.replicated), donate_argnums=(0,))
+    batch = parallel.to_global(loader.batch_at(0))
+    rng = jax.random.PRNGKey(1)
+    losses = []
+    for _ in range(25):
+        state, metrics = update(state, batch, rng)
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("variant", ["memory_bank", "in_batch"])
+def test_interrupted_student_run_resumes_to_identical_metrics(
+        ptbxl_sample_shards, teacher_run, tmp_path, variant):
+    def config(**kw):
+        return tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher_run),
+                    **{"clt.variant": variant, "train.epochs": 3, **kw})
+
+    train.train_and_evaluate(config(), tmp_path / "straight", progress=False)
+    stopped = train.train_and_evaluate(config(**{"train.stop_at_step": 3}), tmp_path / "resumed",
+                                       progress=False)
+    assert stopped["step"] == 3 and not stopped["finished"]
+    # The planned stop is mid-epoch 2: the resumed run must restore the memory bank,
+    # optimizer, RNG and data position exactly to reproduce the straight run.
+    resumed = train.train_and_evaluate(config(), tmp_path / "resumed", progress=False)
+    assert resumed["finished"]
+    straight_rows, resumed_rows = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in straight_rows]
+    for a, b in zip(straight_rows, resumed_rows):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-6, err_msg=f"step {a['step']} {k}")
+    loss_keys = {k for r in straight_rows for k in r if k.startswith("loss_")}
+    assert loss_keys == {"loss_bce", "loss_mkd", "loss_clt"}
+
+
+def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run):
+    """Same batch, deterministic crops: precomputed teacher outputs = in-step teacher forward."""
+    parallel = parallel_lib.make_parallelism()
+    teacher_model, teacher_vars, _, _, _ = train.load_trained_model(teacher_run, parallel=parallel)
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"data.random_crop": False})
+    split = data_lib.open_split(ptbxl_sample_shards, "train")
+    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250,
+                                         random_crop=False, seed=0)
+    cache_logits, cache_features = train._teacher_cache(teacher_model, teacher_vars, loader,
+                                                        batch_size=64, parallel=parallel)
+    model = train.build_model(config, split.num_classes)
+    spec = train.LossSpec.from_config(config)
+    head = models.ProjectionHead(dim=128)
+    tx, schedule = train.make_optimizer(config.train, 10)
+    state = train.create_train_state(
+        rng=jax.random.PRNGKey(0), model=model, head=head, tx=tx, sample_x=jnp.zeros((1, 250, 1)),
+        train_labels=split.y, loss_spec=spec, teacher=teacher_vars,
+        teacher_feature_dim=cache_features.shape[-1])
+    update = jax.jit(train.make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx,
+                                          schedule=schedule, loss_spec=spec, student_leads=[0],
+                                          replicated=parallel.replicated))
+    batch = loader.batch_at(0)
+    cached = dict(batch, teacher_logits=cache_logits[batch["index"]],
+                  teacher_features=cache_features[batch["index"]])
+    rng = jax.random.PRNGKey(3)
+    _, live = update(state, parallel.to_global(batch), rng)
+    _, from_cache = update(state, parallel.to_global(cached), rng)
+    for key in ("loss", "loss_bce", "loss_mkd", "loss_clt"):
+        np.testing.assert_allclose(float(from_cache[key]), float(live[key]), rtol=1e-5, err_msg=key)
+
+
+def test_teacher_cache_requires_deterministic_crops(ptbxl_sample_shards, teacher_run, tmp_path):
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher_run),
+                  teacher_cache=True)
+    with pytest.raises(ValueError, match="random_crop=False"):
+        train.train_and_evaluate(config, tmp_path / "s", progress=False)
+
+
+def test_step_changes_student_and_heads_but_never_the_teacher(ptbxl_sample_shards, teacher_run):
+    parallel = parallel_lib.make_parallelism()
+    teacher_model, teacher_vars, _, _, _ = train.load_trained_model(teacher_run, parallel=parallel)
+    config = tiny(student_config.get_config(), ptbxl_sample_shards)
+    split = data_lib.open_split(ptbxl_sample_shards, "train")
+    model = train.build_model(config, split.num_classes)
+    spec = train.LossSpec.from_config(config)
+    head = models.ProjectionHead(dim=128)
+    tx, schedule = train.make_optimizer(config.train, 10)
+    feature_dim = models.feature_dim("resnet1d_wang", width_mult=0.25)
+    state = train.create_train_state(
+        rng=jax.random.PRNGKey(0), model=model, head=head, tx=tx, sample_x=jnp.zeros((1, 250, 1)),
+        train_labels=split.y, loss_spec=spec, teacher=teacher_vars, teacher_feature_dim=feature_dim)
+    before = jax.device_get(state)
+    update = jax.jit(train.make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx,
+                                          schedule=schedule, loss_spec=spec, student_leads=[0],
+                                          replicated=parallel.replicated))
+    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250,
+                                         random_crop=True, seed=0)
+    after, _ = update(state, parallel.to_global(loader.batch_at(0)), jax.random.PRNGKey(0))
+    after = jax.device_get(after)
+
+    def changed(a, b):
+        return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    assert changed(before.params["model"], after.params["model"])
+    assert changed(before.params["heads"]["student"], after.params["heads"]["student"])
+    assert changed(before.params["heads"]["teacher"], after.params["heads"]["teacher"])
+    assert not changed(before.teacher, after.teacher)
+    assert changed(before.memory_bank.student, after.memory_bank.student)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(ptbxl_sample_shards, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"train.epochs": 1})
+    train.train_and_evaluate(config, workdir, progress=False)
+    # Adam moves every weight by ~lr: 1e30 overflows the activations on the next step.
+    config = tiny(teacher_config.get_config(), ptbxl_sample_shards,
+                  **{"train.epochs": 3, "train.learning_rate": 1e30, "train.schedule": "constant",
+                     "train.grad_clip_norm": 1e38})
+    with pytest.raises(train.TrainingDivergedError, match=r"non-finite loss at step \d+"):
+        train.train_and_evaluate(config, workdir, progress=False)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+    _, variables, _, _, meta = train.load_trained_model(workdir, which="latest")
+    assert meta["step"] == 2
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(variables)))
+
+
+def test_unknown_method_and_leads_are_clear_errors(ptbxl_sample_shards, tmp_path):
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, method="distill")
+    with pytest.raises(ValueError, match="config.method must be one of"):
+        train.train_and_evaluate(config, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="V7"):
+        train.parse_leads("I,V7")
+    assert train.parse_leads("I, II ,V2") == ["I", "II", "V2"]
+    assert train.parse_leads("all") == list(data_lib.LEADS)
+    config = tiny(student_config.get_config(), ptbxl_sample_shards)
+    with pytest.raises(ValueError, match="needs a trained teacher"):
+        train.train_and_evaluate(config, tmp_path / "b", progress=False)
+
+
+def _cli(*args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def test_cli_acceptance_commands_with_overrides(ptbxl_sample_shards, tmp_path):
+    common = [f"--config.data.dir={ptbxl_sample_shards}", "--config.train.epochs=1",
+              "--config.student.width_mult=0.25", "--config.train.batch_size=32"]
+    teacher = tmp_path / "T"
+    result = _cli("--config=experiments/configs/teacher.py", f"--workdir={teacher}", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = tmp_path / "S"
+    args = ["--config=experiments/configs/student.py", f"--workdir={student}", *common,
+            f"--config.teacher_workdir={teacher}", "--config.student.leads=I,II",
+            "--config.method=mvkt", "--config.clt.variant=memory_bank", "--config.clt.num_negatives=8"]
+    result = _cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((student / "config.json").read_text())
+    assert config["student"]["leads"] == "I,II" and config["clt"]["num_negatives"] == 8
+    rows = read_metrics(student)
+    assert rows and all(np.isfinite(v) for r in rows for v in r.values())
+    assert list((student / "checkpoints").iterdir())
+    again = _cli(*args)
+    assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
+    assert read_metrics(student) == rows
+
+
+def test_sigterm_saves_and_exits_cleanly(ptbxl_sample_shards, tmp_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/teacher.py",
+         f"--workdir={workdir}", f"--config.data.dir={ptbxl_sample_shards}",
+         "--config.train.epochs=500", "--config.student.width_mult=0.25",
+         "--config.train.batch_size=32", "--config.train.log_every_steps=1"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
+    assert steps and max(steps) < 500 * 2
+    last_logged = max(json.loads(l)["step"] for l in metrics.read_text().splitlines())
+    assert max(steps) == last_logged
