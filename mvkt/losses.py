@@ -193,13 +193,14 @@ def init_memory_bank(rng: jax.Array, *, labels: jax.Array, dim: int) -> MemoryBa
     stdv = 1.0 / math.sqrt(dim / 3)
     k_student, k_teacher = jax.random.split(rng)
     uniform = lambda k: jax.random.uniform(k, (num_records, dim), jnp.float32, -stdv, stdv)  # noqa: E731
-    unset = jnp.asarray(-1.0, jnp.float32)
+    # Two separate buffers: a donated train state may not hold one buffer twice.
+    unset = lambda: jnp.full((), -1.0, jnp.float32)  # noqa: E731
     return MemoryBank(
         student=uniform(k_student),
         teacher=uniform(k_teacher),
         labels=labels.astype(jnp.uint8),
-        z_student=unset,
-        z_teacher=unset,
+        z_student=unset(),
+        z_teacher=unset(),
     )
 
 
