@@ -1,0 +1,197 @@
+"""Building blocks shared by the pipeline, ablation, lead-sweep and sweep runners.
+
+A study is a folder of runs, each ``<study>/runs/<name>`` a normal training run
+directory. Every stage is idempotent: training resumes or does nothing when
+finished, data preparation and evaluation are skipped when their outputs exist,
+so re-running a study command continues where it stopped.
+
+Tables pool seeds honestly: a method's CI is the bootstrap CI of its
+seed-averaged test macro-AUC, and differences between methods are paired
+bootstraps over the same test records with the same resamples for every seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Iterable, Sequence
+
+import ml_collections
+import numpy as np
+
+from experiments.configs import default as default_config
+from mvkt import evaluate as evaluate_lib
+from mvkt import metrics as metrics_lib
+from mvkt import train as train_lib
+
+SAMPLE_PTBXL = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "samples" / "ptbxl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a study: its folder name and full config."""
+
+    name: str
+    config: ml_collections.ConfigDict
+
+    def workdir(self, study_dir: pathlib.Path) -> pathlib.Path:
+        return pathlib.Path(study_dir) / "runs" / self.name
+
+
+def prepare_ptbxl(src: str | pathlib.Path, out: pathlib.Path, *, task: str,
+                  sampling_rate: int = 100) -> pathlib.Path:
+    """PTB-XL shards in ``out`` (skipped when a complete manifest is already there)."""
+    from data_prep import ptbxl
+
+    if (out / "manifest.json").exists():
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest.get("task") != task:
+            raise ValueError(f"{out} holds task {manifest.get('task')!r}, not {task!r}: "
+                             "use another --workdir or delete it")
+        return out
+    ptbxl.prepare(pathlib.Path(src), out, task=task, sampling_rate=sampling_rate)
+    return out
+
+
+def base_config(*, data_dir: str | pathlib.Path, arch: str, epochs: int, batch_size: int,
+                seed: int, width_mult: float = 1.0) -> ml_collections.ConfigDict:
+    config = default_config.get_config()
+    config.data.dir = str(data_dir)
+    config.student.arch = arch
+    config.student.width_mult = width_mult
+    config.train.epochs = epochs
+    config.train.batch_size = batch_size
+    config.seed = seed
+    return config
+
+
+def teacher_run(base: ml_collections.ConfigDict) -> Run:
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.method = "bce"
+    config.student.leads = "all"
+    return Run(f"teacher_seed{config.seed}", config)
+
+
+def student_run(base: ml_collections.ConfigDict, *, method: str, leads: str,
+                teacher_dir: pathlib.Path, clt_variant: str = "memory_bank",
+                name: str | None = None) -> Run:
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.method = method
+    config.student.leads = leads
+    config.clt.variant = clt_variant
+    config.teacher_workdir = str(teacher_dir) if method != "bce" else ""
+    name = name or f"{method}{'_' + clt_variant if method in ('clt', 'mvkt') else ''}"
+    return Run(f"{name}_leads{leads.replace(',', '-')}_seed{config.seed}", config)
+
+
+def auto_batch_size(data_dir: str | pathlib.Path, requested: int) -> int:
+    """``requested``, or for tiny train splits (the embedded sample) a batch that fits."""
+    manifest = json.loads((pathlib.Path(data_dir) / "manifest.json").read_text())
+    num_train = int(manifest["splits"]["train"]["num_records"])
+    if requested:
+        return requested
+    return 128 if num_train >= 256 else 32
+
+
+def train_run(run: Run, study_dir: pathlib.Path, *, progress: bool = True) -> pathlib.Path:
+    workdir = run.workdir(study_dir)
+    train_lib.train_and_evaluate(run.config, workdir, progress=progress)
+    return workdir
+
+
+def evaluate_run(workdir: pathlib.Path, *, n_resamples: int, split: str = "test") -> dict:
+    """The run's ``eval_<split>.json``, computed once (after training finished)."""
+    path = workdir / evaluate_lib.EVAL_FILE.format(split=split)
+    scores = workdir / evaluate_lib.SCORES_FILE.format(split=split)
+    if path.exists() and scores.exists():
+        result = json.loads(path.read_text())
+        if result.get("n_resamples") == n_resamples:
+            return result
+    return evaluate_lib.evaluate_run(workdir, split=split, n_resamples=n_resamples)
+
+
+def method_summary(workdirs: Sequence[pathlib.Path], *, n_resamples: int,
+                   split: str = "test") -> dict:
+    """Seed-averaged macro-AUC of one method with the bootstrap CI of that average.
+
+    Seeds are stacked along the class axis: the macro-AUC of the stacked columns is
+    the mean over seeds of each seed's macro-AUC, and every resample draws the same
+    records for all seeds.
+    """
+    loaded = [evaluate_lib.load_scores(w, split) for w in workdirs]
+    y = loaded[0]["y"]
+    stacked_y = np.concatenate([y] * len(loaded), axis=1)
+    stacked_scores = np.concatenate([s["scores"] for s in loaded], axis=1)
+    ci = metrics_lib.bootstrap_ci(y_true=stacked_y, y_score=stacked_scores,
+                                  metric_fn=metrics_lib.macro_auc, n_resamples=n_resamples)
+    per_seed = [metrics_lib.per_class_auc(y_true=y, y_score=s["scores"]).macro_auc for s in loaded]
+    return {"macro_auc": ci.point, "ci": [ci.lower, ci.upper], "per_seed": per_seed,
+            "seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+            "num_seeds": len(per_seed)}
+
+
+def comparison_rows(groups: dict[str, list[pathlib.Path]], *, baseline: str | None,
+                    n_resamples: int, split: str = "test") -> list[dict]:
+    """One row per method: pooled macro-AUC + CI, and paired difference vs ``baseline``."""
+    rows = []
+    for name, workdirs in groups.items():
+        row = {"method": name, **method_summary(workdirs, n_resamples=n_resamples, split=split)}
+        if baseline and name != baseline:
+            row["vs_baseline"] = evaluate_lib.compare_runs(
+                groups[baseline], workdirs, split=split, n_resamples=n_resamples)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], *, baseline: str | None, teacher: dict | None = None) -> str:
+    """Markdown comparison table; the gap share is relative to the teacher, when given."""
+    head = "| method | seeds | test macro-AUC (seed mean) | 95% CI | per-seed |"
+    sep = "|---|---|---|---|---|"
+    if baseline:
+        head += f" difference vs {baseline} [95% CI] | P(diff <= 0) |"
+        sep += "---|---|"
+        if teacher:
+            head += " share of teacher gap closed |"
+            sep += "---|"
+    lines = [head, sep]
+    base_auc = next((r["macro_auc"] for r in rows if r["method"] == baseline), None)
+    for r in rows:
+        seeds = ", ".join(f"{a:.4f}" for a in r["per_seed"])
+        line = (f"| {r['method']} | {r['num_seeds']} | {r['macro_auc']:.4f} | "
+                f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | {seeds} |")
+        if baseline:
+            if "vs_baseline" in r:
+                d = r["vs_baseline"]
+                line += f" {d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | {d['p_value']:.3f} |"
+            else:
+                line += " (baseline) | |"
+            if teacher:
+                gap = teacher["macro_auc"] - base_auc if base_auc is not None else float("nan")
+                is_student = "vs_baseline" in r and r is not teacher
+                share = (r["macro_auc"] - base_auc) / gap if gap > 0 and is_student else None
+                line += f" {share:.0%} |" if share is not None else " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def load_metrics_rows(workdir: pathlib.Path) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def relative(path: pathlib.Path, start: pathlib.Path) -> str:
+    try:
+        return str(pathlib.Path(path).relative_to(start))
+    except ValueError:
+        return str(path)
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float))
+
+
+def seeds_from(text: str | Iterable[int]) -> list[int]:
+    if isinstance(text, str):
+        return [int(s) for s in text.split(",") if s.strip()]
+    return [int(s) for s in text]
