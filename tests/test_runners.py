@@ -1,0 +1,283 @@
+"""Experiment runners on the embedded real PTB-XL sample: hyper-parameter sweep declarations,
+config-hash run folders, print/local/collect modes of the sweep launcher, and the lead sweep.
+
+Compiles are kept few: the sweep runs use exactly the configuration of the lead sweep's
+MVKT lead-I student (only seeds differ), so their XLA programs come from the cache.
+"""
+
+import json
+import math
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from experiments import hyper
+from experiments import lead_sweep
+from experiments import sweep
+from mvkt import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SWEEP_MVKT = "experiments/configs/sweep_mvkt.py"
+RESAMPLES = 50
+# Shared by the lead sweep and the sweep runs below (same programs, compiled once).
+TINY = {"student.width_mult": 0.25, "train.batch_size": 32, "train.epochs": 1,
+        "clt.num_negatives": 16, "eval.batch_size": 64, "eval.bootstrap_resamples": RESAMPLES}
+
+
+# ----------------------------------------------------------------------------- hyper
+
+
+def test_sweep_product_zip_fixed_give_the_right_override_dicts():
+    alphas = hyper.sweep("config.alpha", [0.5, 1.0])
+    assert alphas == [{"config.alpha": 0.5}, {"config.alpha": 1.0}]
+    grid = hyper.product([alphas, hyper.sweep("config.beta", [0.4, 0.8, 1.6])])
+    assert len(grid) == 6
+    assert grid[0] == {"config.alpha": 0.5, "config.beta": 0.4}
+    assert grid[-1] == {"config.alpha": 1.0, "config.beta": 1.6}
+    assert len({tuple(sorted(g.items())) for g in grid}) == 6
+    paired = hyper.zip([hyper.sweep("config.train.learning_rate", [1e-3, 1e-2]),
+                        hyper.sweep("config.train.schedule", ["constant", "onecycle"])])
+    assert paired == [{"config.train.learning_rate": 1e-3, "config.train.schedule": "constant"},
+                      {"config.train.learning_rate": 1e-2, "config.train.schedule": "onecycle"}]
+    with_fixed = hyper.product([hyper.fixed("config.method", "mvkt"), alphas])
+    assert with_fixed == [{"config.method": "mvkt", "config.alpha": 0.5},
+                          {"config.method": "mvkt", "config.alpha": 1.0}]
+    assert hyper.product([]) == [{}]
+    with pytest.raises(ValueError, match="equal length"):
+        hyper.zip([alphas, hyper.sweep("config.beta", [1.0])])
+    with pytest.raises(ValueError, match="set by two"):
+        hyper.product([alphas, hyper.fixed("config.alpha", 2.0)])
+    with pytest.raises(ValueError, match="starting with 'config.'"):
+        hyper.sweep("alpha", [1.0])
+    with pytest.raises(ValueError, match="no values"):
+        hyper.sweep("config.alpha", [])
+
+
+def test_overrides_are_typed_and_unknown_fields_are_errors():
+    base = ml_collections.ConfigDict({"alpha": 1.0, "clt": {"num_negatives": 1024}, "data": {"dir": ""}})
+    config = hyper.apply_overrides(base, {"config.alpha": 2, "clt.num_negatives": 16})
+    assert config.alpha == 2.0 and isinstance(config.alpha, float) and config.clt.num_negatives == 16
+    assert base.alpha == 1.0   # a copy
+    with pytest.raises(ValueError, match="unknown config field 'config.alfa'"):
+        hyper.apply_overrides(base, {"config.alfa": 1.0})
+    with pytest.raises(ValueError, match="no group 'clt.x'"):
+        hyper.apply_overrides(base, {"clt.x.y": 1})
+    with pytest.raises(ValueError, match="num_negatives"):
+        hyper.apply_overrides(base, {"clt.num_negatives": 0.5})
+    assert hyper.parse_override(base, "clt.num_negatives=256") == ("clt.num_negatives", 256)
+    assert hyper.parse_override(base, "config.alpha=1e-1") == ("alpha", 0.1)
+    with pytest.raises(ValueError, match="needs a int"):
+        hyper.parse_override(base, "clt.num_negatives=many")
+    with pytest.raises(ValueError, match="field=value"):
+        hyper.parse_override(base, "alpha")
+
+
+def test_every_named_sweep_of_sweep_mvkt_expands():
+    expected = {"alpha_beta": 9, "alpha": 5, "beta": 5, "temperature": 9, "negatives": 4, "lr": 8, "seeds": 3}
+    varied = {"alpha_beta": {"alpha", "beta"}, "alpha": {"alpha"}, "beta": {"beta"},
+              "temperature": {"mkd_temperature", "clt.temperature"},
+              "negatives": {"clt.variant", "clt.num_negatives"}, "lr": {"method", "train.learning_rate"},
+              "seeds": {"seed"}}
+    for name, count in expected.items():
+        runs = sweep.expand(f"{SWEEP_MVKT}:{name}", overrides={"data.dir": "/data"})
+        assert len(runs) == count, name
+        assert len({r.config_hash for r in runs}) == count
+        keys = {hyper.field_path(k) for r in runs for k in r.overrides}
+        assert keys == varied[name], name
+        assert all(r.config.data.dir == "/data" and r.config.student.leads == "I" for r in runs)
+    assert len(sweep.expand(SWEEP_MVKT)) == 9   # alpha_beta is the default
+    with pytest.raises(ValueError, match="unknown sweep 'nope'"):
+        sweep.expand(f"{SWEEP_MVKT}:nope")
+
+
+def test_run_folders_are_keyed_by_the_full_config_hash():
+    spec = f"{SWEEP_MVKT}:alpha"
+    first = sweep.expand(spec, overrides={"data.dir": "/data", "train.epochs": 3})
+    again = sweep.expand(spec, overrides={"config.train.epochs": 3, "data.dir": "/data"})
+    assert [r.config_hash for r in first] == [r.config_hash for r in again]
+    assert all(r.config_hash == train.config_hash(r.config) for r in first)
+    assert first[0].workdir(pathlib.Path("/s")) == pathlib.Path("/s/runs") / first[0].config_hash
+    changed = sweep.expand(spec, overrides={"data.dir": "/data", "train.epochs": 4})
+    assert not {r.config_hash for r in first} & {r.config_hash for r in changed}
+    # a relative path means the same folder from anywhere: it is made absolute before hashing
+    relative = sweep.expand(spec, overrides={"data.dir": "data", "train.epochs": 3})
+    assert relative[0].config.data.dir == str(pathlib.Path("data").absolute())
+    with pytest.raises(ValueError, match="--config.alpha is swept"):
+        sweep.expand(spec, overrides={"alpha": 2.0})
+    with pytest.raises(ValueError, match="unknown config field"):
+        sweep.expand(spec, overrides={"train.epoch": 3})
+
+
+def test_lead_sets_from_flags():
+    assert lead_sweep.lead_sets("all12") == ["I", "II", "III", "aVR", "aVL", "aVF",
+                                             "V1", "V2", "V3", "V4", "V5", "V6"]
+    assert lead_sweep.lead_sets("I, II", "I,II;I,II,V2; ") == ["I", "II", "I,II", "I,II,V2"]
+    assert lead_sweep.lead_sets("", "II,I") == ["II,I"]
+    with pytest.raises(ValueError, match="unknown lead"):
+        lead_sweep.lead_sets("I,V7")
+    with pytest.raises(ValueError, match="no lead sets"):
+        lead_sweep.lead_sets("", "")
+
+
+# ----------------------------------------------------------------------------- lead sweep
+
+
+def _lead_sweep_args(shards):
+    overrides = {k: v for k, v in TINY.items()
+                 if k not in ("student.width_mult", "train.batch_size", "train.epochs")}
+    return dict(data_dir=shards, seeds=[0], epochs=1, width_mult=0.25, batch_size=32,
+                n_resamples=RESAMPLES, overrides=overrides, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lead_sweep_dir(ptbxl_sample_shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("lead_sweep")
+    report = lead_sweep.run_lead_sweep(workdir=workdir, lead_sets=["I", "II"], **_lead_sweep_args(ptbxl_sample_shards))
+    assert report == workdir / "lead_sweep.md"
+    return workdir
+
+
+def _metrics_files(directory):
+    return {p: (p.stat().st_mtime_ns, p.read_text()) for p in sorted(directory.glob("runs/*/metrics.jsonl"))}
+
+
+def test_lead_sweep_writes_table_json_and_plot(lead_sweep_dir, ptbxl_sample_shards):
+    text = (lead_sweep_dir / "lead_sweep.md").read_text()
+    rows = [l for l in text.splitlines() if l.startswith("| I ") or l.startswith("| II ")]
+    assert len(rows) == 2 + 2 * 2   # result table + runs table (bce, mvkt per lead)
+    assert "gain MVKT - BCE [paired 95% CI]" in text and "12-lead teacher: test macro-AUC" in text
+    result = json.loads((lead_sweep_dir / "lead_sweep.json").read_text())
+    assert [r["leads"] for r in result["rows"]] == ["I", "II"]
+    for r in result["rows"]:
+        numbers = [r["bce"]["macro_auc"], *r["bce"]["ci"], r["mvkt"]["macro_auc"], *r["mvkt"]["ci"],
+                   r["gain"]["difference"], *r["gain"]["ci"], r["gain"]["p_value"]]
+        assert all(math.isfinite(x) for x in numbers), r
+        assert 0.0 <= r["bce"]["macro_auc"] <= 1.0 and 0.0 <= r["gain"]["p_value"] <= 1.0
+        assert r["gain"]["n_resamples"] == RESAMPLES
+        assert abs(r["gain"]["difference"] - (r["mvkt"]["macro_auc"] - r["bce"]["macro_auc"])) < 1e-9
+    assert math.isfinite(result["teacher"]["macro_auc"])
+    png = lead_sweep_dir / "plots" / "lead_sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = sorted(p.name for p in (lead_sweep_dir / "runs").iterdir())
+    assert len(runs) == 5 and sum(n.startswith("teacher_seed0-") for n in runs) == 1
+    for name in runs:   # folder = name-<config hash of the run's config>
+        workdir = lead_sweep_dir / "runs" / name
+        assert name.endswith("-" + json.loads((workdir / "run_info.json").read_text())["config_hash"])
+        assert (workdir / "eval_test.json").exists()
+    student = train.load_run_config(next((lead_sweep_dir / "runs").glob("mvkt_*leadsII_*")))
+    assert (student.method, student.student.leads, student.clt.num_negatives) == ("mvkt", "II", 16)
+    assert student.teacher_workdir == str(lead_sweep_dir / "runs" / runs[-1])
+
+
+def test_lead_sweep_rerun_trains_nothing_and_reuses_teachers(lead_sweep_dir, ptbxl_sample_shards,
+                                                             tmp_path):
+    before = _metrics_files(lead_sweep_dir)
+    common = dict(lead_sets=["I"], **_lead_sweep_args(ptbxl_sample_shards))
+    lead_sweep.run_lead_sweep(workdir=lead_sweep_dir, **common)
+    assert _metrics_files(lead_sweep_dir) == before
+    teacher = str(lead_sweep_dir / "runs" / "teacher_seed{seed}-*")
+    with pytest.raises(FileNotFoundError, match="matches 0 folders"):
+        lead_sweep.run_lead_sweep(workdir=tmp_path, teacher_dir=teacher.replace("seed{seed}", "seed{seed}x"),
+                                  **common)
+    # Reusing the teacher trained here gives the students the same teacher_workdir, hence the
+    # same config hashes and folders: nothing to train.
+    report = lead_sweep.run_lead_sweep(workdir=lead_sweep_dir, teacher_dir=teacher, **common)
+    assert _metrics_files(lead_sweep_dir) == before
+    assert "teacher_seed0-" in report.read_text()
+
+
+# ----------------------------------------------------------------------------- sweep launcher
+
+
+SEED_SWEEP = '''
+from experiments.configs import student
+
+
+def get_config(arg=None):
+    return student.get_config()
+
+
+def get_hyper(hyper):
+    return hyper.sweep("config.seed", [0, 1])
+'''
+
+
+def test_print_mode_command_runs_then_local_sweep_and_rerun_train_nothing(
+        lead_sweep_dir, ptbxl_sample_shards, tmp_path):
+    spec_file = tmp_path / "sweep_seeds.py"
+    spec_file.write_text(SEED_SWEEP)
+    teacher = next((lead_sweep_dir / "runs").glob("teacher_seed0-*"))
+    overrides = {"data.dir": str(ptbxl_sample_shards), "teacher_workdir": str(teacher), **TINY}
+    sweep_dir = tmp_path / "sweep"
+
+    printed = sweep.run_sweep(config_spec=str(spec_file), workdir=sweep_dir, overrides=overrides,
+                              mode="print")
+    commands = printed["commands"]
+    assert len(commands) == 2 and printed["table"] is None
+    runs = printed["runs"]
+    for command, run in zip(commands, runs):
+        args = shlex.split(command)
+        assert args[:3] == ["python", "-m", "experiments.train"]
+        assert f"--workdir={sweep_dir / 'runs' / run.config_hash}" in args
+        assert f"--config.seed={run.config.seed}" in args and "--config.clt.num_negatives=16" in args
+        overrides_file = json.loads((sweep_dir / "runs" / run.config_hash / "overrides.json").read_text())
+        assert overrides_file["overrides"] == {"config.seed": run.config.seed}
+    # The printed command trains exactly the config the launcher hashed, into its folder.
+    args = shlex.split(commands[0])
+    result = subprocess.run([sys.executable, *args[1:]], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = sweep_dir / "runs" / runs[0].config_hash
+    assert json.loads((first / "run_info.json").read_text())["config_hash"] == runs[0].config_hash
+    assert sweep.is_finished(first)
+
+    collected = sweep.run_sweep(config_spec=str(spec_file), workdir=sweep_dir, overrides=overrides,
+                                collect_only=True)
+    table = json.loads((sweep_dir / "sweep.json").read_text())["rows"]
+    assert [r["status"] for r in table] == ["finished", "not started"]
+    assert "test_macro_auc" not in table[0]   # collect evaluates nothing
+    assert collected["table"].exists()
+
+    first_metrics = _metrics_files(sweep_dir)
+    local = sweep.run_sweep(config_spec=str(spec_file), workdir=sweep_dir, overrides=overrides,
+                            mode="local", progress=False, log=lambda m: None)
+    after = _metrics_files(sweep_dir)
+    assert len(after) == 2 and all(after[p] == v for p, v in first_metrics.items())  # run 0 not retrained
+    text = local["table"].read_text()
+    assert "select settings by the validation column" in text
+    body = [l for l in text.splitlines() if l.startswith("| ") and l.split("|")[1].strip().isdigit()]
+    assert len(body) == 2 and all("finished" in l for l in body)
+    table = json.loads((sweep_dir / "sweep.json").read_text())["rows"]
+    vals = [r["val_macro_auc"] for r in table]
+    assert vals == sorted(vals, reverse=True) and all(0.0 <= v <= 1.0 for v in vals)
+    for r in table:
+        assert r["test_n_resamples"] == RESAMPLES and r["test_ci"][0] <= r["test_ci"][1]
+        assert math.isfinite(r["test_macro_auc"])
+
+    sweep.run_sweep(config_spec=str(spec_file), workdir=sweep_dir, overrides=overrides,
+                    mode="local", progress=False, log=lambda m: None)
+    assert _metrics_files(sweep_dir) == after
+
+
+def test_sweep_cli_print_mode_matches_the_library(tmp_path):
+    data = tmp_path / "shards"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", f"--config={SWEEP_MVKT}:negatives",
+         f"--workdir={tmp_path / 'sw'}", "--mode=print", f"--config.data.dir={data}",
+         "--config.train.epochs=2"],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    expected = sweep.expand(f"{SWEEP_MVKT}:negatives",
+                            overrides={"data.dir": str(data), "train.epochs": 2})
+    assert [f"--workdir={tmp_path / 'sw' / 'runs' / r.config_hash}" in shlex.split(l)
+            for l, r in zip(lines, expected)] == [True] * 4
+    assert "4 runs" in result.stderr
+    missing_teacher = sweep.expand(f"{SWEEP_MVKT}:negatives", overrides={"data.dir": str(data)})
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        sweep.validate(missing_teacher)
