@@ -108,6 +108,9 @@ def main(argv):
             arch=_ARCH.value, width_mult=_WIDTH.value, batch_size=_BATCH.value,
             teacher_dir=_TEACHER_DIR.value, n_resamples=_RESAMPLES.value,
             command=" ".join(["python -m experiments.ablation", *sys.argv[1:]]))
+    except train_lib.TrainingPreempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(0)
     except (FileNotFoundError, ValueError, train_lib.TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -3,7 +3,7 @@
     python -m experiments.lead_sweep --ptbxl_dir=/data/ptb-xl --workdir=runs/lead_sweep \
         --seeds=0,1,2 --epochs=50                       # 12 single leads
     python -m experiments.lead_sweep --data_dir=SHARDS --workdir=runs/lead_sweep \
-        --leads=I,II --subsets="I,II;I,II,V2" --teacher_dir='runs/pipeline/runs/teacher_seed{seed}-*'
+        --leads=I,II --subsets="I,II;I,II,V2" --teacher_dir='runs/pipeline/runs/teacher_seed{seed}'
 
 Per seed: one 12-lead teacher (trained here, or reused with ``--teacher_dir``),
 then for every lead set a BCE student and an MVKT student, each evaluated once
@@ -234,7 +234,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
     flags.DEFINE_string("teacher_dir", None,
                         "reuse finished teachers: a folder pattern with {seed}, globs allowed, "
-                        "e.g. 'runs/pipeline/runs/teacher_seed{seed}-*'")
+                        "e.g. runs/pipeline/runs/teacher_seed{seed} or runs/lead_sweep/runs/teacher_seed{seed}-*")
     flags.DEFINE_multi_string("override", [], "config field=value for every run, "
                               "e.g. --override=clt.num_negatives=256 (repeatable)")
 

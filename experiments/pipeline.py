@@ -78,6 +78,9 @@ def main(argv):
             task=_TASK.value, leads=",".join(train_lib.parse_leads(_LEADS.value)), epochs=_EPOCHS.value,
             arch=_ARCH.value, width_mult=_WIDTH.value, seeds=study.seeds_from(_SEEDS.value),
             batch_size=_BATCH.value, clt_variant=_CLT.value, n_resamples=_RESAMPLES.value)
+    except train_lib.TrainingPreempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(0)
     except (FileNotFoundError, ValueError, train_lib.TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -96,7 +96,11 @@ def auto_batch_size(data_dir: str | pathlib.Path, requested: int) -> int:
 
 def train_run(run: Run, study_dir: pathlib.Path, *, progress: bool = True) -> pathlib.Path:
     workdir = run.workdir(study_dir)
-    train_lib.train_and_evaluate(run.config, workdir, progress=progress)
+    summary = train_lib.train_and_evaluate(run.config, workdir, progress=progress)
+    if summary["step"] < summary["total_steps"]:
+        # Never evaluate or build on a partly trained run (e.g. a planned stop).
+        raise RuntimeError(f"{workdir} stopped at step {summary['step']}/{summary['total_steps']}; "
+                           "rerun to finish it")
     return workdir
 
 

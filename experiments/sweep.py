@@ -328,7 +328,8 @@ def run_sweep(*, config_spec: str, workdir: str | pathlib.Path, overrides: dict[
     if not collect_only:
         run_local(runs, sweep_dir, progress=progress, log=log)
     result["table"] = collect(runs, sweep_dir, config_spec=config_spec,
-                              global_overrides=overrides, command=command or config_spec)
+                              global_overrides=overrides,
+                              command=command or f"experiments.sweep.run_sweep(config_spec={config_spec!r})")
     return result
 
 

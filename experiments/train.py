@@ -35,6 +35,9 @@ def main(argv):
     logging.info("devices: %s", jax.devices())
     try:
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.TrainingPreempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(0)
     except (train.TrainingDivergedError, FileNotFoundError, ValueError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

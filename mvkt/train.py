@@ -58,6 +58,14 @@ class TrainingDivergedError(RuntimeError):
     """A loss term became NaN/inf; the last good checkpoint is kept."""
 
 
+class TrainingPreempted(Exception):
+    """SIGTERM arrived: a checkpoint was saved and the process should exit.
+
+    Raised (not returned) so that callers running several trainings in a row,
+    like the study runners, stop too instead of moving on to the next run.
+    """
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -564,10 +572,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             bar.close()
             checkpoints.wait()
             checkpoints.close()
+        if stop.requested:
+            raise TrainingPreempted(f"{workdir}: SIGTERM at step {int(state.step)}/{total_steps}; "
+                                    "checkpoint saved, rerun the same command to continue")
     final_step = int(state.step)
     return {"workdir": str(workdir), "step": final_step, "total_steps": total_steps,
-                    "best_val_macro_auc": best_auc, "resumed_finished": False,
-                    "finished": final_step >= total_steps}
+            "best_val_macro_auc": best_auc, "resumed_finished": False,
+            "finished": final_step >= total_steps}
 
 
 def _model_part(state: TrainState) -> dict:

@@ -274,6 +274,7 @@ def test_sigterm_saves_and_exits_cleanly(ptbxl_sample_shards, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM at step" in stderr
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir()]
     assert steps and max(steps) < 500 * 2
     last_logged = max(json.loads(l)["step"] for l in metrics.read_text().splitlines())
