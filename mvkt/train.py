@@ -441,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             host_rows=parallel.host_slice(batch_size))
     total_steps = int(config.train.epochs) * loader.steps_per_epoch
     info = {"label_names": label_names, "leads": leads, "crop_length": crop_length,
-                    "sampling_rate": train_split.sampling_rate, "data_dir": str(config.data.dir),
+                    "sampling_rate": train_split.sampling_rate, "data_dir": str(pathlib.Path(config.data.dir).absolute()),
                     "method": config.method, "steps_per_epoch": loader.steps_per_epoch,
                     "total_steps": total_steps, "num_devices": parallel.num_devices,
                     "config_hash": config_hash(config)}
