@@ -252,6 +252,10 @@ def main(argv):
             clt_variant=f.clt_variant, n_resamples=f.bootstrap_resamples, data_dir=f.data_dir,
             ptbxl_dir=f.ptbxl_dir, task=f.task, teacher_dir=f.teacher_dir, overrides=overrides,
             command=" ".join(["python -m experiments.lead_sweep", *map(shlex.quote, sys.argv[1:])]))
+    except train_lib.TrainingPreempted as e:
+        # SIGTERM: the run saved a checkpoint; rerunning the same command continues.
+        print(e, file=sys.stderr)
+        sys.exit(0)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

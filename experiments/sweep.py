@@ -359,6 +359,10 @@ def main(argv):
         result = run_sweep(config_spec=config_spec, workdir=f.workdir, overrides=overrides,
                            mode=f.mode, collect_only=f.collect, log=log,
                            command=" ".join(["python -m experiments.sweep", *map(shlex.quote, sys.argv[1:])]))
+    except train_lib.TrainingPreempted as e:
+        # SIGTERM: the run saved a checkpoint; rerunning the same command continues.
+        print(e, file=sys.stderr)
+        sys.exit(0)
     except (FileNotFoundError, ValueError, train_lib.TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

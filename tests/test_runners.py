@@ -1,8 +1,10 @@
 """Experiment runners on the embedded real PTB-XL sample: hyper-parameter sweep declarations,
 config-hash run folders, print/local/collect modes of the sweep launcher, and the lead sweep.
 
-Compiles are kept few: the sweep runs use exactly the configuration of the lead sweep's
-MVKT lead-I student (only seeds differ), so their XLA programs come from the cache.
+Compiles are kept few: the lead sweep's teacher and lead-I students have the configuration
+of the pipeline tests' runs (epochs 1, width 0.25, batch 32, default eval batch and K), and the
+sweep runs that of the lead sweep's MVKT lead-I student (only seeds differ), so their XLA
+programs come from the persistent compilation cache.
 """
 
 import json
@@ -26,7 +28,7 @@ SWEEP_MVKT = "experiments/configs/sweep_mvkt.py"
 RESAMPLES = 50
 # Shared by the lead sweep and the sweep runs below (same programs, compiled once).
 TINY = {"student.width_mult": 0.25, "train.batch_size": 32, "train.epochs": 1,
-        "clt.num_negatives": 16, "eval.batch_size": 64, "eval.bootstrap_resamples": RESAMPLES}
+        "eval.bootstrap_resamples": RESAMPLES}
 
 
 # ----------------------------------------------------------------------------- hyper
@@ -170,7 +172,7 @@ def test_lead_sweep_writes_table_json_and_plot(lead_sweep_dir, ptbxl_sample_shar
         assert name.endswith("-" + json.loads((workdir / "run_info.json").read_text())["config_hash"])
         assert (workdir / "eval_test.json").exists()
     student = train.load_run_config(next((lead_sweep_dir / "runs").glob("mvkt_*leadsII_*")))
-    assert (student.method, student.student.leads, student.clt.num_negatives) == ("mvkt", "II", 16)
+    assert (student.method, student.student.leads, student.eval.bootstrap_resamples) == ("mvkt", "II", RESAMPLES)
     assert student.teacher_workdir == str(lead_sweep_dir / "runs" / runs[-1])
 
 
@@ -224,7 +226,7 @@ def test_print_mode_command_runs_then_local_sweep_and_rerun_train_nothing(
         args = shlex.split(command)
         assert args[:3] == ["python", "-m", "experiments.train"]
         assert f"--workdir={sweep_dir / 'runs' / run.config_hash}" in args
-        assert f"--config.seed={run.config.seed}" in args and "--config.clt.num_negatives=16" in args
+        assert f"--config.seed={run.config.seed}" in args and "--config.student.width_mult=0.25" in args
         overrides_file = json.loads((sweep_dir / "runs" / run.config_hash / "overrides.json").read_text())
         assert overrides_file["overrides"] == {"config.seed": run.config.seed}
     # The printed command trains exactly the config the launcher hashed, into its folder.
