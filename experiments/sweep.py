@@ -227,6 +227,8 @@ def train_commands(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spec
                    global_overrides: dict[str, Any]) -> list[str]:
     """One ``python -m experiments.train`` command per run (run from the repository root)."""
     global_overrides = _absolute_paths({hyper.field_path(k): v for k, v in global_overrides.items()})
+    path, colon, arg = config_spec.partition(":")
+    config_spec = str(pathlib.Path(path).absolute()) + colon + arg   # a job may start elsewhere
     commands = []
     for run in runs:
         args = ["python", "-m", "experiments.train", f"--config={config_spec}",

@@ -279,6 +279,7 @@ def test_sweep_cli_print_mode_matches_the_library(tmp_path):
                             overrides={"data.dir": str(data), "train.epochs": 2})
     assert [f"--workdir={tmp_path / 'sw' / 'runs' / r.config_hash}" in shlex.split(l)
             for l, r in zip(lines, expected)] == [True] * 4
+    assert all(f"--config={REPO / SWEEP_MVKT}:negatives" in shlex.split(l) for l in lines)
     assert "4 runs" in result.stderr
     missing_teacher = sweep.expand(f"{SWEEP_MVKT}:negatives", overrides={"data.dir": str(data)})
     with pytest.raises(FileNotFoundError, match="no shards"):
