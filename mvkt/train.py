@@ -316,6 +316,36 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Fields that may change between a run and its resumption: they do not change what is trained.
+RESUMABLE_CHANGES = ("train.stop_at_step", "train.log_every_steps", "train.keep_checkpoints",
+                     "eval.bootstrap_resamples", "eval.batch_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run under a config that would train something else."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    old = _flatten(json.loads(path.read_text()))
+    new = _flatten(json.loads(config.to_json()))
+    changed = sorted(k for k in set(old) | set(new)
+                     if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ValueError(f"{workdir} holds a run with a different config ({details}); "
+                         "use a new --workdir (or restore the original settings to resume it)")
+
+
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
@@ -445,6 +475,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     "method": config.method, "steps_per_epoch": loader.steps_per_epoch,
                     "total_steps": total_steps, "num_devices": parallel.num_devices,
                     "config_hash": config_hash(config)}
+    if (workdir / "checkpoints").is_dir():
+        check_resume_config(workdir, config)
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True))

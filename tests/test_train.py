@@ -4,6 +4,7 @@ NaN guard, teacher cache, frozen teacher, config overrides and the CLI contract.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,14 @@ def test_rerun_of_finished_run_does_not_train(teacher_run):
     summary = train.train_and_evaluate(config, teacher_run, progress=False)
     assert summary["resumed_finished"] and summary["step"] == summary["total_steps"] == 4
     assert (teacher_run / "metrics.jsonl").read_text() == before
+
+
+def test_resuming_with_a_different_config_is_refused(teacher_run):
+    config = train.load_run_config(teacher_run)
+    config.train.learning_rate = 0.5
+    config.train.log_every_steps = 7  # allowed: does not change what is trained
+    with pytest.raises(ValueError, match=r"different config \(train.learning_rate: 0.01 -> 0.5\)"):
+        train.train_and_evaluate(config, teacher_run, progress=False)
 
 
 def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
@@ -202,14 +211,23 @@ def test_step_changes_student_and_heads_but_never_the_teacher(ptbxl_sample_shard
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(ptbxl_sample_shards, tmp_path):
+    """A NaN in a record first drawn in epoch 2: epoch 1 is saved, the run stops in epoch 2."""
+    shards = tmp_path / "shards"
+    shutil.copytree(ptbxl_sample_shards, shards)
+    config = tiny(teacher_config.get_config(), shards)
+    split = data_lib.open_split(shards, "train")
+    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250,
+                                         random_crop=True, seed=int(config.seed))
+    epoch1 = set(np.concatenate([loader.indices_at(s)[0] for s in (0, 1)]).tolist())
+    epoch2 = set(np.concatenate([loader.indices_at(s)[0] for s in (2, 3)]).tolist())
+    poisoned = min(epoch2 - epoch1)
+    signals = np.load(shards / "train_signals.npy", mmap_mode="r+")
+    signals[poisoned] = np.nan
+    signals.flush()
+    del signals
+
     workdir = tmp_path / "run"
-    config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"train.epochs": 1})
-    train.train_and_evaluate(config, workdir, progress=False)
-    # Adam moves every weight by ~lr: 1e30 overflows the activations on the next step.
-    config = tiny(teacher_config.get_config(), ptbxl_sample_shards,
-                  **{"train.epochs": 3, "train.learning_rate": 1e30, "train.schedule": "constant",
-                     "train.grad_clip_norm": 1e38})
-    with pytest.raises(train.TrainingDivergedError, match=r"non-finite loss at step \d+"):
+    with pytest.raises(train.TrainingDivergedError, match=r"non-finite loss at step [34]"):
         train.train_and_evaluate(config, workdir, progress=False)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
     _, variables, _, _, meta = train.load_trained_model(workdir, which="latest")
