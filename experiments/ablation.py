@@ -17,7 +17,7 @@ from absl import app, flags
 
 from experiments import report as report_lib
 from experiments import study
-from experiments.logs import quiet_library_logs
+from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import plots
 from mvkt import train as train_lib
 
@@ -99,7 +99,7 @@ def main(argv):
     del argv
     quiet_library_logs()
     workdir = pathlib.Path(_WORKDIR.value).absolute()
-    try:
+    with exit_on_known_errors():
         data_dir = _DATA_DIR.value or study.prepare_ptbxl(_PTBXL_DIR.value, workdir / "data",
                                                           task=_TASK.value)
         path = run_ablation(
@@ -108,12 +108,6 @@ def main(argv):
             arch=_ARCH.value, width_mult=_WIDTH.value, batch_size=_BATCH.value,
             teacher_dir=_TEACHER_DIR.value, n_resamples=_RESAMPLES.value,
             command=" ".join(["python -m experiments.ablation", *sys.argv[1:]]))
-    except train_lib.TrainingPreempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(0)
-    except (FileNotFoundError, ValueError, train_lib.TrainingDivergedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(path.read_text())
     print(f"report: {path}")
 

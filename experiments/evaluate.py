@@ -9,7 +9,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.logs import quiet_library_logs
+from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a finished training run", required=True)
@@ -26,14 +26,11 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "shards (default: the run's ow
 def main(argv):
     del argv
     quiet_library_logs()
-    try:
+    with exit_on_known_errors():
         result = evaluate.evaluate_run(_WORKDIR.value, split=_SPLIT.value,
                                        n_resamples=_RESAMPLES.value, seed=_SEED.value,
                                        which=_CHECKPOINT.value, aggregate=_AGGREGATE.value,
                                        data_dir=_DATA_DIR.value)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(evaluate.format_table(result))
 
 

@@ -29,8 +29,7 @@ from absl import app, flags
 from experiments import hyper
 from experiments import report as report_lib
 from experiments import study
-from experiments import sweep as sweep_lib
-from experiments.logs import quiet_library_logs
+from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import data as data_lib
 from mvkt import evaluate as evaluate_lib
 from mvkt import plots
@@ -58,11 +57,7 @@ def _keyed(run: study.Run) -> study.Run:
 
 
 def _train(run: study.Run, study_dir: pathlib.Path, *, n_resamples: int, progress: bool) -> pathlib.Path:
-    workdir = run.workdir(study_dir)
-    if not sweep_lib.is_finished(workdir):
-        study.train_run(run, study_dir, progress=progress)
-        if not sweep_lib.is_finished(workdir):
-            raise RuntimeError(f"{workdir.name} stopped before its last step; rerun to continue")
+    workdir = study.train_run(run, study_dir, progress=progress)
     study.evaluate_run(workdir, n_resamples=n_resamples)
     return workdir
 
@@ -74,7 +69,7 @@ def _existing_teacher(pattern: str, seed: int, data_dir: pathlib.Path) -> pathli
         raise FileNotFoundError(f"--teacher_dir={pattern!r} for seed {seed} matches {len(matches)} "
                                 f"folders ({', '.join(matches[:5])}); it must match exactly one")
     teacher = pathlib.Path(matches[0]).absolute()
-    if not sweep_lib.is_finished(teacher):
+    if not study.is_finished(teacher):
         raise FileNotFoundError(f"teacher {teacher} is not a finished training run")
     info = json.loads((teacher / "run_info.json").read_text())
     # Same files, not the same path: the teacher line must be measured on the students' test records.
@@ -243,7 +238,7 @@ def main(argv):
     del argv
     quiet_library_logs()
     f = flags.FLAGS
-    try:
+    with exit_on_known_errors():
         reference = study.base_config(data_dir="", arch=f.arch, epochs=1, batch_size=1, seed=0)
         overrides = dict(hyper.parse_override(reference, text) for text in f.override)
         path = run_lead_sweep(
@@ -252,13 +247,6 @@ def main(argv):
             clt_variant=f.clt_variant, n_resamples=f.bootstrap_resamples, data_dir=f.data_dir,
             ptbxl_dir=f.ptbxl_dir, task=f.task, teacher_dir=f.teacher_dir, overrides=overrides,
             command=" ".join(["python -m experiments.lead_sweep", *map(shlex.quote, sys.argv[1:])]))
-    except train_lib.TrainingPreempted as e:
-        # SIGTERM: the run saved a checkpoint; rerunning the same command continues.
-        print(e, file=sys.stderr)
-        sys.exit(0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(path.read_text())
     print(f"report: {path}")
 

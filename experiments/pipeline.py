@@ -19,7 +19,7 @@ from absl import app, flags
 
 from experiments import report as report_lib
 from experiments import study
-from experiments.logs import quiet_library_logs
+from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import train as train_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "study folder (data, runs, report)")
@@ -72,18 +72,12 @@ def run_pipeline(*, workdir: pathlib.Path, ptbxl_dir: str, data_dir: str | None,
 def main(argv):
     del argv
     quiet_library_logs()
-    try:
+    with exit_on_known_errors():
         path = run_pipeline(
             workdir=pathlib.Path(_WORKDIR.value), ptbxl_dir=_PTBXL_DIR.value, data_dir=_DATA_DIR.value,
             task=_TASK.value, leads=",".join(train_lib.parse_leads(_LEADS.value)), epochs=_EPOCHS.value,
             arch=_ARCH.value, width_mult=_WIDTH.value, seeds=study.seeds_from(_SEEDS.value),
             batch_size=_BATCH.value, clt_variant=_CLT.value, n_resamples=_RESAMPLES.value)
-    except train_lib.TrainingPreempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(0)
-    except (FileNotFoundError, ValueError, train_lib.TrainingDivergedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(path.read_text())
     print(f"report: {path}")
 

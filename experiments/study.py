@@ -25,6 +25,10 @@ from mvkt import evaluate as evaluate_lib
 from mvkt import metrics as metrics_lib
 from mvkt import train as train_lib
 
+class UnfinishedRunError(RuntimeError):
+    """A run stopped before its last step (e.g. ``train.stop_at_step``): nothing may build on it."""
+
+
 SAMPLE_PTBXL = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "samples" / "ptbxl"
 
 
@@ -94,13 +98,29 @@ def auto_batch_size(data_dir: str | pathlib.Path, requested: int) -> int:
     return 128 if num_train >= 256 else 32
 
 
+def is_finished(workdir: pathlib.Path) -> bool:
+    """Training reached its last step and that checkpoint is complete on disk.
+
+    Orbax writes a step to a temporary folder and renames it to ``<step>`` once
+    complete, so the final step's folder exists only for a finished run.
+    """
+    info_path = pathlib.Path(workdir) / "run_info.json"
+    if not info_path.exists():
+        return False
+    total = json.loads(info_path.read_text())["total_steps"]
+    return (pathlib.Path(workdir) / "checkpoints" / str(total)).is_dir()
+
+
 def train_run(run: Run, study_dir: pathlib.Path, *, progress: bool = True) -> pathlib.Path:
+    """Trains ``run`` (or resumes it); a finished run is only checked against its config."""
     workdir = run.workdir(study_dir)
-    summary = train_lib.train_and_evaluate(run.config, workdir, progress=progress)
-    if summary["step"] < summary["total_steps"]:
+    if is_finished(workdir):
+        train_lib.check_resume_config(workdir, run.config)
+        return workdir
+    train_lib.train_and_evaluate(run.config, workdir, progress=progress)
+    if not is_finished(workdir):
         # Never evaluate or build on a partly trained run (e.g. a planned stop).
-        raise RuntimeError(f"{workdir} stopped at step {summary['step']}/{summary['total_steps']}; "
-                           "rerun to finish it")
+        raise UnfinishedRunError(f"{workdir} stopped before its last step; rerun to finish it")
     return workdir
 
 

@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 from experiments import hyper
 from experiments import study
-from experiments.logs import quiet_library_logs
+from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import train as train_lib
 
 OVERRIDES_FILE = "overrides.json"
@@ -119,19 +119,6 @@ def write_overrides(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spe
 
 # ----------------------------------------------------------------------------- run state
 
-def is_finished(workdir: pathlib.Path) -> bool:
-    """Training reached its last step and that checkpoint is complete on disk.
-
-    Orbax writes a step to a temporary folder and renames it to ``<step>`` once
-    complete, so the final step's folder exists only for a finished run.
-    """
-    info_path = pathlib.Path(workdir) / "run_info.json"
-    if not info_path.exists():
-        return False
-    total = json.loads(info_path.read_text())["total_steps"]
-    return (pathlib.Path(workdir) / "checkpoints" / str(total)).is_dir()
-
-
 def run_state(workdir: pathlib.Path) -> dict:
     """Status, best validation macro-AUC and (if evaluated) test macro-AUC of one run folder."""
     workdir = pathlib.Path(workdir)
@@ -144,7 +131,7 @@ def run_state(workdir: pathlib.Path) -> dict:
     total = json.loads(info_path.read_text())["total_steps"] if info_path.exists() else None
     if (workdir / ERROR_FILE).exists():
         status = "failed"
-    elif is_finished(workdir):
+    elif study.is_finished(workdir):
         status = "finished"
     elif rows or info_path.exists():
         status = f"partial ({steps}/{total} steps)"
@@ -180,7 +167,7 @@ def validate(runs: list[SweepRun]) -> None:
                 raise ValueError(f"{where}: method {config.method!r} needs a trained teacher: pass "
                                  "--config.teacher_workdir=RUN (e.g. python -m experiments.train "
                                  "--config=experiments/configs/teacher.py --workdir=RUN ...)")
-            if not is_finished(pathlib.Path(config.teacher_workdir)):
+            if not study.is_finished(pathlib.Path(config.teacher_workdir)):
                 raise FileNotFoundError(f"{where}: teacher {config.teacher_workdir} is not a finished run")
 
 
@@ -198,7 +185,7 @@ def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool =
         if (workdir / ERROR_FILE).exists():
             log(f"{label}: failed earlier, skipped (delete {workdir / ERROR_FILE} to retry)")
             continue
-        if is_finished(workdir):
+        if study.is_finished(workdir):
             log(f"{label}: finished")
         else:
             log(f"{label}: training")
@@ -208,7 +195,7 @@ def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool =
                 study.write_json(workdir / ERROR_FILE, {"error": str(e)})
                 log(f"{label}: diverged: {e}")
                 continue
-            if not is_finished(workdir):   # stopped by SIGTERM or train.stop_at_step
+            if not study.is_finished(workdir):   # stopped by SIGTERM or train.stop_at_step
                 log(f"{label}: stopped before the last step; rerun to continue")
                 return
         study.evaluate_run(workdir, n_resamples=int(run.config.eval.bootstrap_resamples))
@@ -357,17 +344,10 @@ def main(argv):
     overrides = config_flags.get_override_values(f["config"])
     # Progress goes to stderr in print mode: stdout is the list of commands.
     log = (lambda m: print(m, file=sys.stderr)) if f.mode == "print" else print
-    try:
+    with exit_on_known_errors():
         result = run_sweep(config_spec=config_spec, workdir=f.workdir, overrides=overrides,
                            mode=f.mode, collect_only=f.collect, log=log,
                            command=" ".join(["python -m experiments.sweep", *map(shlex.quote, sys.argv[1:])]))
-    except train_lib.TrainingPreempted as e:
-        # SIGTERM: the run saved a checkpoint; rerunning the same command continues.
-        print(e, file=sys.stderr)
-        sys.exit(0)
-    except (FileNotFoundError, ValueError, train_lib.TrainingDivergedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     if result["commands"]:
         print("\n".join(result["commands"]))
         print(f"{len(result['commands'])} runs under {pathlib.Path(f.workdir).absolute() / 'runs'}; "

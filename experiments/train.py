@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.logs import quiet_library_logs
+from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/teacher.py",
@@ -33,15 +33,8 @@ def main(argv):
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("devices: %s", jax.devices())
-    try:
+    with exit_on_known_errors():
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.TrainingPreempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(0)
-    except (train.TrainingDivergedError, FileNotFoundError, ValueError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(summary)
 
 

@@ -18,7 +18,7 @@ import sys
 import ml_collections
 import pytest
 
-from experiments import hyper
+from experiments import hyper, study
 from experiments import lead_sweep
 from experiments import sweep
 from mvkt import train
@@ -236,7 +236,7 @@ def test_print_mode_command_runs_then_local_sweep_and_rerun_train_nothing(
     assert result.returncode == 0, result.stderr[-3000:]
     first = sweep_dir / "runs" / runs[0].config_hash
     assert json.loads((first / "run_info.json").read_text())["config_hash"] == runs[0].config_hash
-    assert sweep.is_finished(first)
+    assert study.is_finished(first)
 
     collected = sweep.run_sweep(config_spec=str(spec_file), workdir=sweep_dir, overrides=overrides,
                                 collect_only=True)
