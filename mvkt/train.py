@@ -22,6 +22,7 @@ not a parameter, gets no optimizer state, its outputs are under
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -163,7 +164,8 @@ def create_train_state(*, rng: jax.Array, model: nn.Module, head: nn.Module | No
                                               teacher: Any, teacher_feature_dim: int | None) -> TrainState:
     """A fresh state; ``sample_x`` has the student's lead count."""
     init_rng, head_rng, bank_rng = jax.random.split(rng, 3)
-    variables = model.init(init_rng, sample_x, train=False)
+    # Jitted: op-by-op initialisation of a deep net is slow and leaves memory behind.
+    variables = jax.jit(functools.partial(model.init, train=False))(init_rng, sample_x)
     params = {"model": variables["params"], "heads": {}}
     memory_bank = None
     if loss_spec.uses_clt:
