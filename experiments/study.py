@@ -162,8 +162,12 @@ def comparison_rows(groups: dict[str, list[pathlib.Path]], *, baseline: str | No
     for name, workdirs in groups.items():
         row = {"method": name, **method_summary(workdirs, n_resamples=n_resamples, split=split)}
         if baseline and name != baseline:
+            paired = workdirs
+            if len(workdirs) == 1 < len(groups[baseline]):
+                # One shared run (e.g. the teacher of every seed) pairs with each baseline seed.
+                paired = workdirs * len(groups[baseline])
             row["vs_baseline"] = evaluate_lib.compare_runs(
-                groups[baseline], workdirs, split=split, n_resamples=n_resamples)
+                groups[baseline], paired, split=split, n_resamples=n_resamples)
         rows.append(row)
     return rows
 

@@ -112,3 +112,15 @@ def test_half_finished_pipeline_resumes(ptbxl_sample_shards, tmp_path, monkeypat
     assert report.exists()
     assert {p: p.read_text() for p in finished} == finished
     assert (tmp_path / "runs" / "mvkt_in_batch_leadsI_seed0" / "eval_test.json").exists()
+
+
+def test_shared_teacher_pairs_with_every_baseline_seed(pipeline_dir):
+    """Ablations may reuse one teacher for all seeds: it is paired with each baseline seed."""
+    runs = pipeline_dir / "runs"
+    bce = [runs / "bce_leadsI_seed0"] * 2
+    rows = study.comparison_rows({"teacher": [runs / "teacher_seed0"], "bce": bce},
+                                 baseline="bce", n_resamples=50)
+    teacher = rows[0]
+    single = evaluate.compare_runs(bce[:1], [runs / "teacher_seed0"], n_resamples=50)
+    assert teacher["num_seeds"] == 1
+    assert teacher["vs_baseline"]["difference"] == pytest.approx(single["difference"])
