@@ -43,15 +43,28 @@ _EPOCHS = flags.DEFINE_integer("epochs", 20, "epochs for every run")
 _ARCH = flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
 _WIDTH = flags.DEFINE_float("width_mult", 1.0, "channel width multiplier")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "0 = 128, or 32 for tiny train splits")
-_TEACHER_DIR = flags.DEFINE_string("teacher_dir", None,
-                                   "an existing teacher run used for every seed (default: one per seed)")
+_TEACHER_DIR = flags.DEFINE_string(
+    "teacher_dir", None, "an existing teacher run used for every seed (default: one per seed)"
+)
 _RESAMPLES = flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
 
 
-def run_ablation(*, workdir: pathlib.Path, data_dir: str, leads: str, methods: list[str],
-                 seeds: list[int], epochs: int, arch: str, width_mult: float, batch_size: int,
-                 teacher_dir: str | None, n_resamples: int, command: str,
-                 progress: bool = True) -> pathlib.Path:
+def run_ablation(
+    *,
+    workdir: pathlib.Path,
+    data_dir: str,
+    leads: str,
+    methods: list[str],
+    seeds: list[int],
+    epochs: int,
+    arch: str,
+    width_mult: float,
+    batch_size: int,
+    teacher_dir: str | None,
+    n_resamples: int,
+    command: str,
+    progress: bool = True,
+) -> pathlib.Path:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or "bce" not in methods:
         raise ValueError(f"--methods must include bce and come from {list(METHODS)}; unknown: {unknown}")
@@ -60,8 +73,14 @@ def run_ablation(*, workdir: pathlib.Path, data_dir: str, leads: str, methods: l
     groups: dict[str, list[pathlib.Path]] = {"teacher (12-lead)": []}
     groups.update({name: [] for name in methods})
     for seed in seeds:
-        base = study.base_config(data_dir=data_dir, arch=arch, epochs=epochs, batch_size=batch_size,
-                                 seed=seed, width_mult=width_mult)
+        base = study.base_config(
+            data_dir=data_dir,
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            width_mult=width_mult,
+        )
         if teacher_dir:
             seed_teacher = pathlib.Path(teacher_dir).absolute()
         else:
@@ -70,8 +89,9 @@ def run_ablation(*, workdir: pathlib.Path, data_dir: str, leads: str, methods: l
         groups["teacher (12-lead)"].append(seed_teacher)
         for name in methods:
             method, variant = METHODS[name]
-            run = study.student_run(base, method=method, leads=leads, teacher_dir=seed_teacher,
-                                    clt_variant=variant, name=name)
+            run = study.student_run(
+                base, method=method, leads=leads, teacher_dir=seed_teacher, clt_variant=variant, name=name
+            )
             run_dir = study.train_run(run, workdir, progress=progress)
             study.evaluate_run(run_dir, n_resamples=n_resamples)
             groups[name].append(run_dir)
@@ -80,19 +100,36 @@ def run_ablation(*, workdir: pathlib.Path, data_dir: str, leads: str, methods: l
 
     method_group = "mvkt_memory_bank" if "mvkt_memory_bank" in methods else methods[-1]
     rows = study.comparison_rows(groups, baseline="bce", n_resamples=n_resamples)
-    png = plots.plot_ablation(workdir / "plots" / "ablation.png", methods=[r["method"] for r in rows],
-                              aucs=[r["macro_auc"] for r in rows], cis=[r["ci"] for r in rows],
-                              reference="bce",
-                              title=f"Ablation: lead {leads} students, {len(seeds)} seed(s), {epochs} epochs")
-    extra = ["## Ablation plot", "", f"![ablation]({study.relative(png, workdir)})", "",
-             "Methods: `bce` BCE only; `kd` BCE + alpha * tempered KD on logits (T = kd_temperature); "
-             "`mkd` BCE + alpha * MKD (T = 1); `clt_*` BCE + beta * CLT; `mvkt_*` BCE + alpha * MKD + "
-             "beta * CLT; `memory_bank` = CRD-style NCE with a momentum memory and K negatives, "
-             "`in_batch` = cross-view InfoNCE over the global batch. Negatives are disease-aware.", ""]
+    png = plots.plot_ablation(
+        workdir / "plots" / "ablation.png",
+        methods=[r["method"] for r in rows],
+        aucs=[r["macro_auc"] for r in rows],
+        cis=[r["ci"] for r in rows],
+        reference="bce",
+        title=f"Ablation: lead {leads} students, {len(seeds)} seed(s), {epochs} epochs",
+    )
+    extra = [
+        "## Ablation plot",
+        "",
+        f"![ablation]({study.relative(png, workdir)})",
+        "",
+        "Methods: `bce` BCE only; `kd` BCE + alpha * tempered KD on logits (T = kd_temperature); "
+        "`mkd` BCE + alpha * MKD (T = 1); `clt_*` BCE + beta * CLT; `mvkt_*` BCE + alpha * MKD + "
+        "beta * CLT; `memory_bank` = CRD-style NCE with a momentum memory and K negatives, "
+        "`in_batch` = cross-view InfoNCE over the global batch. Negatives are disease-aware.",
+        "",
+    ]
     return report_lib.write_comparison_report(
-        workdir, groups=groups, teacher_group="teacher (12-lead)", baseline_group="bce",
-        method_group=method_group, n_resamples=n_resamples,
-        title=f"MVKT ablation ({arch}, leads {leads})", command=command, extra_sections=extra)
+        workdir,
+        groups=groups,
+        teacher_group="teacher (12-lead)",
+        baseline_group="bce",
+        method_group=method_group,
+        n_resamples=n_resamples,
+        title=f"MVKT ablation ({arch}, leads {leads})",
+        command=command,
+        extra_sections=extra,
+    )
 
 
 def main(argv):
@@ -100,14 +137,23 @@ def main(argv):
     quiet_library_logs()
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     with exit_on_known_errors():
-        data_dir = _DATA_DIR.value or study.prepare_ptbxl(_PTBXL_DIR.value, workdir / "data",
-                                                          task=_TASK.value)
+        data_dir = _DATA_DIR.value or study.prepare_ptbxl(
+            _PTBXL_DIR.value, workdir / "data", task=_TASK.value
+        )
         path = run_ablation(
-            workdir=workdir, data_dir=str(data_dir), leads=",".join(train_lib.parse_leads(_LEADS.value)),
-            methods=_METHODS.value, seeds=study.seeds_from(_SEEDS.value), epochs=_EPOCHS.value,
-            arch=_ARCH.value, width_mult=_WIDTH.value, batch_size=_BATCH.value,
-            teacher_dir=_TEACHER_DIR.value, n_resamples=_RESAMPLES.value,
-            command=" ".join(["python -m experiments.ablation", *sys.argv[1:]]))
+            workdir=workdir,
+            data_dir=str(data_dir),
+            leads=",".join(train_lib.parse_leads(_LEADS.value)),
+            methods=_METHODS.value,
+            seeds=study.seeds_from(_SEEDS.value),
+            epochs=_EPOCHS.value,
+            arch=_ARCH.value,
+            width_mult=_WIDTH.value,
+            batch_size=_BATCH.value,
+            teacher_dir=_TEACHER_DIR.value,
+            n_resamples=_RESAMPLES.value,
+            command=" ".join(["python -m experiments.ablation", *sys.argv[1:]]),
+        )
     print(path.read_text())
     print(f"report: {path}")
 

@@ -5,7 +5,6 @@ Fmax, ICBEB challenge scores for CPSC) and RUN/scores_<split>.npz, and prints a
 table. Thresholds come from the validation split only.
 """
 
-import sys
 
 from absl import app, flags
 
@@ -16,10 +15,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "a finished training run", requi
 _SPLIT = flags.DEFINE_enum("split", "test", ["val", "test"], "split to evaluate")
 _RESAMPLES = flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
 _SEED = flags.DEFINE_integer("seed", 0, "bootstrap seed")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                                  "best = selected on validation macro-AUC")
-_AGGREGATE = flags.DEFINE_enum("aggregate", None, ["max", "mean"],
-                                 "window aggregation (default: the run's config)")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint", "best", ["best", "latest"], "best = selected on validation macro-AUC"
+)
+_AGGREGATE = flags.DEFINE_enum(
+    "aggregate", None, ["max", "mean"], "window aggregation (default: the run's config)"
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "shards (default: the run's own)")
 
 
@@ -27,10 +28,15 @@ def main(argv):
     del argv
     quiet_library_logs()
     with exit_on_known_errors():
-        result = evaluate.evaluate_run(_WORKDIR.value, split=_SPLIT.value,
-                                       n_resamples=_RESAMPLES.value, seed=_SEED.value,
-                                       which=_CHECKPOINT.value, aggregate=_AGGREGATE.value,
-                                       data_dir=_DATA_DIR.value)
+        result = evaluate.evaluate_run(
+            _WORKDIR.value,
+            split=_SPLIT.value,
+            n_resamples=_RESAMPLES.value,
+            seed=_SEED.value,
+            which=_CHECKPOINT.value,
+            aggregate=_AGGREGATE.value,
+            data_dir=_DATA_DIR.value,
+        )
     print(evaluate.format_table(result))
 
 

@@ -23,12 +23,16 @@ from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import train as train_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "study folder (data, runs, report)")
-_PTBXL_DIR = flags.DEFINE_string("ptbxl_dir", str(study.SAMPLE_PTBXL),
-                                 "PTB-XL release folder (default: the embedded 100-record sample)")
+_PTBXL_DIR = flags.DEFINE_string(
+    "ptbxl_dir", str(study.SAMPLE_PTBXL), "PTB-XL release folder (default: the embedded 100-record sample)"
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "existing shards (skips data preparation)")
-_TASK = flags.DEFINE_enum("task", "superdiagnostic",
-                          ["superdiagnostic", "subdiagnostic", "diagnostic", "form", "rhythm", "all"],
-                          "PTB-XL benchmark task")
+_TASK = flags.DEFINE_enum(
+    "task",
+    "superdiagnostic",
+    ["superdiagnostic", "subdiagnostic", "diagnostic", "form", "rhythm", "all"],
+    "PTB-XL benchmark task",
+)
 _LEADS = flags.DEFINE_string("leads", "I", "student leads, e.g. I or I,II,V2")
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "epochs for every run")
 _ARCH = flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
@@ -39,34 +43,64 @@ _CLT = flags.DEFINE_enum("clt_variant", "memory_bank", ["memory_bank", "in_batch
 _RESAMPLES = flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
 
 
-def run_pipeline(*, workdir: pathlib.Path, ptbxl_dir: str, data_dir: str | None, task: str,
-                 leads: str, epochs: int, arch: str, width_mult: float, seeds: list[int],
-                 batch_size: int, clt_variant: str, n_resamples: int, progress: bool = True) -> pathlib.Path:
+def run_pipeline(
+    *,
+    workdir: pathlib.Path,
+    ptbxl_dir: str,
+    data_dir: str | None,
+    task: str,
+    leads: str,
+    epochs: int,
+    arch: str,
+    width_mult: float,
+    seeds: list[int],
+    batch_size: int,
+    clt_variant: str,
+    n_resamples: int,
+    progress: bool = True,
+) -> pathlib.Path:
     """Runs (or continues) every stage; returns the report path."""
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if data_dir is None:
         data_dir = study.prepare_ptbxl(ptbxl_dir, workdir / "data", task=task)
     batch_size = study.auto_batch_size(data_dir, batch_size)
-    groups: dict[str, list[pathlib.Path]] = {"teacher (12-lead)": [], f"BCE student ({leads})": [],
-                                             f"MVKT student ({leads})": []}
+    groups: dict[str, list[pathlib.Path]] = {
+        "teacher (12-lead)": [],
+        f"BCE student ({leads})": [],
+        f"MVKT student ({leads})": [],
+    }
     for seed in seeds:
-        base = study.base_config(data_dir=data_dir, arch=arch, epochs=epochs, batch_size=batch_size,
-                                 seed=seed, width_mult=width_mult)
+        base = study.base_config(
+            data_dir=data_dir,
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            width_mult=width_mult,
+        )
         teacher = study.teacher_run(base)
         teacher_dir = study.train_run(teacher, workdir, progress=progress)
-        runs = [study.student_run(base, method="bce", leads=leads, teacher_dir=teacher_dir),
-                study.student_run(base, method="mvkt", leads=leads, teacher_dir=teacher_dir,
-                                  clt_variant=clt_variant)]
+        runs = [
+            study.student_run(base, method="bce", leads=leads, teacher_dir=teacher_dir),
+            study.student_run(
+                base, method="mvkt", leads=leads, teacher_dir=teacher_dir, clt_variant=clt_variant
+            ),
+        ]
         student_dirs = [study.train_run(r, workdir, progress=progress) for r in runs]
         for group, run_dir in zip(groups, [teacher_dir, *student_dirs]):
             study.evaluate_run(run_dir, n_resamples=n_resamples)
             groups[group].append(run_dir)
     return report_lib.write_comparison_report(
-        workdir, groups=groups, teacher_group="teacher (12-lead)",
-        baseline_group=f"BCE student ({leads})", method_group=f"MVKT student ({leads})",
-        n_resamples=n_resamples, title="MVKT pipeline",
-        command=" ".join(["python -m experiments.pipeline", *sys.argv[1:]]))
+        workdir,
+        groups=groups,
+        teacher_group="teacher (12-lead)",
+        baseline_group=f"BCE student ({leads})",
+        method_group=f"MVKT student ({leads})",
+        n_resamples=n_resamples,
+        title="MVKT pipeline",
+        command=" ".join(["python -m experiments.pipeline", *sys.argv[1:]]),
+    )
 
 
 def main(argv):
@@ -74,10 +108,19 @@ def main(argv):
     quiet_library_logs()
     with exit_on_known_errors():
         path = run_pipeline(
-            workdir=pathlib.Path(_WORKDIR.value), ptbxl_dir=_PTBXL_DIR.value, data_dir=_DATA_DIR.value,
-            task=_TASK.value, leads=",".join(train_lib.parse_leads(_LEADS.value)), epochs=_EPOCHS.value,
-            arch=_ARCH.value, width_mult=_WIDTH.value, seeds=study.seeds_from(_SEEDS.value),
-            batch_size=_BATCH.value, clt_variant=_CLT.value, n_resamples=_RESAMPLES.value)
+            workdir=pathlib.Path(_WORKDIR.value),
+            ptbxl_dir=_PTBXL_DIR.value,
+            data_dir=_DATA_DIR.value,
+            task=_TASK.value,
+            leads=",".join(train_lib.parse_leads(_LEADS.value)),
+            epochs=_EPOCHS.value,
+            arch=_ARCH.value,
+            width_mult=_WIDTH.value,
+            seeds=study.seeds_from(_SEEDS.value),
+            batch_size=_BATCH.value,
+            clt_variant=_CLT.value,
+            n_resamples=_RESAMPLES.value,
+        )
     print(path.read_text())
     print(f"report: {path}")
 

@@ -29,7 +29,8 @@ def data_section(run_dir: pathlib.Path) -> tuple[str, dict]:
     lines = [
         f"- data: `{info['data_dir']}` ({manifest.get('dataset')}, task `{manifest.get('task')}`, "
         f"{manifest['sampling_rate']} Hz, source `{manifest.get('source')}`)",
-        "- records: " + ", ".join(f"{name} {splits[name]['num_records']}" for name in ("train", "val", "test")),
+        "- records: "
+        + ", ".join(f"{name} {splits[name]['num_records']}" for name in ("train", "val", "test")),
         f"- labels: {', '.join(manifest['label_names'])}",
     ]
     num_test = int(splits["test"]["num_records"])
@@ -37,7 +38,8 @@ def data_section(run_dir: pathlib.Path) -> tuple[str, dict]:
         lines.append(
             f"\n> **Warning: only {num_test} test records.** Numbers this small give no meaningful "
             "accuracy estimate (CIs are wide, classes may be missing); this run shows that the "
-            "pipeline works end to end, nothing more. Use the full PTB-XL (`--ptbxl_dir`) for results.")
+            "pipeline works end to end, nothing more. Use the full PTB-XL (`--ptbxl_dir`) for results."
+        )
     return "\n".join(lines), manifest
 
 
@@ -47,8 +49,13 @@ def per_class_table(groups: dict[str, list[pathlib.Path]], label_names: list[str
     for group, dirs in groups.items():
         per_class = [json.loads((d / "eval_test.json").read_text())["per_class_auc"] for d in dirs]
         means[group] = {
-            name: (float(np.mean([p[name] for p in per_class])) if all(p[name] is not None for p in per_class)
-                   else None) for name in label_names}
+            name: (
+                float(np.mean([p[name] for p in per_class]))
+                if all(p[name] is not None for p in per_class)
+                else None
+            )
+            for name in label_names
+        }
     lines = ["| class | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     for name in label_names:
         cells = ["excluded" if means[g][name] is None else f"{means[g][name]:.4f}" for g in groups]
@@ -60,19 +67,33 @@ def verdict(row: dict, *, method: str, baseline: str) -> str:
     d = row["vs_baseline"]
     lo, hi = d["ci"]
     if lo > 0:
-        return (f"{method} beats {baseline} by {d['difference']:+.4f} macro-AUC; the paired 95% CI "
-                f"[{lo:+.4f}, {hi:+.4f}] lies above 0.")
+        return (
+            f"{method} beats {baseline} by {d['difference']:+.4f} macro-AUC; the paired 95% CI "
+            f"[{lo:+.4f}, {hi:+.4f}] lies above 0."
+        )
     if hi < 0:
-        return (f"{method} is worse than {baseline} by {d['difference']:+.4f} macro-AUC; the paired 95% CI "
-                f"[{lo:+.4f}, {hi:+.4f}] lies below 0.")
-    return (f"No significant difference between {method} and {baseline}: {d['difference']:+.4f} macro-AUC, "
-            f"paired 95% CI [{lo:+.4f}, {hi:+.4f}] contains 0.")
+        return (
+            f"{method} is worse than {baseline} by {d['difference']:+.4f} macro-AUC; the paired 95% CI "
+            f"[{lo:+.4f}, {hi:+.4f}] lies below 0."
+        )
+    return (
+        f"No significant difference between {method} and {baseline}: {d['difference']:+.4f} macro-AUC, "
+        f"paired 95% CI [{lo:+.4f}, {hi:+.4f}] contains 0."
+    )
 
 
-def write_comparison_report(study_dir: pathlib.Path, *, groups: dict[str, list[pathlib.Path]],
-                            teacher_group: str | None, baseline_group: str, method_group: str,
-                            n_resamples: int, title: str, command: str,
-                            extra_sections: list[str] | None = None) -> pathlib.Path:
+def write_comparison_report(
+    study_dir: pathlib.Path,
+    *,
+    groups: dict[str, list[pathlib.Path]],
+    teacher_group: str | None,
+    baseline_group: str,
+    method_group: str,
+    n_resamples: int,
+    title: str,
+    command: str,
+    extra_sections: list[str] | None = None,
+) -> pathlib.Path:
     """``report.md`` + ``report.json`` + PNGs comparing groups of runs (each group = seeds)."""
     study_dir = pathlib.Path(study_dir)
     plot_dir = study_dir / "plots"
@@ -89,28 +110,47 @@ def write_comparison_report(study_dir: pathlib.Path, *, groups: dict[str, list[p
     seed0 = {g: dirs[0] for g, dirs in groups.items()}
     scores = {g: evaluate_lib.load_scores(d)["scores"] for g, d in seed0.items()}
     y_test = evaluate_lib.load_scores(seed0[baseline_group])["y"]
-    roc = plots.plot_roc_curves(plot_dir / "roc_curves.png", y_true=y_test, scores=scores,
-                                label_names=label_names,
-                                title=f"Test ROC curves per class (seed {_seed_of(seed0[baseline_group])})")
-    gain = plots.plot_auc_gain(plot_dir / "auc_gain.png", per_class_auc_a=class_means[baseline_group],
-                               per_class_auc_b=class_means[method_group], label_names=label_names,
-                               name_a=baseline_group, name_b=method_group)
+    roc = plots.plot_roc_curves(
+        plot_dir / "roc_curves.png",
+        y_true=y_test,
+        scores=scores,
+        label_names=label_names,
+        title=f"Test ROC curves per class (seed {_seed_of(seed0[baseline_group])})",
+    )
+    gain = plots.plot_auc_gain(
+        plot_dir / "auc_gain.png",
+        per_class_auc_a=class_means[baseline_group],
+        per_class_auc_b=class_means[method_group],
+        label_names=label_names,
+        name_a=baseline_group,
+        name_b=method_group,
+    )
     curve_lines = []
     for group, run_dir in seed0.items():
         slug = "".join(c if c.isalnum() else "_" for c in group).strip("_").lower()
-        png = plots.plot_training_curves(plot_dir / f"training_{slug}.png",
-                                         metrics_rows=study.load_metrics_rows(run_dir),
-                                         title=f"Training curves: {group} ({run_dir.name})")
+        png = plots.plot_training_curves(
+            plot_dir / f"training_{slug}.png",
+            metrics_rows=study.load_metrics_rows(run_dir),
+            title=f"Training curves: {group} ({run_dir.name})",
+        )
         curve_lines.append(f"![training curves {group}]({study.relative(png, study_dir)})")
 
     lines = [
-        f"# {title}", "",
-        f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by:", "",
-        f"```\n{command}\n```", "",
-        "## Data", data_text, "",
-        "## Result", "",
-        verdict(by_name[method_group], method=method_group, baseline=baseline_group), "",
-        table, "",
+        f"# {title}",
+        "",
+        f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by:",
+        "",
+        f"```\n{command}\n```",
+        "",
+        "## Data",
+        data_text,
+        "",
+        "## Result",
+        "",
+        verdict(by_name[method_group], method=method_group, baseline=baseline_group),
+        "",
+        table,
+        "",
         f"Test macro-AUC is averaged over seeds; its 95% CI and the paired differences are "
         f"bootstraps over the test records ({n_resamples} resamples, every class present in each "
         "resample, the same resamples for every seed). The best checkpoint of every run was chosen "
@@ -118,20 +158,39 @@ def write_comparison_report(study_dir: pathlib.Path, *, groups: dict[str, list[p
     ]
     if teacher_row is not None:
         lines += ["", "Share of the teacher gap closed = (method - baseline) / (teacher - baseline)."]
-    lines += ["", "## Per-class test AUC (mean over seeds)", "", class_table, "",
-              "## Plots", "",
-              f"![ROC curves]({study.relative(roc, study_dir)})", "",
-              f"![AUC gain per class]({study.relative(gain, study_dir)})", "", *curve_lines, ""]
+    lines += [
+        "",
+        "## Per-class test AUC (mean over seeds)",
+        "",
+        class_table,
+        "",
+        "## Plots",
+        "",
+        f"![ROC curves]({study.relative(roc, study_dir)})",
+        "",
+        f"![AUC gain per class]({study.relative(gain, study_dir)})",
+        "",
+        *curve_lines,
+        "",
+    ]
     lines += extra_sections or []
     lines += ["## Runs", "", "| group | run | eval |", "|---|---|---|"]
     for group, dirs in groups.items():
         for d in dirs:
-            lines.append(f"| {group} | `{study.relative(d, study_dir)}` | "
-                         f"`{study.relative(d / 'eval_test.json', study_dir)}` |")
+            lines.append(
+                f"| {group} | `{study.relative(d, study_dir)}` | "
+                f"`{study.relative(d / 'eval_test.json', study_dir)}` |"
+            )
     report = study_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    study.write_json(study_dir / "report.json", {"rows": rows, "per_class_auc": class_means,
-                                                 "groups": {g: [str(d) for d in ds] for g, ds in groups.items()}})
+    study.write_json(
+        study_dir / "report.json",
+        {
+            "rows": rows,
+            "per_class_auc": class_means,
+            "groups": {g: [str(d) for d in ds] for g, ds in groups.items()},
+        },
+    )
     return report
 
 

@@ -25,6 +25,7 @@ from mvkt import evaluate as evaluate_lib
 from mvkt import metrics as metrics_lib
 from mvkt import train as train_lib
 
+
 class UnfinishedRunError(RuntimeError):
     """A run stopped before its last step (e.g. ``train.stop_at_step``): nothing may build on it."""
 
@@ -43,23 +44,32 @@ class Run:
         return pathlib.Path(study_dir) / "runs" / self.name
 
 
-def prepare_ptbxl(src: str | pathlib.Path, out: pathlib.Path, *, task: str,
-                  sampling_rate: int = 100) -> pathlib.Path:
+def prepare_ptbxl(
+    src: str | pathlib.Path, out: pathlib.Path, *, task: str, sampling_rate: int = 100
+) -> pathlib.Path:
     """PTB-XL shards in ``out`` (skipped when a complete manifest is already there)."""
     from data_prep import ptbxl
 
     if (out / "manifest.json").exists():
         manifest = json.loads((out / "manifest.json").read_text())
         if manifest.get("task") != task:
-            raise ValueError(f"{out} holds task {manifest.get('task')!r}, not {task!r}: "
-                             "use another --workdir or delete it")
+            raise ValueError(
+                f"{out} holds task {manifest.get('task')!r}, not {task!r}: use another --workdir or delete it"
+            )
         return out
     ptbxl.prepare(pathlib.Path(src), out, task=task, sampling_rate=sampling_rate)
     return out
 
 
-def base_config(*, data_dir: str | pathlib.Path, arch: str, epochs: int, batch_size: int,
-                seed: int, width_mult: float = 1.0) -> ml_collections.ConfigDict:
+def base_config(
+    *,
+    data_dir: str | pathlib.Path,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    width_mult: float = 1.0,
+) -> ml_collections.ConfigDict:
     config = default_config.get_config()
     config.data.dir = str(data_dir)
     config.student.arch = arch
@@ -77,9 +87,15 @@ def teacher_run(base: ml_collections.ConfigDict) -> Run:
     return Run(f"teacher_seed{config.seed}", config)
 
 
-def student_run(base: ml_collections.ConfigDict, *, method: str, leads: str,
-                teacher_dir: pathlib.Path, clt_variant: str = "memory_bank",
-                name: str | None = None) -> Run:
+def student_run(
+    base: ml_collections.ConfigDict,
+    *,
+    method: str,
+    leads: str,
+    teacher_dir: pathlib.Path,
+    clt_variant: str = "memory_bank",
+    name: str | None = None,
+) -> Run:
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = method
     config.student.leads = leads
@@ -135,8 +151,7 @@ def evaluate_run(workdir: pathlib.Path, *, n_resamples: int, split: str = "test"
     return evaluate_lib.evaluate_run(workdir, split=split, n_resamples=n_resamples)
 
 
-def method_summary(workdirs: Sequence[pathlib.Path], *, n_resamples: int,
-                   split: str = "test") -> dict:
+def method_summary(workdirs: Sequence[pathlib.Path], *, n_resamples: int, split: str = "test") -> dict:
     """Seed-averaged macro-AUC of one method with the bootstrap CI of that average.
 
     Seeds are stacked along the class axis: the macro-AUC of the stacked columns is
@@ -147,16 +162,22 @@ def method_summary(workdirs: Sequence[pathlib.Path], *, n_resamples: int,
     y = loaded[0]["y"]
     stacked_y = np.concatenate([y] * len(loaded), axis=1)
     stacked_scores = np.concatenate([s["scores"] for s in loaded], axis=1)
-    ci = metrics_lib.bootstrap_ci(y_true=stacked_y, y_score=stacked_scores,
-                                  metric_fn=metrics_lib.macro_auc, n_resamples=n_resamples)
+    ci = metrics_lib.bootstrap_ci(
+        y_true=stacked_y, y_score=stacked_scores, metric_fn=metrics_lib.macro_auc, n_resamples=n_resamples
+    )
     per_seed = [metrics_lib.per_class_auc(y_true=y, y_score=s["scores"]).macro_auc for s in loaded]
-    return {"macro_auc": ci.point, "ci": [ci.lower, ci.upper], "per_seed": per_seed,
-            "seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-            "num_seeds": len(per_seed)}
+    return {
+        "macro_auc": ci.point,
+        "ci": [ci.lower, ci.upper],
+        "per_seed": per_seed,
+        "seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "num_seeds": len(per_seed),
+    }
 
 
-def comparison_rows(groups: dict[str, list[pathlib.Path]], *, baseline: str | None,
-                    n_resamples: int, split: str = "test") -> list[dict]:
+def comparison_rows(
+    groups: dict[str, list[pathlib.Path]], *, baseline: str | None, n_resamples: int, split: str = "test"
+) -> list[dict]:
     """One row per method: pooled macro-AUC + CI, and paired difference vs ``baseline``."""
     rows = []
     for name, workdirs in groups.items():
@@ -167,7 +188,8 @@ def comparison_rows(groups: dict[str, list[pathlib.Path]], *, baseline: str | No
                 # One shared run (e.g. the teacher of every seed) pairs with each baseline seed.
                 paired = workdirs * len(groups[baseline])
             row["vs_baseline"] = evaluate_lib.compare_runs(
-                groups[baseline], paired, split=split, n_resamples=n_resamples)
+                groups[baseline], paired, split=split, n_resamples=n_resamples
+            )
         rows.append(row)
     return rows
 
@@ -186,12 +208,16 @@ def markdown_table(rows: list[dict], *, baseline: str | None, teacher: dict | No
     base_auc = next((r["macro_auc"] for r in rows if r["method"] == baseline), None)
     for r in rows:
         seeds = ", ".join(f"{a:.4f}" for a in r["per_seed"])
-        line = (f"| {r['method']} | {r['num_seeds']} | {r['macro_auc']:.4f} | "
-                f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | {seeds} |")
+        line = (
+            f"| {r['method']} | {r['num_seeds']} | {r['macro_auc']:.4f} | "
+            f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | {seeds} |"
+        )
         if baseline:
             if "vs_baseline" in r:
                 d = r["vs_baseline"]
-                line += f" {d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | {d['p_value']:.3f} |"
+                line += (
+                    f" {d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] | {d['p_value']:.3f} |"
+                )
             else:
                 line += " (baseline) | |"
             if teacher:

@@ -10,7 +10,6 @@ Running the same command again resumes (or does nothing if the run finished).
 Multi-host (TPU pods, several GPU hosts): pass --distributed on every host.
 """
 
-import sys
 
 import jax
 from absl import app, flags, logging
@@ -19,12 +18,13 @@ from ml_collections import config_flags
 from experiments.cli import exit_on_known_errors, quiet_library_logs
 from mvkt import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/teacher.py",
-                                                                                    "training config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)",
-                                                              required=True)
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                                                  "call jax.distributed.initialize() (one process per host)")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/teacher.py", "training config file", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)", required=True)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "call jax.distributed.initialize() (one process per host)"
+)
 
 
 def main(argv):

@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 def abstract(tree: Any) -> Any:
     """Shape/dtype/sharding skeleton of a pytree of arrays, the restore target."""
     return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            tree)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
 
 
 class RunCheckpoints:
@@ -33,20 +33,21 @@ class RunCheckpoints:
     def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, read_only: bool = False):
         workdir = pathlib.Path(workdir).absolute()
         self.latest = ocp.CheckpointManager(
-                workdir / "checkpoints",
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                                                                          read_only=read_only))
+            workdir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only),
+        )
         self.best = ocp.CheckpointManager(
-                workdir / "best",
-                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only,
-                                                                                          read_only=read_only))
+            workdir / "best",
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only),
+        )
 
     @staticmethod
     def _save_args(model: Any, train: Any, meta: dict) -> ocp.args.Composite:
         return ocp.args.Composite(
-                model=ocp.args.StandardSave(model),
-                train=ocp.args.StandardSave(train),
-                meta=ocp.args.JsonSave(meta))
+            model=ocp.args.StandardSave(model),
+            train=ocp.args.StandardSave(train),
+            meta=ocp.args.JsonSave(meta),
+        )
 
     def save(self, step: int, *, model: Any, train: Any, meta: dict, best: bool) -> None:
         """Asynchronous save; ``best`` also replaces the best checkpoint."""
@@ -60,10 +61,14 @@ class RunCheckpoints:
 
     def restore_latest(self, *, model: Any, train: Any) -> tuple[Any, Any, dict]:
         step = self.latest.latest_step()
-        restored = self.latest.restore(step, args=ocp.args.Composite(
+        restored = self.latest.restore(
+            step,
+            args=ocp.args.Composite(
                 model=ocp.args.StandardRestore(abstract(model)),
                 train=ocp.args.StandardRestore(abstract(train)),
-                meta=ocp.args.JsonRestore()))
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         return restored["model"], restored["train"], restored["meta"]
 
     def best_meta(self) -> dict | None:
@@ -81,8 +86,7 @@ class RunCheckpoints:
         self.best.close()
 
 
-def restore_model(workdir: str | pathlib.Path, *, model_target: Any,
-                                    which: str = "best") -> tuple[Any, dict]:
+def restore_model(workdir: str | pathlib.Path, *, model_target: Any, which: str = "best") -> tuple[Any, dict]:
     """The trained net's variables and meta from a finished run directory.
 
     ``which`` is ``best`` (highest validation macro-AUC; what evaluation and
@@ -98,9 +102,12 @@ def restore_model(workdir: str | pathlib.Path, *, model_target: Any,
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {folder}")
-        restored = manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(abstract(model_target)),
-                meta=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract(model_target)), meta=ocp.args.JsonRestore()
+            ),
+        )
     finally:
         manager.close()
     return restored["model"], restored["meta"]

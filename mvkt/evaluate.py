@@ -28,56 +28,108 @@ SCORES_FILE = "scores_{split}.npz"
 EVAL_FILE = "eval_{split}.json"
 
 
-def score_split(workdir: str | pathlib.Path, split: str, *, which: str = "best",
-                aggregate: str | None = None, data_dir: str | None = None,
-                parallel: parallel_lib.Parallelism | None = None) -> dict:
+def score_split(
+    workdir: str | pathlib.Path,
+    split: str,
+    *,
+    which: str = "best",
+    aggregate: str | None = None,
+    data_dir: str | None = None,
+    parallel: parallel_lib.Parallelism | None = None,
+) -> dict:
     """Per-record sigmoid scores of a trained run on one split (also saved to ``scores_<split>.npz``)."""
     workdir = pathlib.Path(workdir)
     parallel = parallel or parallel_lib.make_parallelism()
     model, variables, run_config, info, meta = train_lib.load_trained_model(
-        workdir, which=which, parallel=parallel)
+        workdir, which=which, parallel=parallel
+    )
     data = data_lib.open_split(data_dir or info["data_dir"], split)
     if list(data.label_names) != list(info["label_names"]):
-        raise ValueError(f"{workdir} was trained on labels {info['label_names']}, "
-                         f"the {split} split has {data.label_names}")
+        raise ValueError(
+            f"{workdir} was trained on labels {info['label_names']}, the {split} split has {data.label_names}"
+        )
     forward = train_lib.make_forward_fn(model, data_lib.lead_indices(info["leads"]), parallel)
     window = int(info["crop_length"])
     stride = max(int(window * run_config.data.eval_stride_fraction), 1)
     aggregate = aggregate or run_config.eval.aggregate
     batch_size = int(run_config.eval.batch_size)
-    scores = train_lib.predict_records(forward, variables, data, window=window, stride=stride,
-                                       batch_size=batch_size, parallel=parallel,
-                                       aggregate=aggregate)
-    result = {"scores": scores, "y": np.asarray(data.y), "record_ids": np.asarray(data.record_ids),
-              "label_names": list(data.label_names), "checkpoint_step": int(meta["step"]),
-              "checkpoint_val_macro_auc": meta.get("val_macro_auc"), "window": window,
-              "stride": stride, "aggregate": aggregate, "dataset": data.manifest.get("dataset")}
-    np.savez(workdir / SCORES_FILE.format(split=split), scores=scores, y=result["y"],
-             record_ids=result["record_ids"], label_names=np.asarray(result["label_names"]))
+    scores = train_lib.predict_records(
+        forward,
+        variables,
+        data,
+        window=window,
+        stride=stride,
+        batch_size=batch_size,
+        parallel=parallel,
+        aggregate=aggregate,
+    )
+    result = {
+        "scores": scores,
+        "y": np.asarray(data.y),
+        "record_ids": np.asarray(data.record_ids),
+        "label_names": list(data.label_names),
+        "checkpoint_step": int(meta["step"]),
+        "checkpoint_val_macro_auc": meta.get("val_macro_auc"),
+        "window": window,
+        "stride": stride,
+        "aggregate": aggregate,
+        "dataset": data.manifest.get("dataset"),
+    }
+    np.savez(
+        workdir / SCORES_FILE.format(split=split),
+        scores=scores,
+        y=result["y"],
+        record_ids=result["record_ids"],
+        label_names=np.asarray(result["label_names"]),
+    )
     return result
 
 
-def evaluate_run(workdir: str | pathlib.Path, *, split: str = "test", n_resamples: int = 1000,
-                 seed: int = 0, which: str = "best", aggregate: str | None = None,
-                 data_dir: str | None = None, parallel: parallel_lib.Parallelism | None = None) -> dict:
+def evaluate_run(
+    workdir: str | pathlib.Path,
+    *,
+    split: str = "test",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    which: str = "best",
+    aggregate: str | None = None,
+    data_dir: str | None = None,
+    parallel: parallel_lib.Parallelism | None = None,
+) -> dict:
     """All metrics of one run on ``split`` with thresholds from the validation split."""
     workdir = pathlib.Path(workdir)
     parallel = parallel or parallel_lib.make_parallelism()
-    val = score_split(workdir, "val", which=which, aggregate=aggregate, data_dir=data_dir,
-                      parallel=parallel)
-    target = val if split == "val" else score_split(
-        workdir, split, which=which, aggregate=aggregate, data_dir=data_dir, parallel=parallel)
+    val = score_split(workdir, "val", which=which, aggregate=aggregate, data_dir=data_dir, parallel=parallel)
+    target = (
+        val
+        if split == "val"
+        else score_split(
+            workdir, split, which=which, aggregate=aggregate, data_dir=data_dir, parallel=parallel
+        )
+    )
     result = metrics_lib.evaluate_scores(
-        label_names=target["label_names"], val=(val["y"], val["scores"]),
-        test=(target["y"], target["scores"]), n_resamples=n_resamples, seed=seed,
-        challenge=target["dataset"] == "cpsc2018")
+        label_names=target["label_names"],
+        val=(val["y"], val["scores"]),
+        test=(target["y"], target["scores"]),
+        n_resamples=n_resamples,
+        seed=seed,
+        challenge=target["dataset"] == "cpsc2018",
+    )
     info = json.loads((workdir / "run_info.json").read_text())
-    result.update({
-        "split": split, "workdir": str(workdir.absolute()), "method": info["method"],
-        "leads": info["leads"], "checkpoint": which, "checkpoint_step": target["checkpoint_step"],
-        "checkpoint_val_macro_auc": target["checkpoint_val_macro_auc"],
-        "window": target["window"], "stride": target["stride"], "aggregate": target["aggregate"],
-    })
+    result.update(
+        {
+            "split": split,
+            "workdir": str(workdir.absolute()),
+            "method": info["method"],
+            "leads": info["leads"],
+            "checkpoint": which,
+            "checkpoint_step": target["checkpoint_step"],
+            "checkpoint_val_macro_auc": target["checkpoint_val_macro_auc"],
+            "window": target["window"],
+            "stride": target["stride"],
+            "aggregate": target["aggregate"],
+        }
+    )
     (workdir / EVAL_FILE.format(split=split)).write_text(json.dumps(result, indent=2))
     return result
 
@@ -85,22 +137,31 @@ def evaluate_run(workdir: str | pathlib.Path, *, split: str = "test", n_resample
 def load_scores(workdir: str | pathlib.Path, split: str = "test") -> dict:
     path = pathlib.Path(workdir) / SCORES_FILE.format(split=split)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `python -m experiments.evaluate "
-                                f"--workdir={workdir} --split={split}` first")
+        raise FileNotFoundError(
+            f"{path} not found: run `python -m experiments.evaluate "
+            f"--workdir={workdir} --split={split}` first"
+        )
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
 
 
-def compare_runs(runs_a: Sequence[str | pathlib.Path], runs_b: Sequence[str | pathlib.Path], *,
-                 split: str = "test", n_resamples: int = 1000, seed: int = 0) -> dict:
+def compare_runs(
+    runs_a: Sequence[str | pathlib.Path],
+    runs_b: Sequence[str | pathlib.Path],
+    *,
+    split: str = "test",
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Paired bootstrap of macro-AUC(b) - macro-AUC(a), pooled over paired seeds.
 
     ``runs_a[i]`` and ``runs_b[i]`` are paired (same seed); every run must have been
     scored on the same records in the same order.
     """
     if len(runs_a) != len(runs_b) or not runs_a:
-        raise ValueError(f"need the same non-zero number of runs on both sides, got "
-                         f"{len(runs_a)} and {len(runs_b)}")
+        raise ValueError(
+            f"need the same non-zero number of runs on both sides, got {len(runs_a)} and {len(runs_b)}"
+        )
     loaded_a = [load_scores(r, split) for r in runs_a]
     loaded_b = [load_scores(r, split) for r in runs_b]
     reference = loaded_a[0]
@@ -108,12 +169,21 @@ def compare_runs(runs_a: Sequence[str | pathlib.Path], runs_b: Sequence[str | pa
         if not np.array_equal(loaded["record_ids"], reference["record_ids"]):
             raise ValueError(f"{run} was scored on different records than {runs_a[0]}")
     result = metrics_lib.paired_bootstrap_pooled(
-        y_true=reference["y"], scores_a=[s["scores"] for s in loaded_a],
-        scores_b=[s["scores"] for s in loaded_b], metric_fn=metrics_lib.macro_auc,
-        n_resamples=n_resamples, seed=seed)
-    return {"difference": result.difference, "ci": [result.lower, result.upper],
-            "p_value": result.p_value, "n_resamples": result.n_resamples,
-            "num_seeds": len(runs_a), "split": split}
+        y_true=reference["y"],
+        scores_a=[s["scores"] for s in loaded_a],
+        scores_b=[s["scores"] for s in loaded_b],
+        metric_fn=metrics_lib.macro_auc,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    return {
+        "difference": result.difference,
+        "ci": [result.lower, result.upper],
+        "p_value": result.p_value,
+        "n_resamples": result.n_resamples,
+        "num_seeds": len(runs_a),
+        "split": split,
+    }
 
 
 def format_table(result: dict) -> str:
@@ -127,8 +197,12 @@ def format_table(result: dict) -> str:
         f"Fmax {result['fmax']:.4f} (threshold {result['fmax_threshold']:.2f} from val)",
     ]
     if "challenge_f_beta2" in result:
-        lines.append(f"  ICBEB F-beta2 {result['challenge_f_beta2']:.4f}  G-beta2 {result['challenge_g_beta2']:.4f}")
+        lines.append(
+            f"  ICBEB F-beta2 {result['challenge_f_beta2']:.4f}  G-beta2 {result['challenge_g_beta2']:.4f}"
+        )
     lines.append("  per class AUC:")
     for name, auc in result["per_class_auc"].items():
-        lines.append(f"    {name:>10s}  {'excluded (no positives or negatives)' if auc is None else f'{auc:.4f}'}")
+        lines.append(
+            f"    {name:>10s}  {'excluded (no positives or negatives)' if auc is None else f'{auc:.4f}'}"
+        )
     return "\n".join(lines)

@@ -26,13 +26,21 @@ from mvkt import data as data_lib
 class TrainBatches:
     """Fixed-shape global training batches, addressable by step."""
 
-    def __init__(self, split: data_lib.Split, *, global_batch_size: int,
-                              crop_length: int, random_crop: bool, seed: int,
-                              host_rows: slice | None = None):
+    def __init__(
+        self,
+        split: data_lib.Split,
+        *,
+        global_batch_size: int,
+        crop_length: int,
+        random_crop: bool,
+        seed: int,
+        host_rows: slice | None = None,
+    ):
         if len(split) < global_batch_size:
             raise ValueError(
-                    f"the train split has {len(split)} records, fewer than the batch size "
-                    f"{global_batch_size}; lower --config.train.batch_size")
+                f"the train split has {len(split)} records, fewer than the batch size "
+                f"{global_batch_size}; lower --config.train.batch_size"
+            )
         self.split = split
         self.global_batch_size = global_batch_size
         self.crop_length = crop_length
@@ -53,7 +61,7 @@ class TrainBatches:
         """Global record indices and crop starts of the batch at ``step``."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
-        indices = order[position * self.global_batch_size:(position + 1) * self.global_batch_size]
+        indices = order[position * self.global_batch_size : (position + 1) * self.global_batch_size]
         crop_rng = np.random.default_rng([self.seed, epoch, position, 1])
         return indices, self.crop_starts(indices, crop_rng)
 
@@ -62,9 +70,9 @@ class TrainBatches:
         indices, starts = self.indices_at(step)
         indices, starts = indices[self.host_rows], starts[self.host_rows]
         return {
-                "x": self.split.crop(indices, starts, self.crop_length),
-                "y": self.split.y[indices].astype(np.float32),
-                "index": indices.astype(np.int32),
+            "x": self.split.crop(indices, starts, self.crop_length),
+            "y": self.split.y[indices].astype(np.float32),
+            "index": indices.astype(np.int32),
         }
 
     def fixed_crops(self) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +83,9 @@ class TrainBatches:
         return indices, self.crop_starts(indices, None)
 
 
-def window_index(lengths: np.ndarray, *, window: int, stride: int,
-                                  window_starts: Callable[..., np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def window_index(
+    lengths: np.ndarray, *, window: int, stride: int, window_starts: Callable[..., np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """(record index, start) of every sliding window over every record."""
     records, starts = [], []
     for i, length in enumerate(lengths):
@@ -89,8 +98,9 @@ def window_index(lengths: np.ndarray, *, window: int, stride: int,
 class Prefetcher:
     """Iterates ``produce(step)`` for steps in [start, stop), ``depth`` steps ahead."""
 
-    def __init__(self, produce: Callable[[int], object], start: int, stop: int,
-                              depth: int = 2, threads: int = 2):
+    def __init__(
+        self, produce: Callable[[int], object], start: int, stop: int, depth: int = 2, threads: int = 2
+    ):
         self._produce = produce
         self._steps = iter(range(start, stop))
         self._pool = concurrent.futures.ThreadPoolExecutor(threads)

@@ -52,8 +52,8 @@ class Parallelism:
     def to_global(self, local_batch: Any) -> Any:
         """Host-local NumPy batch (this host's rows) -> globally sharded jax.Arrays."""
         return jax.tree.map(
-                lambda a: jax.make_array_from_process_local_data(self.batch, np.asarray(a)),
-                local_batch)
+            lambda a: jax.make_array_from_process_local_data(self.batch, np.asarray(a)), local_batch
+        )
 
     def replicate(self, tree: Any) -> Any:
         return jax.device_put(tree, self.replicated)
@@ -65,14 +65,16 @@ def make_parallelism(devices: Sequence[jax.Device] | None = None) -> Parallelism
     # Auto (not Explicit) axes: flax's Dropout draws its mask without a sharding,
     # which Explicit mode rejects. Semantics are unchanged: jit computes the
     # function of the global arrays either way.
-    mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+    )
     return Parallelism(mesh=mesh)
 
 
 def check_batch_size(global_batch_size: int, num_devices: int) -> None:
     if global_batch_size % num_devices or global_batch_size % jax.process_count():
         raise ValueError(
-                f"global batch size {global_batch_size} must be divisible by the number "
-                f"of devices ({num_devices}) and of hosts ({jax.process_count()}); "
-                "change --config.train.batch_size")
+            f"global batch size {global_batch_size} must be divisible by the number "
+            f"of devices ({num_devices}) and of hosts ({jax.process_count()}); "
+            "change --config.train.batch_size"
+        )

@@ -41,7 +41,6 @@ import numpy as np
 import optax
 from absl import logging
 import tqdm
-from jax.sharding import PartitionSpec as P
 
 from mvkt import checkpoints as ckpt_lib
 from mvkt import data as data_lib
@@ -70,11 +69,11 @@ class TrainingPreempted(Exception):
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: dict          # {"model": net params, "heads": {"student", "teacher"} CLT projections}
-    batch_stats: dict     # the trained net's BatchNorm statistics
+    params: dict  # {"model": net params, "heads": {"student", "teacher"} CLT projections}
+    batch_stats: dict  # the trained net's BatchNorm statistics
     opt_state: Any
-    memory_bank: Any      # losses.MemoryBank for memory-bank CLT, else None
-    teacher: Any          # frozen {"params", "batch_stats"} or None; never differentiated
+    memory_bank: Any  # losses.MemoryBank for memory-bank CLT, else None
+    teacher: Any  # frozen {"params", "batch_stats"} or None; never differentiated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,20 +110,31 @@ class LossSpec:
         if config.clt.variant not in CLT_VARIANTS:
             raise ValueError(f"config.clt.variant must be one of {CLT_VARIANTS}, not {config.clt.variant!r}")
         temperature = config.kd_temperature if config.method == "kd" else config.mkd_temperature
-        return cls(method=config.method, alpha=float(config.alpha), beta=float(config.beta),
-                              temperature=float(temperature), clt_variant=config.clt.variant,
-                              clt_temperature=float(config.clt.temperature), clt_dim=int(config.clt.dim),
-                              num_negatives=int(config.clt.num_negatives), momentum=float(config.clt.momentum),
-                              mask_mode=config.clt.mask_mode)
+        return cls(
+            method=config.method,
+            alpha=float(config.alpha),
+            beta=float(config.beta),
+            temperature=float(temperature),
+            clt_variant=config.clt.variant,
+            clt_temperature=float(config.clt.temperature),
+            clt_dim=int(config.clt.dim),
+            num_negatives=int(config.clt.num_negatives),
+            momentum=float(config.clt.momentum),
+            mask_mode=config.clt.mask_mode,
+        )
 
 
 # ----------------------------------------------------------------------------- building blocks
 
+
 def parse_leads(leads: str | list[str]) -> list[str]:
     """'I' | 'I,II,V2' | 'all' | a list -> validated lead names in the order given."""
     if isinstance(leads, str):
-        names = list(data_lib.LEADS) if leads.strip().lower() == "all" else [
-                s.strip() for s in leads.split(",") if s.strip()]
+        names = (
+            list(data_lib.LEADS)
+            if leads.strip().lower() == "all"
+            else [s.strip() for s in leads.split(",") if s.strip()]
+        )
     else:
         names = list(leads)
     data_lib.lead_indices(names)  # raises a clear error for unknown names
@@ -138,30 +148,47 @@ def make_schedule(train_config: ml_collections.ConfigDict, total_steps: int) -> 
     if train_config.schedule == "onecycle":
         # As in the PTB-XL benchmark (fastai fit_one_cycle defaults).
         return optax.cosine_onecycle_schedule(
-                transition_steps=max(total_steps, 1), peak_value=lr, pct_start=0.3,
-                div_factor=25.0, final_div_factor=1e4)
+            transition_steps=max(total_steps, 1),
+            peak_value=lr,
+            pct_start=0.3,
+            div_factor=25.0,
+            final_div_factor=1e4,
+        )
     if train_config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-                0.0, lr, warmup_steps=min(max(total_steps // 20, 1), max(total_steps - 1, 1)),
-                decay_steps=max(total_steps, 2))
+            0.0,
+            lr,
+            warmup_steps=min(max(total_steps // 20, 1), max(total_steps - 1, 1)),
+            decay_steps=max(total_steps, 2),
+        )
     if train_config.schedule == "constant":
         return optax.constant_schedule(lr)
     raise ValueError(f"unknown schedule {train_config.schedule!r}: onecycle | cosine | constant")
 
 
-def make_optimizer(train_config: ml_collections.ConfigDict,
-                                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    train_config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(train_config, total_steps)
     tx = optax.chain(
-            optax.clip_by_global_norm(float(train_config.grad_clip_norm)),
-            optax.adamw(schedule, weight_decay=float(train_config.weight_decay)))
+        optax.clip_by_global_norm(float(train_config.grad_clip_norm)),
+        optax.adamw(schedule, weight_decay=float(train_config.weight_decay)),
+    )
     return tx, schedule
 
 
-def create_train_state(*, rng: jax.Array, model: nn.Module, head: nn.Module | None,
-                                              tx: optax.GradientTransformation, sample_x: jax.Array,
-                                              train_labels: np.ndarray | None, loss_spec: LossSpec,
-                                              teacher: Any, teacher_feature_dim: int | None) -> TrainState:
+def create_train_state(
+    *,
+    rng: jax.Array,
+    model: nn.Module,
+    head: nn.Module | None,
+    tx: optax.GradientTransformation,
+    sample_x: jax.Array,
+    train_labels: np.ndarray | None,
+    loss_spec: LossSpec,
+    teacher: Any,
+    teacher_feature_dim: int | None,
+) -> TrainState:
     """A fresh state; ``sample_x`` has the student's lead count."""
     init_rng, head_rng, bank_rng = jax.random.split(rng, 3)
     # Jitted: op-by-op initialisation of a deep net is slow and leaves memory behind.
@@ -172,21 +199,34 @@ def create_train_state(*, rng: jax.Array, model: nn.Module, head: nn.Module | No
         _, features = model.apply(variables, sample_x, train=False)
         s_rng, t_rng = jax.random.split(head_rng)
         params["heads"] = {
-                "student": head.init(s_rng, features)["params"],
-                "teacher": head.init(t_rng, jnp.zeros((1, teacher_feature_dim), jnp.float32))["params"],
+            "student": head.init(s_rng, features)["params"],
+            "teacher": head.init(t_rng, jnp.zeros((1, teacher_feature_dim), jnp.float32))["params"],
         }
         if loss_spec.clt_variant == "memory_bank":
-            memory_bank = losses.init_memory_bank(bank_rng, labels=jnp.asarray(train_labels),
-                                                                                        dim=loss_spec.clt_dim)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                                        memory_bank=memory_bank, teacher=teacher)
+            memory_bank = losses.init_memory_bank(
+                bank_rng, labels=jnp.asarray(train_labels), dim=loss_spec.clt_dim
+            )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        memory_bank=memory_bank,
+        teacher=teacher,
+    )
 
 
-def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: nn.Module | None,
-                                      tx: optax.GradientTransformation, schedule: optax.Schedule,
-                                      loss_spec: LossSpec, student_leads: list[int],
-                                      replicated: jax.sharding.Sharding | None = None) -> Callable:
+def make_update_fn(
+    *,
+    model: nn.Module,
+    teacher_model: nn.Module | None,
+    head: nn.Module | None,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_spec: LossSpec,
+    student_leads: list[int],
+    replicated: jax.sharding.Sharding | None = None,
+) -> Callable:
     """The pure ``update_fn(state, batch, rng) -> (state, metrics)`` (jit it, donate state).
 
     ``rng`` is the run's base key (not part of the donated state); each step folds
@@ -221,14 +261,19 @@ def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: n
 
         def loss_fn(params):
             (logits, features), mutated = model.apply(
-                    {"params": params["model"], "batch_stats": state.batch_stats}, x_student,
-                    train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+                {"params": params["model"], "batch_stats": state.batch_stats},
+                x_student,
+                train=True,
+                rngs={"dropout": dropout_rng},
+                mutable=["batch_stats"],
+            )
             terms = {"bce": losses.bce_with_logits(logits=logits, labels=labels)}
             total = terms["bce"]
             bank = state.memory_bank
             if loss_spec.uses_mkd:
-                terms["mkd"] = losses.mkd_loss(student_logits=logits, teacher_logits=teacher_logits,
-                                                                              temperature=loss_spec.temperature)
+                terms["mkd"] = losses.mkd_loss(
+                    student_logits=logits, teacher_logits=teacher_logits, temperature=loss_spec.temperature
+                )
                 total = total + loss_spec.alpha * terms["mkd"]
             if loss_spec.uses_clt:
                 student_embed = gather(head.apply({"params": params["heads"]["student"]}, features))
@@ -236,32 +281,42 @@ def make_update_fn(*, model: nn.Module, teacher_model: nn.Module | None, head: n
                 clt_labels = gather(labels)
                 if loss_spec.clt_variant == "in_batch":
                     terms["clt"] = losses.in_batch_clt_loss(
-                            student_embed=student_embed, teacher_embed=teacher_embed, labels=clt_labels,
-                            temperature=loss_spec.clt_temperature, mask_mode=loss_spec.mask_mode)
+                        student_embed=student_embed,
+                        teacher_embed=teacher_embed,
+                        labels=clt_labels,
+                        temperature=loss_spec.clt_temperature,
+                        mask_mode=loss_spec.mask_mode,
+                    )
                 else:
                     terms["clt"], bank = losses.memory_bank_clt_loss(
-                            student_embed=student_embed, teacher_embed=teacher_embed,
-                            indices=gather(batch["index"]), labels=clt_labels, bank=bank, rng=clt_rng,
-                            num_negatives=loss_spec.num_negatives, temperature=loss_spec.clt_temperature,
-                            momentum=loss_spec.momentum, mask_mode=loss_spec.mask_mode)
+                        student_embed=student_embed,
+                        teacher_embed=teacher_embed,
+                        indices=gather(batch["index"]),
+                        labels=clt_labels,
+                        bank=bank,
+                        rng=clt_rng,
+                        num_negatives=loss_spec.num_negatives,
+                        temperature=loss_spec.clt_temperature,
+                        momentum=loss_spec.momentum,
+                        mask_mode=loss_spec.mask_mode,
+                    )
                 total = total + loss_spec.beta * terms["clt"]
             return total, (terms, mutated["batch_stats"], bank)
 
         (loss, (terms, batch_stats, bank)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                              "learning_rate": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
         metrics.update({f"loss_{name}": value for name, value in terms.items()})
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                                            opt_state=opt_state, memory_bank=bank)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, memory_bank=bank
+        )
         return new_state, metrics
 
     return update_fn
 
 
-def make_forward_fn(model: nn.Module, lead_index: list[int],
-                                        parallel: parallel_lib.Parallelism) -> Callable:
+def make_forward_fn(model: nn.Module, lead_index: list[int], parallel: parallel_lib.Parallelism) -> Callable:
     """Jitted ``forward(variables, x12) -> (logits, features)``: eval mode, chosen leads,
     outputs replicated so every host can read them."""
     lead_index = np.asarray(lead_index)
@@ -272,10 +327,18 @@ def make_forward_fn(model: nn.Module, lead_index: list[int],
     return jax.jit(forward, out_shardings=parallel.replicated)
 
 
-def predict_windows(forward: Callable, variables: Any, split: data_lib.Split, *,
-                                        record_index: np.ndarray, starts: np.ndarray, window: int,
-                                        batch_size: int, parallel: parallel_lib.Parallelism,
-                                        with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_windows(
+    forward: Callable,
+    variables: Any,
+    split: data_lib.Split,
+    *,
+    record_index: np.ndarray,
+    starts: np.ndarray,
+    window: int,
+    batch_size: int,
+    parallel: parallel_lib.Parallelism,
+    with_features: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (and features) of every (record, start) window, in fixed-shape batches."""
     rows = parallel.host_slice(batch_size)
     logits_out, features_out = [], []
@@ -298,29 +361,52 @@ def predict_windows(forward: Callable, variables: Any, split: data_lib.Split, *,
     return logits, features
 
 
-def predict_records(forward: Callable, variables: Any, split: data_lib.Split, *, window: int,
-                                        stride: int, batch_size: int, parallel: parallel_lib.Parallelism,
-                                        aggregate: str = "max") -> np.ndarray:
+def predict_records(
+    forward: Callable,
+    variables: Any,
+    split: data_lib.Split,
+    *,
+    window: int,
+    stride: int,
+    batch_size: int,
+    parallel: parallel_lib.Parallelism,
+    aggregate: str = "max",
+) -> np.ndarray:
     """Per-record sigmoid scores (N, C): sliding windows aggregated by max (benchmark) or mean."""
     record_index, starts = input_pipeline.window_index(
-            split.lengths, window=window, stride=stride, window_starts=metrics_lib.window_starts)
-    logits, _ = predict_windows(forward, variables, split, record_index=record_index,
-                                                            starts=starts, window=window, batch_size=batch_size,
-                                                            parallel=parallel)
+        split.lengths, window=window, stride=stride, window_starts=metrics_lib.window_starts
+    )
+    logits, _ = predict_windows(
+        forward,
+        variables,
+        split,
+        record_index=record_index,
+        starts=starts,
+        window=window,
+        batch_size=batch_size,
+        parallel=parallel,
+    )
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    return metrics_lib.aggregate_windows(scores=probs, record_index=record_index,
-                                                                              num_records=len(split), how=aggregate)
+    return metrics_lib.aggregate_windows(
+        scores=probs, record_index=record_index, num_records=len(split), how=aggregate
+    )
 
 
 # ----------------------------------------------------------------------------- run directory
+
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
 # Fields that may change between a run and its resumption: they do not change what is trained.
-RESUMABLE_CHANGES = ("train.stop_at_step", "train.log_every_steps", "train.keep_checkpoints",
-                     "eval.bootstrap_resamples", "eval.batch_size")
+RESUMABLE_CHANGES = (
+    "train.stop_at_step",
+    "train.log_every_steps",
+    "train.keep_checkpoints",
+    "eval.bootstrap_resamples",
+    "eval.batch_size",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -340,12 +426,15 @@ def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
         return
     old = _flatten(json.loads(path.read_text()))
     new = _flatten(json.loads(config.to_json()))
-    changed = sorted(k for k in set(old) | set(new)
-                     if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    changed = sorted(
+        k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+    )
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ValueError(f"{workdir} holds a run with a different config ({details}); "
-                         "use a new --workdir (or restore the original settings to resume it)")
+        raise ValueError(
+            f"{workdir} holds a run with a different config ({details}); "
+            "use a new --workdir (or restore the original settings to resume it)"
+        )
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -356,13 +445,17 @@ def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    return models.create_model(config.student.arch, num_classes=num_classes,
-                                                          width_mult=float(config.student.width_mult),
-                                                          dtype=jnp.dtype(config.student.dtype))
+    return models.create_model(
+        config.student.arch,
+        num_classes=num_classes,
+        width_mult=float(config.student.width_mult),
+        dtype=jnp.dtype(config.student.dtype),
+    )
 
 
-def load_trained_model(workdir: str | pathlib.Path, *, which: str = "best",
-                                              parallel: parallel_lib.Parallelism | None = None):
+def load_trained_model(
+    workdir: str | pathlib.Path, *, which: str = "best", parallel: parallel_lib.Parallelism | None = None
+):
     """(model, variables, run config, lead names, meta) of a finished run."""
     parallel = parallel or parallel_lib.make_parallelism()
     run_config = load_run_config(workdir)
@@ -372,7 +465,8 @@ def load_trained_model(workdir: str | pathlib.Path, *, which: str = "best",
     sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
     target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
     target = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target)
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target
+    )
     variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
     return model, variables, run_config, info, meta
 
@@ -415,50 +509,75 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _teacher_for(config: ml_collections.ConfigDict, label_names: list[str],
-                                  parallel: parallel_lib.Parallelism):
+def _teacher_for(
+    config: ml_collections.ConfigDict, label_names: list[str], parallel: parallel_lib.Parallelism
+):
     if not config.teacher_workdir:
         raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
     model, variables, teacher_config, info, meta = load_trained_model(
-            config.teacher_workdir, which="best", parallel=parallel)
+        config.teacher_workdir, which="best", parallel=parallel
+    )
     if info["label_names"] != list(label_names):
-        raise ValueError(f"teacher in {config.teacher_workdir} was trained on labels {info['label_names']}, "
-                                          f"these shards have {list(label_names)}")
+        raise ValueError(
+            f"teacher in {config.teacher_workdir} was trained on labels {info['label_names']}, "
+            f"these shards have {list(label_names)}"
+        )
     if info["leads"] != list(data_lib.LEADS):
         raise ValueError(f"teacher in {config.teacher_workdir} sees leads {info['leads']}, not all 12")
     return model, variables, info, meta
 
 
-def _teacher_cache(teacher_model, teacher_variables, loader: input_pipeline.TrainBatches,
-                                      *, batch_size: int, parallel: parallel_lib.Parallelism):
+def _teacher_cache(
+    teacher_model,
+    teacher_variables,
+    loader: input_pipeline.TrainBatches,
+    *,
+    batch_size: int,
+    parallel: parallel_lib.Parallelism,
+):
     """Teacher logits and features of every train record's deterministic crop."""
     indices, starts = loader.fixed_crops()
     forward = make_forward_fn(teacher_model, list(range(len(data_lib.LEADS))), parallel)
-    return predict_windows(forward, teacher_variables, loader.split, record_index=indices,
-                                                  starts=starts, window=loader.crop_length, batch_size=batch_size,
-                                                  parallel=parallel, with_features=True)
+    return predict_windows(
+        forward,
+        teacher_variables,
+        loader.split,
+        record_index=indices,
+        starts=starts,
+        window=loader.crop_length,
+        batch_size=batch_size,
+        parallel=parallel,
+        with_features=True,
+    )
 
 
 def _check_finite(values: dict, step: int) -> None:
     bad = {k: v for k, v in values.items() if not np.isfinite(v)}
     if bad:
         raise TrainingDivergedError(
-                f"non-finite loss at step {step}: {bad}. The run stopped; the last good checkpoint is kept. "
-                "Lower the learning rate (--config.train.learning_rate) or enable gradient clipping.")
+            f"non-finite loss at step {step}: {bad}. The run stopped; the last good checkpoint is kept. "
+            "Lower the learning rate (--config.train.learning_rate) or enable gradient clipping."
+        )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                                              parallel: parallel_lib.Parallelism | None = None,
-                                              progress: bool = True) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    parallel: parallel_lib.Parallelism | None = None,
+    progress: bool = True,
+) -> dict:
     """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
     workdir = pathlib.Path(workdir).absolute()
     parallel = parallel or parallel_lib.make_parallelism()
     is_chief = jax.process_index() == 0
     loss_spec = LossSpec.from_config(config)
     if config.teacher_cache and config.data.random_crop:
-        raise ValueError("config.teacher_cache=True needs the same crop of a record every epoch: "
-                         "set --config.data.random_crop=False (centre crops; crop_seconds=10 "
-                         "uses whole PTB-XL records)")
+        raise ValueError(
+            "config.teacher_cache=True needs the same crop of a record every epoch: "
+            "set --config.data.random_crop=False (centre crops; crop_seconds=10 "
+            "uses whole PTB-XL records)"
+        )
     train_split = data_lib.open_split(config.data.dir, "train")
     val_split = data_lib.open_split(config.data.dir, "val")
     label_names = list(train_split.label_names)
@@ -468,15 +587,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     batch_size = int(config.train.batch_size)
 
     loader = input_pipeline.TrainBatches(
-            train_split, global_batch_size=batch_size, crop_length=crop_length,
-            random_crop=bool(config.data.random_crop), seed=int(config.seed),
-            host_rows=parallel.host_slice(batch_size))
+        train_split,
+        global_batch_size=batch_size,
+        crop_length=crop_length,
+        random_crop=bool(config.data.random_crop),
+        seed=int(config.seed),
+        host_rows=parallel.host_slice(batch_size),
+    )
     total_steps = int(config.train.epochs) * loader.steps_per_epoch
-    info = {"label_names": label_names, "leads": leads, "crop_length": crop_length,
-                    "sampling_rate": train_split.sampling_rate, "data_dir": str(pathlib.Path(config.data.dir).absolute()),
-                    "method": config.method, "steps_per_epoch": loader.steps_per_epoch,
-                    "total_steps": total_steps, "num_devices": parallel.num_devices,
-                    "config_hash": config_hash(config)}
+    info = {
+        "label_names": label_names,
+        "leads": leads,
+        "crop_length": crop_length,
+        "sampling_rate": train_split.sampling_rate,
+        "data_dir": str(pathlib.Path(config.data.dir).absolute()),
+        "method": config.method,
+        "steps_per_epoch": loader.steps_per_epoch,
+        "total_steps": total_steps,
+        "num_devices": parallel.num_devices,
+        "config_hash": config_hash(config),
+    }
     if (workdir / "checkpoints").is_dir():
         check_resume_config(workdir, config)
     if is_chief:
@@ -488,29 +618,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     teacher_feature_dim = None
     if loss_spec.needs_teacher:
         teacher_model, teacher_variables, teacher_info, teacher_meta = _teacher_for(
-                config, label_names, parallel)
+            config, label_names, parallel
+        )
         sample12 = jnp.zeros((1, crop_length, len(data_lib.LEADS)), jnp.float32)
         teacher_feature_dim = jax.eval_shape(
-                lambda v: teacher_model.apply(v, sample12, train=False), teacher_variables)[1].shape[-1]
-        logging.info("teacher: %s (step %s, val macro-AUC %s)", config.teacher_workdir,
-                                  teacher_meta.get("step"), teacher_meta.get("val_macro_auc"))
+            lambda v: teacher_model.apply(v, sample12, train=False), teacher_variables
+        )[1].shape[-1]
+        logging.info(
+            "teacher: %s (step %s, val macro-AUC %s)",
+            config.teacher_workdir,
+            teacher_meta.get("step"),
+            teacher_meta.get("val_macro_auc"),
+        )
 
     model = build_model(config, len(label_names))
     head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
     tx, schedule = make_optimizer(config.train, total_steps)
     init_rng, rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     state = create_train_state(
-        rng=init_rng, model=model, head=head, tx=tx,
+        rng=init_rng,
+        model=model,
+        head=head,
+        tx=tx,
         sample_x=jnp.zeros((1, crop_length, len(leads)), jnp.float32),
-        train_labels=train_split.y if loss_spec.uses_clt else None, loss_spec=loss_spec,
-        teacher=teacher_variables, teacher_feature_dim=teacher_feature_dim)
+        train_labels=train_split.y if loss_spec.uses_clt else None,
+        loss_spec=loss_spec,
+        teacher=teacher_variables,
+        teacher_feature_dim=teacher_feature_dim,
+    )
     state, rng = parallel.replicate((state, rng))
 
     checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
     best_auc = -math.inf
     if checkpoints.latest_step() is not None:
         model_part, train_part, meta = checkpoints.restore_latest(
-                model=_model_part(state), train=_train_part(state, rng))
+            model=_model_part(state), train=_train_part(state, rng)
+        )
         state, rng = _merge(state, model_part, train_part), train_part["rng"]
         best = checkpoints.best_meta()
         best_auc = best["val_macro_auc"] if best else -math.inf
@@ -520,14 +663,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     if start_step >= total_steps:
         checkpoints.close()
-        _say(is_chief, f"{workdir.name}: already finished ({start_step}/{total_steps} steps), nothing to train")
-        return {"workdir": str(workdir), "step": start_step, "total_steps": total_steps,
-                        "best_val_macro_auc": best_auc, "resumed_finished": True}
+        _say(
+            is_chief, f"{workdir.name}: already finished ({start_step}/{total_steps} steps), nothing to train"
+        )
+        return {
+            "workdir": str(workdir),
+            "step": start_step,
+            "total_steps": total_steps,
+            "best_val_macro_auc": best_auc,
+            "resumed_finished": True,
+        }
 
     cache = None
     if config.teacher_cache and loss_spec.needs_teacher:
-        cache = _teacher_cache(teacher_model, teacher_variables, loader,
-                                                      batch_size=batch_size, parallel=parallel)
+        cache = _teacher_cache(
+            teacher_model, teacher_variables, loader, batch_size=batch_size, parallel=parallel
+        )
 
     def produce(step):
         batch = loader.batch_at(step)
@@ -537,27 +688,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         return parallel.to_global(batch)
 
     update = jax.jit(
-            make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx,
-                                          schedule=schedule, loss_spec=loss_spec, student_leads=student_leads,
-                                          replicated=parallel.replicated),
-            donate_argnums=(0,))
+        make_update_fn(
+            model=model,
+            teacher_model=teacher_model,
+            head=head,
+            tx=tx,
+            schedule=schedule,
+            loss_spec=loss_spec,
+            student_leads=student_leads,
+            replicated=parallel.replicated,
+        ),
+        donate_argnums=(0,),
+    )
     forward = make_forward_fn(model, student_leads, parallel)
     window = crop_length
     stride = max(int(window * config.data.eval_stride_fraction), 1)
     stop_at = int(config.train.stop_at_step) if config.train.stop_at_step else None
 
     def validate() -> float:
-        scores = predict_records(forward, {"params": state.params["model"], "batch_stats": state.batch_stats},
-                                                          val_split, window=window, stride=stride,
-                                                          batch_size=int(config.eval.batch_size), parallel=parallel,
-                                                          aggregate=config.eval.aggregate)
+        scores = predict_records(
+            forward,
+            {"params": state.params["model"], "batch_stats": state.batch_stats},
+            val_split,
+            window=window,
+            stride=stride,
+            batch_size=int(config.eval.batch_size),
+            parallel=parallel,
+            aggregate=config.eval.aggregate,
+        )
         return metrics_lib.macro_auc(y_true=val_split.y, y_score=scores)
 
     def save(step, epoch, val_auc, best):
-        meta = {"step": step, "epoch": epoch, "val_macro_auc": val_auc, "best_val_macro_auc": best_auc,
-                        "config_hash": info["config_hash"], "label_names": label_names, "leads": leads}
-        checkpoints.save(step, model=_model_part(state), train=_train_part(state, rng), meta=meta,
-                         best=best)
+        meta = {
+            "step": step,
+            "epoch": epoch,
+            "val_macro_auc": val_auc,
+            "best_val_macro_auc": best_auc,
+            "config_hash": info["config_hash"],
+            "label_names": label_names,
+            "leads": leads,
+        }
+        checkpoints.save(step, model=_model_part(state), train=_train_part(state, rng), meta=meta, best=best)
 
     pending: list[dict] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
@@ -574,15 +745,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 if done % int(config.train.log_every_steps) and not (epoch_end or must_stop):
                     continue
                 # Host read of device metrics only here, at log points.
-                means = {k: float(v) for k, v in jax.device_get(
-                        jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)).items()}
+                means = {
+                    k: float(v)
+                    for k, v in jax.device_get(
+                        jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)
+                    ).items()
+                }
                 pending.clear()
                 _check_finite({k: v for k, v in means.items() if k.startswith("loss")}, done)
                 now = time.perf_counter()
                 seconds_per_step = (now - last_log_time) / (done - last_log_step)
                 last_log_time, last_log_step = now, done
-                row = {"step": done, "epoch": done / loader.steps_per_epoch, **means,
-                              "step_time_s": seconds_per_step, "samples_per_s": batch_size / seconds_per_step}
+                row = {
+                    "step": done,
+                    "epoch": done / loader.steps_per_epoch,
+                    **means,
+                    "step_time_s": seconds_per_step,
+                    "samples_per_s": batch_size / seconds_per_step,
+                }
                 log.write(row)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
                 if epoch_end:
@@ -591,7 +771,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     if epoch % int(config.eval.every_epochs) == 0 or done == total_steps:
                         val_auc = float(validate())
                         log.write({"step": done, "epoch": epoch, "val_macro_auc": val_auc})
-                        bar.write(f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC {val_auc:.4f}")
+                        bar.write(
+                            f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC {val_auc:.4f}"
+                        )
                     improved = val_auc is not None and val_auc > best_auc
                     if improved:
                         best_auc = val_auc
@@ -599,20 +781,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 elif must_stop:
                     save(done, done / loader.steps_per_epoch, None, False)
                 if must_stop:
-                    _say(is_chief, f"{workdir.name}: checkpoint saved, stopped at step {done}/{total_steps} "
-                         f"({'SIGTERM' if stop.requested else 'train.stop_at_step'}); rerun to continue")
+                    _say(
+                        is_chief,
+                        f"{workdir.name}: checkpoint saved, stopped at step {done}/{total_steps} "
+                        f"({'SIGTERM' if stop.requested else 'train.stop_at_step'}); rerun to continue",
+                    )
                     break
         finally:
             bar.close()
             checkpoints.wait()
             checkpoints.close()
         if stop.requested:
-            raise TrainingPreempted(f"{workdir}: SIGTERM at step {int(state.step)}/{total_steps}; "
-                                    "checkpoint saved, rerun the same command to continue")
+            raise TrainingPreempted(
+                f"{workdir}: SIGTERM at step {int(state.step)}/{total_steps}; "
+                "checkpoint saved, rerun the same command to continue"
+            )
     final_step = int(state.step)
-    return {"workdir": str(workdir), "step": final_step, "total_steps": total_steps,
-            "best_val_macro_auc": best_auc, "resumed_finished": False,
-            "finished": final_step >= total_steps}
+    return {
+        "workdir": str(workdir),
+        "step": final_step,
+        "total_steps": total_steps,
+        "best_val_macro_auc": best_auc,
+        "resumed_finished": False,
+        "finished": final_step >= total_steps,
+    }
 
 
 def _model_part(state: TrainState) -> dict:
@@ -620,8 +812,7 @@ def _model_part(state: TrainState) -> dict:
 
 
 def _train_part(state: TrainState, rng: jax.Array) -> dict:
-    part = {"step": state.step, "heads": state.params["heads"], "opt_state": state.opt_state,
-            "rng": rng}
+    part = {"step": state.step, "heads": state.params["heads"], "opt_state": state.opt_state, "rng": rng}
     if state.memory_bank is not None:
         part["memory_bank"] = state.memory_bank
     return part
@@ -629,10 +820,12 @@ def _train_part(state: TrainState, rng: jax.Array) -> dict:
 
 def _merge(state: TrainState, model_part: dict, train_part: dict) -> TrainState:
     return state.replace(
-            step=train_part["step"],
-            params={"model": model_part["params"], "heads": train_part["heads"]},
-            batch_stats=model_part["batch_stats"], opt_state=train_part["opt_state"],
-            memory_bank=train_part.get("memory_bank", state.memory_bank))
+        step=train_part["step"],
+        params={"model": model_part["params"], "heads": train_part["heads"]},
+        batch_stats=model_part["batch_stats"],
+        opt_state=train_part["opt_state"],
+        memory_bank=train_part.get("memory_bank", state.memory_bank),
+    )
 
 
 def _say(enabled: bool, message: str) -> None:
@@ -641,5 +834,12 @@ def _say(enabled: bool, message: str) -> None:
 
 
 def _progress_bar(enabled: bool, initial: int, total: int, name: str):
-    return tqdm.tqdm(total=total, initial=initial, desc=name, unit="step", disable=not enabled,
-                                      dynamic_ncols=True, mininterval=1.0)
+    return tqdm.tqdm(
+        total=total,
+        initial=initial,
+        desc=name,
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )

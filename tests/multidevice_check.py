@@ -34,24 +34,43 @@ def one_step(parallel, *, method, variant, split, teacher_model, teacher_vars):
     head = models.ProjectionHead(dim=spec.clt_dim)
     tx = optax.sgd(1.0)
     state = train.create_train_state(
-        rng=jax.random.PRNGKey(0), model=model, head=head, tx=tx, sample_x=jnp.zeros((1, 250, 1)),
-        train_labels=split.y, loss_spec=spec, teacher=teacher_vars,
-        teacher_feature_dim=models.feature_dim("resnet1d_wang", width_mult=0.25))
+        rng=jax.random.PRNGKey(0),
+        model=model,
+        head=head,
+        tx=tx,
+        sample_x=jnp.zeros((1, 250, 1)),
+        train_labels=split.y,
+        loss_spec=spec,
+        teacher=teacher_vars,
+        teacher_feature_dim=models.feature_dim("resnet1d_wang", width_mult=0.25),
+    )
     state = parallel.replicate(state)
-    update = jax.jit(train.make_update_fn(
-        model=model, teacher_model=teacher_model, head=head, tx=tx,
-        schedule=optax.constant_schedule(1.0), loss_spec=spec, student_leads=[0],
-        replicated=parallel.replicated), donate_argnums=(0,))
-    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250,
-                                         random_crop=True, seed=0)
+    update = jax.jit(
+        train.make_update_fn(
+            model=model,
+            teacher_model=teacher_model,
+            head=head,
+            tx=tx,
+            schedule=optax.constant_schedule(1.0),
+            loss_spec=spec,
+            student_leads=[0],
+            replicated=parallel.replicated,
+        ),
+        donate_argnums=(0,),
+    )
+    loader = input_pipeline.TrainBatches(
+        split, global_batch_size=32, crop_length=250, random_crop=True, seed=0
+    )
     batch = parallel.to_global(loader.batch_at(0))
     new_state, metrics = update(state, batch, parallel.replicate(jax.random.PRNGKey(7)))
     return jax.device_get((new_state.params, new_state.batch_stats, new_state.memory_bank, metrics))
 
 
 def max_abs_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def main(shards):
@@ -60,13 +79,23 @@ def main(shards):
     teacher_model = models.create_model("resnet1d_wang", num_classes=split.num_classes, width_mult=0.25)
     # Host copy: each step's state gets its own device buffers (the step donates its state).
     teacher_vars = jax.device_get(
-        teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, 250, 12)), train=False))
+        teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, 250, 12)), train=False)
+    )
     one = parallel_lib.make_parallelism(jax.devices()[:1])
     eight = parallel_lib.make_parallelism(jax.devices())
     report = {}
     for method, variant in [("bce", "in_batch"), ("mvkt", "in_batch"), ("mvkt", "memory_bank")]:
-        results = [one_step(p, method=method, variant=variant, split=split,
-                            teacher_model=teacher_model, teacher_vars=teacher_vars) for p in (one, eight)]
+        results = [
+            one_step(
+                p,
+                method=method,
+                variant=variant,
+                split=split,
+                teacher_model=teacher_model,
+                teacher_vars=teacher_vars,
+            )
+            for p in (one, eight)
+        ]
         (p1, bs1, bank1, m1), (p8, bs8, bank8, m8) = results
         report[f"{method}/{variant}"] = {
             "grad_max_abs_diff": max_abs_diff(p1, p8),

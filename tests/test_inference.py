@@ -13,8 +13,9 @@ from mvkt import parallel as parallel_lib
 def test_predict_records_is_max_over_windows_on_ragged_real_records(samples_dir, tmp_path):
     # Every record in "train" so that all six real CPSC records (10-19 s) are scored.
     out = tmp_path / "cpsc"
-    cpsc2018.prepare(samples_dir / "cpsc2018", out,
-                     split_folds={"train": list(range(1, 11)), "val": [], "test": []})
+    cpsc2018.prepare(
+        samples_dir / "cpsc2018", out, split_folds={"train": list(range(1, 11)), "val": [], "test": []}
+    )
     split = data_lib.open_split(out, "train")
     assert split.ragged and len(set(split.lengths.tolist())) > 1
     model = models.create_model("resnet1d_wang", num_classes=split.num_classes, width_mult=0.25)
@@ -23,8 +24,16 @@ def test_predict_records_is_max_over_windows_on_ragged_real_records(samples_dir,
     forward = train.make_forward_fn(model, data_lib.lead_indices(["II"]), parallel)
     window, stride = 250, 125
 
-    scores = train.predict_records(forward, variables, split, window=window, stride=stride,
-                                   batch_size=8, parallel=parallel, aggregate="max")
+    scores = train.predict_records(
+        forward,
+        variables,
+        split,
+        window=window,
+        stride=stride,
+        batch_size=8,
+        parallel=parallel,
+        aggregate="max",
+    )
 
     assert scores.shape == (len(split), split.num_classes)
     records, starts = [], []

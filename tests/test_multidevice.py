@@ -19,9 +19,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_eight_devices_match_one_device(ptbxl_sample_shards):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_NUM_CPU_DEVICES="8")
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_check.py"),
-                             str(ptbxl_sample_shards)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "multidevice_check.py"), str(ptbxl_sample_shards)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"bce/in_batch", "mvkt/in_batch", "mvkt/memory_bank"}

@@ -20,8 +20,9 @@ TINY = ["--epochs=1", "--width_mult=0.25", "--bootstrap_resamples=50"]
 
 def _run(module, *args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +91,21 @@ def test_evaluate_cli_names_missing_run(tmp_path):
 
 def test_half_finished_pipeline_resumes(ptbxl_sample_shards, tmp_path, monkeypatch):
     """A pipeline that died in the MVKT stage continues there; earlier runs are not retrained."""
-    kwargs = dict(workdir=tmp_path, ptbxl_dir="", data_dir=str(ptbxl_sample_shards),
-                  task="superdiagnostic", leads="I", epochs=1, arch="resnet1d_wang",
-                  width_mult=0.25, seeds=[0], batch_size=0, clt_variant="in_batch",
-                  n_resamples=50, progress=False)
+    kwargs = dict(
+        workdir=tmp_path,
+        ptbxl_dir="",
+        data_dir=str(ptbxl_sample_shards),
+        task="superdiagnostic",
+        leads="I",
+        epochs=1,
+        arch="resnet1d_wang",
+        width_mult=0.25,
+        seeds=[0],
+        batch_size=0,
+        clt_variant="in_batch",
+        n_resamples=50,
+        progress=False,
+    )
     real_train_run = study.train_run
 
     def dies_at_mvkt(run, study_dir, **kw):
@@ -118,8 +130,9 @@ def test_shared_teacher_pairs_with_every_baseline_seed(pipeline_dir):
     """Ablations may reuse one teacher for all seeds: it is paired with each baseline seed."""
     runs = pipeline_dir / "runs"
     bce = [runs / "bce_leadsI_seed0"] * 2
-    rows = study.comparison_rows({"teacher": [runs / "teacher_seed0"], "bce": bce},
-                                 baseline="bce", n_resamples=50)
+    rows = study.comparison_rows(
+        {"teacher": [runs / "teacher_seed0"], "bce": bce}, baseline="bce", n_resamples=50
+    )
     teacher = rows[0]
     single = evaluate.compare_runs(bce[:1], [runs / "teacher_seed0"], n_resamples=50)
     assert teacher["num_seeds"] == 1

@@ -53,8 +53,7 @@ def read_metrics(workdir):
 @pytest.fixture(scope="module")
 def teacher_run(ptbxl_sample_shards, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("teacher") / "run"
-    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards), workdir,
-                             progress=False)
+    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards), workdir, progress=False)
     return workdir
 
 
@@ -90,8 +89,9 @@ def test_resuming_with_a_different_config_is_refused(teacher_run):
 
 def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
     split = data_lib.open_split(ptbxl_sample_shards, "train")
-    loader = input_pipeline.TrainBatches(split, global_batch_size=64, crop_length=250,
-                                         random_crop=False, seed=0)
+    loader = input_pipeline.TrainBatches(
+        split, global_batch_size=64, crop_length=250, random_crop=False, seed=0
+    )
     config = tiny(teacher_config.get_config(), ptbxl_sample_shards)
     config.train.schedule = "constant"
     config.train.learning_rate = 3e-3
@@ -99,13 +99,30 @@ def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
     model = train.build_model(config, split.num_classes)
     spec = train.LossSpec.from_config(config)
     tx, schedule = train.make_optimizer(config.train, 30)
-    state = train.create_train_state(rng=jax.random.PRNGKey(0), model=model, head=None, tx=tx,
-                                     sample_x=jnp.zeros((1, 250, 12)), train_labels=None,
-                                     loss_spec=spec, teacher=None, teacher_feature_dim=None)
-    update = jax.jit(train.make_update_fn(model=model, teacher_model=None, head=None, tx=tx,
-                                          schedule=schedule, loss_spec=spec,
-                                          student_leads=list(range(12)),
-                                          replicated=parallel.replicated), donate_argnums=(0,))
+    state = train.create_train_state(
+        rng=jax.random.PRNGKey(0),
+        model=model,
+        head=None,
+        tx=tx,
+        sample_x=jnp.zeros((1, 250, 12)),
+        train_labels=None,
+        loss_spec=spec,
+        teacher=None,
+        teacher_feature_dim=None,
+    )
+    update = jax.jit(
+        train.make_update_fn(
+            model=model,
+            teacher_model=None,
+            head=None,
+            tx=tx,
+            schedule=schedule,
+            loss_spec=spec,
+            student_leads=list(range(12)),
+            replicated=parallel.replicated,
+        ),
+        donate_argnums=(0,),
+    )
     batch = parallel.to_global(loader.batch_at(0))
     rng = jax.random.PRNGKey(1)
     losses = []
@@ -117,14 +134,20 @@ def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
 
 @pytest.mark.parametrize("variant", ["memory_bank", "in_batch"])
 def test_interrupted_student_run_resumes_to_identical_metrics(
-        ptbxl_sample_shards, teacher_run, tmp_path, variant):
+    ptbxl_sample_shards, teacher_run, tmp_path, variant
+):
     def config(**kw):
-        return tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher_run),
-                    **{"clt.variant": variant, "train.epochs": 3, **kw})
+        return tiny(
+            student_config.get_config(),
+            ptbxl_sample_shards,
+            teacher_workdir=str(teacher_run),
+            **{"clt.variant": variant, "train.epochs": 3, **kw},
+        )
 
     train.train_and_evaluate(config(), tmp_path / "straight", progress=False)
-    stopped = train.train_and_evaluate(config(**{"train.stop_at_step": 3}), tmp_path / "resumed",
-                                       progress=False)
+    stopped = train.train_and_evaluate(
+        config(**{"train.stop_at_step": 3}), tmp_path / "resumed", progress=False
+    )
     assert stopped["step"] == 3 and not stopped["finished"]
     # The planned stop is mid-epoch 2: the resumed run must restore the memory bank,
     # optimizer, RNG and data position exactly to reproduce the straight run.
@@ -146,24 +169,43 @@ def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run):
     teacher_model, teacher_vars, _, _, _ = train.load_trained_model(teacher_run, parallel=parallel)
     config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"data.random_crop": False})
     split = data_lib.open_split(ptbxl_sample_shards, "train")
-    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250,
-                                         random_crop=False, seed=0)
-    cache_logits, cache_features = train._teacher_cache(teacher_model, teacher_vars, loader,
-                                                        batch_size=64, parallel=parallel)
+    loader = input_pipeline.TrainBatches(
+        split, global_batch_size=32, crop_length=250, random_crop=False, seed=0
+    )
+    cache_logits, cache_features = train._teacher_cache(
+        teacher_model, teacher_vars, loader, batch_size=64, parallel=parallel
+    )
     model = train.build_model(config, split.num_classes)
     spec = train.LossSpec.from_config(config)
     head = models.ProjectionHead(dim=128)
     tx, schedule = train.make_optimizer(config.train, 10)
     state = train.create_train_state(
-        rng=jax.random.PRNGKey(0), model=model, head=head, tx=tx, sample_x=jnp.zeros((1, 250, 1)),
-        train_labels=split.y, loss_spec=spec, teacher=teacher_vars,
-        teacher_feature_dim=cache_features.shape[-1])
-    update = jax.jit(train.make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx,
-                                          schedule=schedule, loss_spec=spec, student_leads=[0],
-                                          replicated=parallel.replicated))
+        rng=jax.random.PRNGKey(0),
+        model=model,
+        head=head,
+        tx=tx,
+        sample_x=jnp.zeros((1, 250, 1)),
+        train_labels=split.y,
+        loss_spec=spec,
+        teacher=teacher_vars,
+        teacher_feature_dim=cache_features.shape[-1],
+    )
+    update = jax.jit(
+        train.make_update_fn(
+            model=model,
+            teacher_model=teacher_model,
+            head=head,
+            tx=tx,
+            schedule=schedule,
+            loss_spec=spec,
+            student_leads=[0],
+            replicated=parallel.replicated,
+        )
+    )
     batch = loader.batch_at(0)
-    cached = dict(batch, teacher_logits=cache_logits[batch["index"]],
-                  teacher_features=cache_features[batch["index"]])
+    cached = dict(
+        batch, teacher_logits=cache_logits[batch["index"]], teacher_features=cache_features[batch["index"]]
+    )
     rng = jax.random.PRNGKey(3)
     _, live = update(state, parallel.to_global(batch), rng)
     _, from_cache = update(state, parallel.to_global(cached), rng)
@@ -172,8 +214,9 @@ def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run):
 
 
 def test_teacher_cache_requires_deterministic_crops(ptbxl_sample_shards, teacher_run, tmp_path):
-    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher_run),
-                  teacher_cache=True)
+    config = tiny(
+        student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher_run), teacher_cache=True
+    )
     with pytest.raises(ValueError, match="random_crop=False"):
         train.train_and_evaluate(config, tmp_path / "s", progress=False)
 
@@ -189,14 +232,32 @@ def test_step_changes_student_and_heads_but_never_the_teacher(ptbxl_sample_shard
     tx, schedule = train.make_optimizer(config.train, 10)
     feature_dim = models.feature_dim("resnet1d_wang", width_mult=0.25)
     state = train.create_train_state(
-        rng=jax.random.PRNGKey(0), model=model, head=head, tx=tx, sample_x=jnp.zeros((1, 250, 1)),
-        train_labels=split.y, loss_spec=spec, teacher=teacher_vars, teacher_feature_dim=feature_dim)
+        rng=jax.random.PRNGKey(0),
+        model=model,
+        head=head,
+        tx=tx,
+        sample_x=jnp.zeros((1, 250, 1)),
+        train_labels=split.y,
+        loss_spec=spec,
+        teacher=teacher_vars,
+        teacher_feature_dim=feature_dim,
+    )
     before = jax.device_get(state)
-    update = jax.jit(train.make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx,
-                                          schedule=schedule, loss_spec=spec, student_leads=[0],
-                                          replicated=parallel.replicated))
-    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250,
-                                         random_crop=True, seed=0)
+    update = jax.jit(
+        train.make_update_fn(
+            model=model,
+            teacher_model=teacher_model,
+            head=head,
+            tx=tx,
+            schedule=schedule,
+            loss_spec=spec,
+            student_leads=[0],
+            replicated=parallel.replicated,
+        )
+    )
+    loader = input_pipeline.TrainBatches(
+        split, global_batch_size=32, crop_length=250, random_crop=True, seed=0
+    )
     after, _ = update(state, parallel.to_global(loader.batch_at(0)), jax.random.PRNGKey(0))
     after = jax.device_get(after)
 
@@ -216,8 +277,9 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(ptbxl_sampl
     shutil.copytree(ptbxl_sample_shards, shards)
     config = tiny(teacher_config.get_config(), shards)
     split = data_lib.open_split(shards, "train")
-    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250,
-                                         random_crop=True, seed=int(config.seed))
+    loader = input_pipeline.TrainBatches(
+        split, global_batch_size=32, crop_length=250, random_crop=True, seed=int(config.seed)
+    )
     epoch1 = set(np.concatenate([loader.indices_at(s)[0] for s in (0, 1)]).tolist())
     epoch2 = set(np.concatenate([loader.indices_at(s)[0] for s in (2, 3)]).tolist())
     poisoned = min(epoch2 - epoch1)
@@ -250,20 +312,37 @@ def test_unknown_method_and_leads_are_clear_errors(ptbxl_sample_shards, tmp_path
 
 def _cli(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_cli_acceptance_commands_with_overrides(ptbxl_sample_shards, tmp_path):
-    common = [f"--config.data.dir={ptbxl_sample_shards}", "--config.train.epochs=1",
-              "--config.student.width_mult=0.25", "--config.train.batch_size=32"]
+    common = [
+        f"--config.data.dir={ptbxl_sample_shards}",
+        "--config.train.epochs=1",
+        "--config.student.width_mult=0.25",
+        "--config.train.batch_size=32",
+    ]
     teacher = tmp_path / "T"
     result = _cli("--config=experiments/configs/teacher.py", f"--workdir={teacher}", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     student = tmp_path / "S"
-    args = ["--config=experiments/configs/student.py", f"--workdir={student}", *common,
-            f"--config.teacher_workdir={teacher}", "--config.student.leads=I,II",
-            "--config.method=mvkt", "--config.clt.variant=memory_bank", "--config.clt.num_negatives=8"]
+    args = [
+        "--config=experiments/configs/student.py",
+        f"--workdir={student}",
+        *common,
+        f"--config.teacher_workdir={teacher}",
+        "--config.student.leads=I,II",
+        "--config.method=mvkt",
+        "--config.clt.variant=memory_bank",
+        "--config.clt.num_negatives=8",
+    ]
     result = _cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((student / "config.json").read_text())
@@ -279,12 +358,24 @@ def test_cli_acceptance_commands_with_overrides(ptbxl_sample_shards, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(ptbxl_sample_shards, tmp_path):
     workdir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/teacher.py",
-         f"--workdir={workdir}", f"--config.data.dir={ptbxl_sample_shards}",
-         "--config.train.epochs=500", "--config.student.width_mult=0.25",
-         "--config.train.batch_size=32", "--config.train.log_every_steps=1"],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config=experiments/configs/teacher.py",
+            f"--workdir={workdir}",
+            f"--config.data.dir={ptbxl_sample_shards}",
+            "--config.train.epochs=500",
+            "--config.student.width_mult=0.25",
+            "--config.train.batch_size=32",
+            "--config.train.log_every_steps=1",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):

@@ -13,11 +13,11 @@ def get_config(arg=None):
     config.seed = 0
     # bce | kd | mkd | clt | mvkt (see mvkt/train.py); bce on all 12 leads trains the teacher.
     config.method = "bce"
-    config.teacher_workdir = ""    # a finished teacher run; needed by kd/mkd/clt/mvkt
-    config.teacher_cache = False   # precompute teacher outputs (needs data.random_crop=False)
+    config.teacher_workdir = ""  # a finished teacher run; needed by kd/mkd/clt/mvkt
+    config.teacher_cache = False  # precompute teacher outputs (needs data.random_crop=False)
 
     config.data = ml_collections.ConfigDict()
-    config.data.dir = ""           # shards written by data_prep
+    config.data.dir = ""  # shards written by data_prep
     config.data.crop_seconds = 2.5  # as the PTB-XL benchmark; 10.0 = full record as the authors
     config.data.random_crop = True
     config.data.eval_stride_fraction = 0.5  # sliding-window stride = half a window
@@ -26,7 +26,7 @@ def get_config(arg=None):
     config.student = ml_collections.ConfigDict()
     config.student.arch = "resnet1d_wang"  # xresnet1d18/34/50/101 | resnet1d_wang | inception1d
     config.student.width_mult = 1.0
-    config.student.leads = "I"     # "I", "I,II,V2" or "all"
+    config.student.leads = "I"  # "I", "I,II,V2" or "all"
     config.student.dtype = "float32"  # bfloat16 for GPU/TPU compute
 
     # Loss weights (MVKT-ECG defaults) and temperatures.
@@ -52,11 +52,11 @@ def get_config(arg=None):
     config.train.grad_clip_norm = 1.0
     config.train.log_every_steps = 10
     config.train.keep_checkpoints = 3
-    config.train.stop_at_step = 0   # > 0: save and stop there (planned interruption)
+    config.train.stop_at_step = 0  # > 0: save and stop there (planned interruption)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_epochs = 1
     config.eval.batch_size = 256
-    config.eval.aggregate = "max"   # window aggregation: max (benchmark) | mean
+    config.eval.aggregate = "max"  # window aggregation: max (benchmark) | mean
     config.eval.bootstrap_resamples = 1000
     return config
