@@ -2,7 +2,7 @@
 and CLT memory bank on the same global batch (real PTB-XL records).
 
 Tolerances (float32, reductions reassociated across shards): gradients and memory
-bank within 2e-5 absolute (gradient entries reach ~2), loss terms within 1e-6
+bank within 2e-5 absolute (gradient entries reach ~2; the gradient norm too), loss terms within 1e-6
 relative, BatchNorm running statistics within 1e-5 absolute.
 """
 
@@ -37,5 +37,7 @@ def test_eight_devices_match_one_device(ptbxl_sample_shards):
         assert r["memory_bank_max_abs_diff"] <= 2e-5, (name, r)
         assert r["metrics_1"].keys() == r["metrics_8"].keys()
         for key, value in r["metrics_1"].items():
-            np.testing.assert_allclose(r["metrics_8"][key], value, rtol=1e-6, err_msg=f"{name} {key}")
+            # grad_norm is a gradient quantity: the gradient tolerance applies, not the loss one.
+            tolerance = {"atol": 2e-5} if key == "grad_norm" else {"rtol": 1e-6}
+            np.testing.assert_allclose(r["metrics_8"][key], value, err_msg=f"{name} {key}", **tolerance)
     assert report["mvkt/memory_bank"]["metrics_1"]["loss_clt"] > 0
