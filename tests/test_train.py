@@ -50,6 +50,41 @@ def read_metrics(workdir):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
+def lead_i_student_step(config, split, *, teacher_model, teacher_vars, parallel):
+    """A fresh lead-I student state with CLT heads and its jitted (undonated) train step.
+
+    The test teachers share the student's arch and width, so the feature sizes agree.
+    """
+    model = train.build_model(config, split.num_classes)
+    spec = train.LossSpec.from_config(config)
+    head = models.ProjectionHead(dim=128)
+    tx, schedule = train.make_optimizer(config.train, 10)
+    state = train.create_train_state(
+        rng=jax.random.PRNGKey(0),
+        model=model,
+        head=head,
+        tx=tx,
+        sample_x=jnp.zeros((1, 250, 1)),
+        train_labels=split.y,
+        loss_spec=spec,
+        teacher=teacher_vars,
+        teacher_feature_dim=models.feature_dim(config.student.arch, width_mult=config.student.width_mult),
+    )
+    update = jax.jit(
+        train.make_update_fn(
+            model=model,
+            teacher_model=teacher_model,
+            head=head,
+            tx=tx,
+            schedule=schedule,
+            loss_spec=spec,
+            student_leads=[0],
+            replicated=parallel.replicated,
+        )
+    )
+    return state, update
+
+
 @pytest.fixture(scope="module")
 def teacher_run(ptbxl_sample_shards, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("teacher") / "run"
@@ -175,32 +210,8 @@ def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run):
     cache_logits, cache_features = train._teacher_cache(
         teacher_model, teacher_vars, loader, batch_size=64, parallel=parallel
     )
-    model = train.build_model(config, split.num_classes)
-    spec = train.LossSpec.from_config(config)
-    head = models.ProjectionHead(dim=128)
-    tx, schedule = train.make_optimizer(config.train, 10)
-    state = train.create_train_state(
-        rng=jax.random.PRNGKey(0),
-        model=model,
-        head=head,
-        tx=tx,
-        sample_x=jnp.zeros((1, 250, 1)),
-        train_labels=split.y,
-        loss_spec=spec,
-        teacher=teacher_vars,
-        teacher_feature_dim=cache_features.shape[-1],
-    )
-    update = jax.jit(
-        train.make_update_fn(
-            model=model,
-            teacher_model=teacher_model,
-            head=head,
-            tx=tx,
-            schedule=schedule,
-            loss_spec=spec,
-            student_leads=[0],
-            replicated=parallel.replicated,
-        )
+    state, update = lead_i_student_step(
+        config, split, teacher_model=teacher_model, teacher_vars=teacher_vars, parallel=parallel
     )
     batch = loader.batch_at(0)
     cached = dict(
@@ -226,35 +237,10 @@ def test_step_changes_student_and_heads_but_never_the_teacher(ptbxl_sample_shard
     teacher_model, teacher_vars, _, _, _ = train.load_trained_model(teacher_run, parallel=parallel)
     config = tiny(student_config.get_config(), ptbxl_sample_shards)
     split = data_lib.open_split(ptbxl_sample_shards, "train")
-    model = train.build_model(config, split.num_classes)
-    spec = train.LossSpec.from_config(config)
-    head = models.ProjectionHead(dim=128)
-    tx, schedule = train.make_optimizer(config.train, 10)
-    feature_dim = models.feature_dim("resnet1d_wang", width_mult=0.25)
-    state = train.create_train_state(
-        rng=jax.random.PRNGKey(0),
-        model=model,
-        head=head,
-        tx=tx,
-        sample_x=jnp.zeros((1, 250, 1)),
-        train_labels=split.y,
-        loss_spec=spec,
-        teacher=teacher_vars,
-        teacher_feature_dim=feature_dim,
+    state, update = lead_i_student_step(
+        config, split, teacher_model=teacher_model, teacher_vars=teacher_vars, parallel=parallel
     )
     before = jax.device_get(state)
-    update = jax.jit(
-        train.make_update_fn(
-            model=model,
-            teacher_model=teacher_model,
-            head=head,
-            tx=tx,
-            schedule=schedule,
-            loss_spec=spec,
-            student_leads=[0],
-            replicated=parallel.replicated,
-        )
-    )
     loader = input_pipeline.TrainBatches(
         split, global_batch_size=32, crop_length=250, random_crop=True, seed=0
     )
