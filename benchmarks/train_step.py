@@ -15,9 +15,8 @@ of `--crop` samples with 5 classes:
 | `mvkt_in_batch` | method `mvkt`, CLT `in_batch`, teacher forward in the step | same, in-batch InfoNCE |
 | `mvkt_in_batch_cache` | as above with the teacher cache | same |
 
-The JAX side is exactly what `mvkt.train.train_and_evaluate` runs: the state from
-`create_train_state`, the step from `make_update_fn`, `jax.jit(..., donate_argnums=(0,))`
-(lowered and compiled ahead of time so that compilation is timed separately; the
+The JAX side is exactly what `mvkt.train.train_and_evaluate` runs: the state and the
+donated, jitted step from `mvkt.train.build_training` (lowered and compiled ahead of time so that compilation is timed separately; the
 executable is the one `jit` builds), batches placed with `Parallelism.to_global`, the
 optimizer from `make_optimizer` (clip by global norm + AdamW, one-cycle schedule) and
 the losses of `mvkt.losses` with the defaults of `experiments/configs/default.py`.
@@ -235,34 +234,24 @@ def jax_worker(args) -> None:
     if variant is not None:
         cfg.clt.variant = variant
     spec = train.LossSpec.from_config(cfg)
-    lead_names = train.parse_leads(cfg.student.leads)
-    from mvkt import data as data_lib
-    student_leads = data_lib.lead_indices(lead_names)
 
     par = parallel.make_parallelism()
-    model = train.build_model(cfg, NUM_CLASSES)
-    teacher_model = teacher_vars = None
+    teacher = None
     feature_dim = models.feature_dim(args.arch)
     if spec.needs_teacher:
         teacher_model = models.create_model(args.arch, num_classes=NUM_CLASSES)
-        teacher_vars = teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, args.crop, NUM_LEADS)), train=False)
-    head = models.ProjectionHead(dim=spec.clt_dim) if spec.uses_clt else None
-    tx, schedule = train.make_optimizer(cfg.train, args.total_steps)
+        teacher = (teacher_model,
+                   teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, args.crop, NUM_LEADS)), train=False))
     labels, host_batches = make_data(batch_size=args.batch_size, crop=args.crop, num_batches=args.num_batches)
     if cache:
         add_teacher_cache(host_batches, feature_dim=feature_dim)
-    state = train.create_train_state(
-        rng=jax.random.PRNGKey(0), model=model, head=head, tx=tx,
-        sample_x=jnp.zeros((1, args.crop, len(student_leads)), jnp.float32),
-        train_labels=labels if spec.uses_clt else None, loss_spec=spec,
-        teacher=teacher_vars, teacher_feature_dim=feature_dim)
-    state, base_rng = par.replicate((state, jax.random.PRNGKey(5)))
+    training = train.build_training(
+        cfg, num_classes=NUM_CLASSES, crop_length=args.crop, total_steps=args.total_steps, parallel=par,
+        rng=jax.random.PRNGKey(0), train_labels=labels, teacher=teacher)
+    state, update = training.state, training.update
+    base_rng = par.replicate(jax.random.PRNGKey(5))
     batches = [par.to_global(b) for b in host_batches]
 
-    update = jax.jit(
-        train.make_update_fn(model=model, teacher_model=teacher_model, head=head, tx=tx, schedule=schedule,
-                             loss_spec=spec, student_leads=student_leads, replicated=par.replicated),
-        donate_argnums=(0,))
     rss_before_compile_mb = _rss_mb() - baseline_mb
     t0 = time.perf_counter()
     lowered = update.lower(state, batches[0], base_rng)
@@ -305,8 +294,8 @@ def jax_worker(args) -> None:
     params = holder["state"].params
     n_model = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params["model"]))
     n_heads = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params["heads"]))
-    n_teacher = (sum(int(np.prod(a.shape)) for a in jax.tree.leaves(teacher_vars["params"]))
-                 if teacher_vars is not None else 0)
+    n_teacher = (sum(int(np.prod(a.shape)) for a in jax.tree.leaves(teacher[1]["params"]))
+                 if teacher is not None else 0)
     _say({"event": "ready", "trace_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": first_step_s,
           "warmup_metrics": metrics, "params": {"model": n_model, "heads": n_heads, "teacher": n_teacher},
           "device": device.device_kind, "platform": device.platform, "xla_memory_mb": xla_memory,

@@ -17,7 +17,8 @@ from absl import app, flags
 
 from experiments import report as report_lib
 from experiments import study
-from experiments.cli import exit_on_known_errors, quiet_library_logs
+from experiments import cli
+from mvkt import distributed
 from mvkt import plots
 from mvkt import train as train_lib
 
@@ -98,6 +99,32 @@ def run_ablation(
     if teacher_dir:
         groups["teacher (12-lead)"] = groups["teacher (12-lead)"][:1]
 
+    return distributed.on_chief(
+        _write_report,
+        workdir,
+        groups=groups,
+        methods=methods,
+        leads=leads,
+        seeds=seeds,
+        epochs=epochs,
+        arch=arch,
+        n_resamples=n_resamples,
+        command=command,
+    )
+
+
+def _write_report(
+    workdir: pathlib.Path,
+    *,
+    groups: dict[str, list[pathlib.Path]],
+    methods: list[str],
+    leads: str,
+    seeds: list[int],
+    epochs: int,
+    arch: str,
+    n_resamples: int,
+    command: str,
+) -> pathlib.Path:
     method_group = "mvkt_memory_bank" if "mvkt_memory_bank" in methods else methods[-1]
     rows = study.comparison_rows(groups, baseline="bce", n_resamples=n_resamples)
     png = plots.plot_ablation(
@@ -134,9 +161,9 @@ def run_ablation(
 
 def main(argv):
     del argv
-    quiet_library_logs()
     workdir = pathlib.Path(_WORKDIR.value).absolute()
-    with exit_on_known_errors():
+    with cli.exit_on_known_errors():
+        cli.start()
         data_dir = _DATA_DIR.value or study.prepare_ptbxl(
             _PTBXL_DIR.value, workdir / "data", task=_TASK.value
         )
@@ -154,8 +181,7 @@ def main(argv):
             n_resamples=_RESAMPLES.value,
             command=" ".join(["python -m experiments.ablation", *sys.argv[1:]]),
         )
-    print(path.read_text())
-    print(f"report: {path}")
+        cli.print_report(path)
 
 
 if __name__ == "__main__":

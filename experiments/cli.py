@@ -1,18 +1,53 @@
-"""What every entry point does the same way: console log level and how known failures end.
+"""What every entry point does the same way: multi-host start-up, console logging, how
+known failures end.
 
-Progress and results are printed by the trainer and the runners themselves; known
-failures end the program with one line naming the file and the problem, not a
-traceback (pass --verbosity=1 to get the traceback too).
+Every entry point (train, evaluate, and the study runners) calls ``start()`` first
+inside ``exit_on_known_errors()``. Progress and results are printed by the trainer and
+the runners themselves; known failures end the program with one line naming the file
+and the problem, not a traceback (pass --verbosity=1 to get the traceback too).
+
+Multi-host (one process per host, every host runs the same command):
+``--distributed`` with ``--coordinator_address``, ``--num_processes`` and
+``--process_id``; unset flags fall back to ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, then to jax's cluster auto-detection
+(SLURM, Cloud TPU, ...). Only process 0 prints results and writes files; the others
+log warnings and errors only.
 """
 
 import contextlib
+import os
 import sys
 import traceback
 
+import jax
 from absl import flags, logging
 
 from experiments import study
+from mvkt import distributed
 from mvkt import train
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-process job: one process per host, every host runs the same command"
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    f"host:port of process 0 (with --distributed; default ${distributed.ENV_COORDINATOR}, "
+    "then cluster auto-detection)",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, f"number of processes (default ${distributed.ENV_NUM_PROCESSES} or auto-detected)"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, f"this process's index (default ${distributed.ENV_PROCESS_ID} or auto-detected)"
+)
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds",
+    distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    "a process silent this long is taken as dead and the job ends with an error",
+)
+
+MULTI_HOST_FLAGS = ("distributed", "coordinator_address", "num_processes", "heartbeat_timeout_seconds")
 
 
 def quiet_library_logs():
@@ -21,15 +56,72 @@ def quiet_library_logs():
         logging.set_verbosity(logging.WARNING)
 
 
+def start() -> None:
+    """Console log level, then (with --distributed) joins the multi-process job."""
+    quiet_library_logs()
+    manual = [f"--{n}" for n in ("coordinator_address", "num_processes", "process_id") if flags.FLAGS[n].present]
+    if not _DISTRIBUTED.value:
+        if manual:
+            raise ValueError(f"{', '.join(manual)} given without --distributed")
+        return
+    distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        heartbeat_timeout_seconds=_HEARTBEAT.value,
+    )
+    if not distributed.is_chief():
+        # Results are the chief's to print; the others keep warnings and errors (stderr).
+        if logging.get_verbosity() > logging.WARNING:
+            logging.set_verbosity(logging.WARNING)
+        sys.stdout = open(os.devnull, "w")
+
+
+def multi_host_args() -> list[str]:
+    """This invocation's multi-host flags (not --process_id: it differs per host), for the
+    commands a runner prints for a scheduler to start on every host."""
+    if not _DISTRIBUTED.value:
+        return []
+    args = ["--distributed"]
+    for name in MULTI_HOST_FLAGS[1:]:
+        if flags.FLAGS[name].present:
+            args.append(f"--{name}={flags.FLAGS[name].value}")
+    return args
+
+
+def print_report(path) -> None:
+    """A runner's report and where it is (the chief's; other processes have none)."""
+    if distributed.is_chief():
+        print(path.read_text())
+        print(f"report: {path}")
+
+
 @contextlib.contextmanager
 def exit_on_known_errors():
     """Exit 0 after a preemption (checkpoint saved, the same command continues);
-    exit 1 with a one-line message for bad input, a diverged or an unfinished run."""
+    exit 1 with a one-line message for bad input, a diverged or an unfinished run.
+    With several processes, all of them wait for each other before a normal exit."""
     try:
         yield
+        distributed.barrier("entry-point-done")
     except train.TrainingPreempted as e:
         print(e, file=sys.stderr)
         sys.exit(0)
+    except jax.errors.JaxRuntimeError as e:
+        if not distributed.multi_process():
+            raise
+        # A collective failed: another process died or lost its host (kill -9, OOM, reboot).
+        first_line = str(e).strip().splitlines()[0][:300]
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()} lost contact with the job "
+            f"({first_line}); stopping. Rerun the same command on every host: training resumes "
+            "from the last complete checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Not sys.exit: jax's exit-time shutdown barrier would wait for the dead process
+        # until the heartbeat timeout and then abort with a stack dump.
+        os._exit(1)
     except (FileNotFoundError, ValueError, train.TrainingDivergedError, study.UnfinishedRunError) as e:
         if logging.get_verbosity() >= logging.DEBUG:
             traceback.print_exc()

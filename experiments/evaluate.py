@@ -2,14 +2,15 @@
 
 Writes RUN/eval_<split>.json (macro-AUC with bootstrap CI, per-class AUC, F1,
 Fmax, ICBEB challenge scores for CPSC) and RUN/scores_<split>.npz, and prints a
-table. Thresholds come from the validation split only.
+table. Thresholds come from the validation split only. Multi-host: --distributed on every
+host (experiments/cli.py); process 0 writes the files.
 """
 
 
 from absl import app, flags
 
-from experiments.cli import exit_on_known_errors, quiet_library_logs
-from mvkt import evaluate
+from experiments import cli
+from mvkt import distributed, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a finished training run", required=True)
 _SPLIT = flags.DEFINE_enum("split", "test", ["val", "test"], "split to evaluate")
@@ -26,8 +27,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "shards (default: the run's ow
 
 def main(argv):
     del argv
-    quiet_library_logs()
-    with exit_on_known_errors():
+    with cli.exit_on_known_errors():
+        cli.start()
         result = evaluate.evaluate_run(
             _WORKDIR.value,
             split=_SPLIT.value,
@@ -37,7 +38,8 @@ def main(argv):
             aggregate=_AGGREGATE.value,
             data_dir=_DATA_DIR.value,
         )
-    print(evaluate.format_table(result))
+        if distributed.is_chief():
+            print(evaluate.format_table(result))
 
 
 if __name__ == "__main__":

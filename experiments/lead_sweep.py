@@ -29,8 +29,9 @@ from absl import app, flags
 from experiments import hyper
 from experiments import report as report_lib
 from experiments import study
-from experiments.cli import exit_on_known_errors, quiet_library_logs
+from experiments import cli
 from mvkt import data as data_lib
+from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import plots
 from mvkt import train as train_lib
@@ -92,7 +93,8 @@ def run_lead_sweep(*, workdir: str | pathlib.Path, lead_sets: Sequence[str], see
     teachers to reuse instead of training them.
     """
     study_dir = pathlib.Path(workdir).absolute()
-    study_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_chief():
+        study_dir.mkdir(parents=True, exist_ok=True)
     lead_sets = list(lead_sets)
     seeds = list(seeds)
     if not seeds:
@@ -122,8 +124,9 @@ def run_lead_sweep(*, workdir: str | pathlib.Path, lead_sets: Sequence[str], see
                                         clt_variant=clt_variant)
                 groups[leads].append(_train(_keyed(run), study_dir, n_resamples=n_resamples,
                                             progress=progress))
-    return write_report(study_dir, teachers=teachers, bce=bce, mvkt=mvkt, n_resamples=n_resamples,
-                        clt_variant=clt_variant, command=command or "experiments.lead_sweep.run_lead_sweep")
+    return distributed.on_chief(write_report, study_dir, teachers=teachers, bce=bce, mvkt=mvkt,
+                                n_resamples=n_resamples, clt_variant=clt_variant,
+                                command=command or "experiments.lead_sweep.run_lead_sweep")
 
 
 def _cis_contain_points(summaries: list[dict]) -> bool:
@@ -236,9 +239,9 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    quiet_library_logs()
     f = flags.FLAGS
-    with exit_on_known_errors():
+    with cli.exit_on_known_errors():
+        cli.start()
         reference = study.base_config(data_dir="", arch=f.arch, epochs=1, batch_size=1, seed=0)
         overrides = dict(hyper.parse_override(reference, text) for text in f.override)
         path = run_lead_sweep(
@@ -247,8 +250,7 @@ def main(argv):
             clt_variant=f.clt_variant, n_resamples=f.bootstrap_resamples, data_dir=f.data_dir,
             ptbxl_dir=f.ptbxl_dir, task=f.task, teacher_dir=f.teacher_dir, overrides=overrides,
             command=" ".join(["python -m experiments.lead_sweep", *map(shlex.quote, sys.argv[1:])]))
-    print(path.read_text())
-    print(f"report: {path}")
+        cli.print_report(path)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from absl import app, flags
 
 from experiments import report as report_lib
 from experiments import study
-from experiments.cli import exit_on_known_errors, quiet_library_logs
+from experiments import cli
+from mvkt import distributed
 from mvkt import train as train_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "study folder (data, runs, report)")
@@ -61,7 +62,8 @@ def run_pipeline(
 ) -> pathlib.Path:
     """Runs (or continues) every stage; returns the report path."""
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_chief():
+        workdir.mkdir(parents=True, exist_ok=True)
     if data_dir is None:
         data_dir = study.prepare_ptbxl(ptbxl_dir, workdir / "data", task=task)
     batch_size = study.auto_batch_size(data_dir, batch_size)
@@ -91,7 +93,8 @@ def run_pipeline(
         for group, run_dir in zip(groups, [teacher_dir, *student_dirs]):
             study.evaluate_run(run_dir, n_resamples=n_resamples)
             groups[group].append(run_dir)
-    return report_lib.write_comparison_report(
+    return distributed.on_chief(
+        report_lib.write_comparison_report,
         workdir,
         groups=groups,
         teacher_group="teacher (12-lead)",
@@ -105,8 +108,8 @@ def run_pipeline(
 
 def main(argv):
     del argv
-    quiet_library_logs()
-    with exit_on_known_errors():
+    with cli.exit_on_known_errors():
+        cli.start()
         path = run_pipeline(
             workdir=pathlib.Path(_WORKDIR.value),
             ptbxl_dir=_PTBXL_DIR.value,
@@ -121,8 +124,7 @@ def main(argv):
             clt_variant=_CLT.value,
             n_resamples=_RESAMPLES.value,
         )
-    print(path.read_text())
-    print(f"report: {path}")
+        cli.print_report(path)
 
 
 if __name__ == "__main__":

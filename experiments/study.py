@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from experiments.configs import default as default_config
+from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import metrics as metrics_lib
 from mvkt import train as train_lib
@@ -50,14 +51,14 @@ def prepare_ptbxl(
     """PTB-XL shards in ``out`` (skipped when a complete manifest is already there)."""
     from data_prep import ptbxl
 
-    if (out / "manifest.json").exists():
+    if distributed.chief_decides((out / "manifest.json").exists()):
         manifest = json.loads((out / "manifest.json").read_text())
         if manifest.get("task") != task:
             raise ValueError(
                 f"{out} holds task {manifest.get('task')!r}, not {task!r}: use another --workdir or delete it"
             )
         return out
-    ptbxl.prepare(pathlib.Path(src), out, task=task, sampling_rate=sampling_rate)
+    distributed.on_chief(ptbxl.prepare, pathlib.Path(src), out, task=task, sampling_rate=sampling_rate)
     return out
 
 
@@ -130,11 +131,12 @@ def is_finished(workdir: pathlib.Path) -> bool:
 def train_run(run: Run, study_dir: pathlib.Path, *, progress: bool = True) -> pathlib.Path:
     """Trains ``run`` (or resumes it); a finished run is only checked against its config."""
     workdir = run.workdir(study_dir)
-    if is_finished(workdir):
+    # The chief decides: every process must take the same branch (training is collective).
+    if distributed.chief_decides(is_finished(workdir)):
         train_lib.check_resume_config(workdir, run.config)
         return workdir
     train_lib.train_and_evaluate(run.config, workdir, progress=progress)
-    if not is_finished(workdir):
+    if not distributed.chief_decides(is_finished(workdir)):
         # Never evaluate or build on a partly trained run (e.g. a planned stop).
         raise UnfinishedRunError(f"{workdir} stopped before its last step; rerun to finish it")
     return workdir
@@ -144,10 +146,9 @@ def evaluate_run(workdir: pathlib.Path, *, n_resamples: int, split: str = "test"
     """The run's ``eval_<split>.json``, computed once (after training finished)."""
     path = workdir / evaluate_lib.EVAL_FILE.format(split=split)
     scores = workdir / evaluate_lib.SCORES_FILE.format(split=split)
-    if path.exists() and scores.exists():
-        result = json.loads(path.read_text())
-        if result.get("n_resamples") == n_resamples:
-            return result
+    cached = path.exists() and scores.exists() and json.loads(path.read_text()).get("n_resamples") == n_resamples
+    if distributed.chief_decides(cached):
+        return json.loads(path.read_text())
     return evaluate_lib.evaluate_run(workdir, split=split, n_resamples=n_resamples)
 
 
@@ -242,7 +243,8 @@ def relative(path: pathlib.Path, start: pathlib.Path) -> str:
 
 
 def write_json(path: pathlib.Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float))
+    """Atomic, and by the chief only (see ``mvkt.distributed``)."""
+    distributed.write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 def seeds_from(text: str | Iterable[int]) -> list[int]:

@@ -27,7 +27,7 @@ import json
 import pathlib
 import shlex
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ml_collections
 from absl import app, flags
@@ -35,7 +35,8 @@ from ml_collections import config_flags
 
 from experiments import hyper
 from experiments import study
-from experiments.cli import exit_on_known_errors, quiet_library_logs
+from experiments import cli
+from mvkt import distributed
 from mvkt import train as train_lib
 
 OVERRIDES_FILE = "overrides.json"
@@ -182,10 +183,11 @@ def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool =
     for i, run in enumerate(runs, 1):
         workdir = run.workdir(sweep_dir)
         label = f"[{i}/{len(runs)}] {run.config_hash} {_describe(run.overrides)}"
-        if (workdir / ERROR_FILE).exists():
+        # The chief decides what to skip: every process must train the same runs.
+        if distributed.chief_decides((workdir / ERROR_FILE).exists()):
             log(f"{label}: failed earlier, skipped (delete {workdir / ERROR_FILE} to retry)")
             continue
-        if study.is_finished(workdir):
+        if distributed.chief_decides(study.is_finished(workdir)):
             log(f"{label}: finished")
         else:
             log(f"{label}: training")
@@ -195,7 +197,7 @@ def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool =
                 study.write_json(workdir / ERROR_FILE, {"error": str(e)})
                 log(f"{label}: diverged: {e}")
                 continue
-            if not study.is_finished(workdir):   # stopped by SIGTERM or train.stop_at_step
+            if not distributed.chief_decides(study.is_finished(workdir)):   # stopped by train.stop_at_step
                 log(f"{label}: stopped before the last step; rerun to continue")
                 return
         study.evaluate_run(workdir, n_resamples=int(run.config.eval.bootstrap_resamples))
@@ -211,8 +213,11 @@ def flag_value(value: Any) -> str:
 
 
 def train_commands(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spec: str,
-                   global_overrides: dict[str, Any]) -> list[str]:
-    """One ``python -m experiments.train`` command per run (run from the repository root)."""
+                   global_overrides: dict[str, Any], extra_args: Sequence[str] = ()) -> list[str]:
+    """One ``python -m experiments.train`` command per run (run from the repository root).
+
+    ``extra_args`` go on every command (the multi-host flags: a scheduler starts each
+    command on every host of its job)."""
     global_overrides = _absolute_paths({hyper.field_path(k): v for k, v in global_overrides.items()})
     path, colon, arg = config_spec.partition(":")
     config_spec = str(pathlib.Path(path).absolute()) + colon + arg   # a job may start elsewhere
@@ -222,7 +227,7 @@ def train_commands(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spec
                 f"--workdir={run.workdir(sweep_dir).absolute()}"]
         for name, value in [*global_overrides.items(), *run.overrides.items()]:
             args.append(f"--config.{hyper.field_path(name)}={flag_value(value)}")
-        commands.append(shlex.join(args))
+        commands.append(shlex.join([*args, *extra_args]))
     return commands
 
 
@@ -297,28 +302,30 @@ def collect(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spec: str,
 
 def run_sweep(*, config_spec: str, workdir: str | pathlib.Path, overrides: dict[str, Any] | None = None,
               mode: str = "local", collect_only: bool = False, progress: bool = True,
-              command: str = "", log: Callable[[str], None] = print) -> dict:
+              command: str = "", log: Callable[[str], None] = print,
+              extra_args: Sequence[str] = ()) -> dict:
     """Expands the sweep and runs ``mode`` (local | print), then collects the table.
 
     Returns ``{"runs": [SweepRun], "commands": [str] (print mode), "table": md path or None}``;
-    print mode only prints (writes no table), so its stdout stays one command per line.
+    print mode only prints (writes no table), so its stdout stays one command per line;
+    ``extra_args`` are added to every printed command.
     """
     if mode not in ("local", "print"):
         raise ValueError(f"mode must be local or print, not {mode!r}")
     sweep_dir = pathlib.Path(workdir).absolute()
     overrides = _absolute_paths({hyper.field_path(k): v for k, v in (overrides or {}).items()})
     runs = expand(config_spec, overrides=overrides)
-    write_overrides(runs, sweep_dir, config_spec=config_spec, global_overrides=overrides)
+    distributed.on_chief(write_overrides, runs, sweep_dir, config_spec=config_spec, global_overrides=overrides)
     result = {"runs": runs, "commands": [], "table": None}
     if mode == "print" and not collect_only:
         result["commands"] = train_commands(runs, sweep_dir, config_spec=config_spec,
-                                            global_overrides=overrides)
+                                            global_overrides=overrides, extra_args=extra_args)
         return result
     if not collect_only:
         run_local(runs, sweep_dir, progress=progress, log=log)
-    result["table"] = collect(runs, sweep_dir, config_spec=config_spec,
-                              global_overrides=overrides,
-                              command=command or f"experiments.sweep.run_sweep(config_spec={config_spec!r})")
+    result["table"] = distributed.on_chief(
+        collect, runs, sweep_dir, config_spec=config_spec, global_overrides=overrides,
+        command=command or f"experiments.sweep.run_sweep(config_spec={config_spec!r})")
     return result
 
 
@@ -335,7 +342,6 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    quiet_library_logs()
     f = flags.FLAGS
     if f["config"].value is None:
         print("error: --config=experiments/configs/sweep_<name>.py[:sweep] is required", file=sys.stderr)
@@ -344,16 +350,21 @@ def main(argv):
     overrides = config_flags.get_override_values(f["config"])
     # Progress goes to stderr in print mode: stdout is the list of commands.
     log = (lambda m: print(m, file=sys.stderr)) if f.mode == "print" else print
-    with exit_on_known_errors():
+    with cli.exit_on_known_errors():
+        if f.mode == "print":
+            # Printing starts no job: the multi-host flags go into the printed commands instead.
+            cli.quiet_library_logs()
+        else:
+            cli.start()
         result = run_sweep(config_spec=config_spec, workdir=f.workdir, overrides=overrides,
-                           mode=f.mode, collect_only=f.collect, log=log,
+                           mode=f.mode, collect_only=f.collect, log=log, extra_args=cli.multi_host_args(),
                            command=" ".join(["python -m experiments.sweep", *map(shlex.quote, sys.argv[1:])]))
     if result["commands"]:
         print("\n".join(result["commands"]))
         print(f"{len(result['commands'])} runs under {pathlib.Path(f.workdir).absolute() / 'runs'}; "
               "afterwards: the same command with --collect (or --mode=local to evaluate on test)",
               file=sys.stderr)
-    else:
+    elif distributed.is_chief():
         print(result["table"].read_text())
         print(f"table: {result['table']}")
 

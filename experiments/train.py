@@ -7,7 +7,11 @@
             --config.method=mvkt --config.clt.variant=memory_bank
 
 Running the same command again resumes (or does nothing if the run finished).
-Multi-host (TPU pods, several GPU hosts): pass --distributed on every host.
+Multi-host (TPU pods, several GPU hosts): the same command on every host with
+--distributed (see experiments/cli.py and the README), e.g. two local processes:
+
+    for i in 0 1; do JAX_NUM_CPU_DEVICES=1 python -m experiments.train ... --distributed \
+        --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=$i & done; wait
 """
 
 
@@ -15,27 +19,23 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.cli import exit_on_known_errors, quiet_library_logs
-from mvkt import train
+from experiments import cli
+from mvkt import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/teacher.py", "training config file", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)", required=True)
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "call jax.distributed.initialize() (one process per host)"
-)
 
 
 def main(argv):
     del argv
-    quiet_library_logs()
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    logging.info("devices: %s", jax.devices())
-    with exit_on_known_errors():
+    with cli.exit_on_known_errors():
+        cli.start()
+        logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(summary)
+        if distributed.is_chief():
+            print(summary)
 
 
 if __name__ == "__main__":

@@ -27,18 +27,28 @@ def abstract(tree: Any) -> Any:
     )
 
 
+def _options(*, name: str, max_to_keep: int | None, read_only: bool) -> ocp.CheckpointManagerOptions:
+    # Both managers save the same step; without their own barrier prefix their
+    # cross-process barriers ("_async_write_complete.<step>", ...) collide and a
+    # multi-process run hangs or aborts at its first checkpoint.
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=not read_only,
+        read_only=read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+    )
+
+
 class RunCheckpoints:
     """The ``checkpoints/`` and ``best/`` managers of one run directory."""
 
     def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, read_only: bool = False):
         workdir = pathlib.Path(workdir).absolute()
         self.latest = ocp.CheckpointManager(
-            workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only),
+            workdir / "checkpoints", options=_options(name="latest", max_to_keep=keep, read_only=read_only)
         )
         self.best = ocp.CheckpointManager(
-            workdir / "best",
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only),
+            workdir / "best", options=_options(name="best", max_to_keep=1, read_only=read_only)
         )
 
     @staticmethod
@@ -97,7 +107,7 @@ def restore_model(workdir: str | pathlib.Path, *, model_target: Any, which: str 
     folder = pathlib.Path(workdir).absolute() / ("best" if which == "best" else "checkpoints")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: is {workdir} a finished training run?")
-    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(folder, options=_options(name=f"restore-{which}", max_to_keep=None, read_only=True))
     try:
         step = manager.latest_step()
         if step is None:

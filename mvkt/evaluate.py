@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from mvkt import data as data_lib
+from mvkt import distributed
 from mvkt import metrics as metrics_lib
 from mvkt import parallel as parallel_lib
 from mvkt import train as train_lib
@@ -75,12 +76,15 @@ def score_split(
         "aggregate": aggregate,
         "dataset": data.manifest.get("dataset"),
     }
-    np.savez(
+    distributed.write_file(
         workdir / SCORES_FILE.format(split=split),
-        scores=scores,
-        y=result["y"],
-        record_ids=result["record_ids"],
-        label_names=np.asarray(result["label_names"]),
+        lambda f: np.savez(
+            f,
+            scores=scores,
+            y=result["y"],
+            record_ids=result["record_ids"],
+            label_names=np.asarray(result["label_names"]),
+        ),
     )
     return result
 
@@ -130,7 +134,8 @@ def evaluate_run(
             "aggregate": target["aggregate"],
         }
     )
-    (workdir / EVAL_FILE.format(split=split)).write_text(json.dumps(result, indent=2))
+    distributed.write_text(workdir / EVAL_FILE.format(split=split), json.dumps(result, indent=2))
+    distributed.barrier(f"evaluated:{workdir.absolute()}:{split}")
     return result
 
 

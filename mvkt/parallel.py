@@ -56,7 +56,24 @@ class Parallelism:
         )
 
     def replicate(self, tree: Any) -> Any:
-        return jax.device_put(tree, self.replicated)
+        """Every leaf replicated on every device of every process.
+
+        A leaf already placed with this sharding is kept as is. Any other jax array
+        (e.g. an init output on this process's first device) goes through host
+        memory: ``device_put`` of a single-device array to a sharding that spans
+        other processes fails, while a NumPy value (the same on every process, as
+        seeded initialisation makes it) is placed on all of them.
+        """
+        target = self.replicated
+
+        def place(leaf):
+            if isinstance(leaf, jax.Array):
+                if leaf.sharding.is_equivalent_to(target, leaf.ndim):
+                    return leaf
+                leaf = np.asarray(leaf)
+            return jax.device_put(leaf, target)
+
+        return jax.tree.map(place, tree)
 
 
 def make_parallelism(devices: Sequence[jax.Device] | None = None) -> Parallelism:

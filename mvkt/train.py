@@ -44,6 +44,7 @@ import tqdm
 
 from mvkt import checkpoints as ckpt_lib
 from mvkt import data as data_lib
+from mvkt import distributed
 from mvkt import input_pipeline
 from mvkt import losses
 from mvkt import metrics as metrics_lib
@@ -316,6 +317,87 @@ def make_update_fn(
     return update_fn
 
 
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """Everything one training run compiles, built from a config by ``build_training``."""
+
+    model: nn.Module
+    head: nn.Module | None  # CLT projection head (both sides use this module), else None
+    loss_spec: LossSpec
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    student_leads: list[int]  # positions of the trained net's leads in the 12-lead crop
+    state: TrainState  # fresh, replicated over ``parallel``'s mesh
+    update: Callable  # jitted ``update_fn(state, batch, rng) -> (state, metrics)``
+
+
+def build_training(
+    config: ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    crop_length: int,
+    total_steps: int,
+    parallel: parallel_lib.Parallelism,
+    rng: jax.Array,
+    train_labels: np.ndarray | None = None,
+    teacher: tuple[nn.Module, Any] | None = None,
+    optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None,
+    donate: bool = True,
+) -> Training:
+    """The one place a train state and its jitted step are made from a config.
+
+    ``teacher``: ``(teacher_model, teacher_variables)``, needed by kd/mkd/clt/mvkt.
+    ``train_labels``: the train split's multi-hot labels (the CLT memory bank keeps them).
+    ``optimizer``: ``(tx, schedule)`` instead of the config's (tests use plain SGD).
+    ``donate``: donate the state to the step (off when a test reuses a state).
+    """
+    loss_spec = LossSpec.from_config(config)
+    if loss_spec.needs_teacher and teacher is None:
+        raise ValueError(f"method {config.method!r} needs teacher=(teacher_model, teacher_variables)")
+    student_leads = data_lib.lead_indices(parse_leads(config.student.leads))
+    model = build_model(config, num_classes)
+    head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
+    tx, schedule = optimizer or make_optimizer(config.train, total_steps)
+    teacher_model, teacher_variables = teacher if loss_spec.needs_teacher else (None, None)
+    teacher_feature_dim = None
+    if teacher_model is not None:
+        sample12 = jnp.zeros((1, crop_length, len(data_lib.LEADS)), jnp.float32)
+        teacher_feature_dim = jax.eval_shape(
+            lambda v: teacher_model.apply(v, sample12, train=False), teacher_variables
+        )[1].shape[-1]
+    state = create_train_state(
+        rng=rng,
+        model=model,
+        head=head,
+        tx=tx,
+        sample_x=jnp.zeros((1, crop_length, len(student_leads)), jnp.float32),
+        train_labels=train_labels if loss_spec.uses_clt else None,
+        loss_spec=loss_spec,
+        teacher=teacher_variables,
+        teacher_feature_dim=teacher_feature_dim,
+    )
+    update_fn = make_update_fn(
+        model=model,
+        teacher_model=teacher_model,
+        head=head,
+        tx=tx,
+        schedule=schedule,
+        loss_spec=loss_spec,
+        student_leads=student_leads,
+        replicated=parallel.replicated,
+    )
+    return Training(
+        model=model,
+        head=head,
+        loss_spec=loss_spec,
+        tx=tx,
+        schedule=schedule,
+        student_leads=student_leads,
+        state=parallel.replicate(state),
+        update=jax.jit(update_fn, donate_argnums=(0,) if donate else ()),
+    )
+
+
 def make_forward_fn(model: nn.Module, lead_index: list[int], parallel: parallel_lib.Parallelism) -> Callable:
     """Jitted ``forward(variables, x12) -> (logits, features)``: eval mode, chosen leads,
     outputs replicated so every host can read them."""
@@ -480,7 +562,7 @@ class MetricsLog:
         if enabled and path.exists():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            distributed.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict) -> None:
         if self.enabled:
@@ -567,10 +649,14 @@ def train_and_evaluate(
     parallel: parallel_lib.Parallelism | None = None,
     progress: bool = True,
 ) -> dict:
-    """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
+    """Trains (or resumes) the run in ``workdir``; returns a summary dict.
+
+    Under several processes every process calls this with the same arguments; only
+    the chief writes files, and all of them return (or raise) at the same step.
+    """
     workdir = pathlib.Path(workdir).absolute()
     parallel = parallel or parallel_lib.make_parallelism()
-    is_chief = jax.process_index() == 0
+    is_chief = distributed.is_chief()
     loss_spec = LossSpec.from_config(config)
     if config.teacher_cache and config.data.random_crop:
         raise ValueError(
@@ -582,7 +668,6 @@ def train_and_evaluate(
     val_split = data_lib.open_split(config.data.dir, "val")
     label_names = list(train_split.label_names)
     leads = parse_leads(config.student.leads)
-    student_leads = data_lib.lead_indices(leads)
     crop_length = int(round(config.data.crop_seconds * train_split.sampling_rate))
     batch_size = int(config.train.batch_size)
 
@@ -605,25 +690,24 @@ def train_and_evaluate(
         "steps_per_epoch": loader.steps_per_epoch,
         "total_steps": total_steps,
         "num_devices": parallel.num_devices,
+        "num_processes": jax.process_count(),
         "config_hash": config_hash(config),
     }
+    # Every process checks the old config before the chief replaces it.
     if (workdir / "checkpoints").is_dir():
         check_resume_config(workdir, config)
+    distributed.barrier(f"config-checked:{workdir}")
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
-        (workdir / "run_info.json").write_text(json.dumps(info, indent=2))
+        distributed.write_text(workdir / "config.json", config.to_json(indent=2, sort_keys=True))
+        distributed.write_text(workdir / "run_info.json", json.dumps(info, indent=2))
 
-    teacher_model = teacher_variables = None
-    teacher_feature_dim = None
+    teacher = None
     if loss_spec.needs_teacher:
         teacher_model, teacher_variables, teacher_info, teacher_meta = _teacher_for(
             config, label_names, parallel
         )
-        sample12 = jnp.zeros((1, crop_length, len(data_lib.LEADS)), jnp.float32)
-        teacher_feature_dim = jax.eval_shape(
-            lambda v: teacher_model.apply(v, sample12, train=False), teacher_variables
-        )[1].shape[-1]
+        teacher = (teacher_model, teacher_variables)
         logging.info(
             "teacher: %s (step %s, val macro-AUC %s)",
             config.teacher_workdir,
@@ -631,22 +715,18 @@ def train_and_evaluate(
             teacher_meta.get("val_macro_auc"),
         )
 
-    model = build_model(config, len(label_names))
-    head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
-    tx, schedule = make_optimizer(config.train, total_steps)
     init_rng, rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-    state = create_train_state(
+    training = build_training(
+        config,
+        num_classes=len(label_names),
+        crop_length=crop_length,
+        total_steps=total_steps,
+        parallel=parallel,
         rng=init_rng,
-        model=model,
-        head=head,
-        tx=tx,
-        sample_x=jnp.zeros((1, crop_length, len(leads)), jnp.float32),
-        train_labels=train_split.y if loss_spec.uses_clt else None,
-        loss_spec=loss_spec,
-        teacher=teacher_variables,
-        teacher_feature_dim=teacher_feature_dim,
+        train_labels=train_split.y,
+        teacher=teacher,
     )
-    state, rng = parallel.replicate((state, rng))
+    state, rng = training.state, parallel.replicate(rng)
 
     checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
     best_auc = -math.inf
@@ -660,6 +740,8 @@ def train_and_evaluate(
         _say(is_chief, f"{workdir.name}: resumed at step {int(state.step)}/{total_steps}")
     start_step = int(state.step)
     log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=is_chief)
+    # Nobody reads the run folder's files before the chief has (re)written them.
+    distributed.barrier(f"run-files-written:{workdir}:{start_step}")
 
     if start_step >= total_steps:
         checkpoints.close()
@@ -676,9 +758,7 @@ def train_and_evaluate(
 
     cache = None
     if config.teacher_cache and loss_spec.needs_teacher:
-        cache = _teacher_cache(
-            teacher_model, teacher_variables, loader, batch_size=batch_size, parallel=parallel
-        )
+        cache = _teacher_cache(*teacher, loader, batch_size=batch_size, parallel=parallel)
 
     def produce(step):
         batch = loader.batch_at(step)
@@ -687,20 +767,8 @@ def train_and_evaluate(
             batch["teacher_features"] = cache[1][batch["index"]]
         return parallel.to_global(batch)
 
-    update = jax.jit(
-        make_update_fn(
-            model=model,
-            teacher_model=teacher_model,
-            head=head,
-            tx=tx,
-            schedule=schedule,
-            loss_spec=loss_spec,
-            student_leads=student_leads,
-            replicated=parallel.replicated,
-        ),
-        donate_argnums=(0,),
-    )
-    forward = make_forward_fn(model, student_leads, parallel)
+    update = training.update
+    forward = make_forward_fn(training.model, training.student_leads, parallel)
     window = crop_length
     stride = max(int(window * config.data.eval_stride_fraction), 1)
     stop_at = int(config.train.stop_at_step) if config.train.stop_at_step else None
@@ -732,6 +800,7 @@ def train_and_evaluate(
 
     pending: list[dict] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
+    preempted = False
     bar = _progress_bar(progress and is_chief, start_step, total_steps, workdir.name)
     with _StopRequest() as stop:
         try:
@@ -740,10 +809,14 @@ def train_and_evaluate(
                 pending.append(step_metrics)
                 done = step + 1
                 epoch_end = done % loader.steps_per_epoch == 0
-                must_stop = stop.requested or (stop_at is not None and done >= stop_at)
+                planned_stop = stop_at is not None and done >= stop_at
                 bar.update(1)
-                if done % int(config.train.log_every_steps) and not (epoch_end or must_stop):
+                # Log points depend only on the step, so every process reaches the same ones;
+                # a SIGTERM on any process is acted on at the next one, by all of them.
+                if done % int(config.train.log_every_steps) and not (epoch_end or planned_stop):
                     continue
+                preempted = distributed.any_process(stop.requested)
+                must_stop = preempted or planned_stop
                 # Host read of device metrics only here, at log points.
                 means = {
                     k: float(v)
@@ -771,8 +844,9 @@ def train_and_evaluate(
                     if epoch % int(config.eval.every_epochs) == 0 or done == total_steps:
                         val_auc = float(validate())
                         log.write({"step": done, "epoch": epoch, "val_macro_auc": val_auc})
-                        bar.write(
-                            f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC {val_auc:.4f}"
+                        _say(
+                            is_chief,
+                            f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC {val_auc:.4f}",
                         )
                     improved = val_auc is not None and val_auc > best_auc
                     if improved:
@@ -784,18 +858,20 @@ def train_and_evaluate(
                     _say(
                         is_chief,
                         f"{workdir.name}: checkpoint saved, stopped at step {done}/{total_steps} "
-                        f"({'SIGTERM' if stop.requested else 'train.stop_at_step'}); rerun to continue",
+                        f"({'SIGTERM' if preempted else 'train.stop_at_step'}); rerun to continue",
                     )
                     break
         finally:
             bar.close()
             checkpoints.wait()
             checkpoints.close()
-        if stop.requested:
-            raise TrainingPreempted(
-                f"{workdir}: SIGTERM at step {int(state.step)}/{total_steps}; "
-                "checkpoint saved, rerun the same command to continue"
-            )
+        # A SIGTERM after the last log point: all processes still leave the same way.
+        preempted = distributed.any_process(preempted or stop.requested)
+    if preempted:
+        raise TrainingPreempted(
+            f"{workdir}: SIGTERM at step {int(state.step)}/{total_steps}; "
+            "checkpoint saved, rerun the same command to continue"
+        )
     final_step = int(state.step)
     return {
         "workdir": str(workdir),

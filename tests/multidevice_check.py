@@ -29,35 +29,18 @@ def one_step(parallel, *, method, variant, split, teacher_model, teacher_vars):
     config.method, config.clt.variant = method, variant
     config.student.width_mult = 0.25
     config.clt.num_negatives = 16
-    spec = train.LossSpec.from_config(config)
-    model = train.build_model(config, split.num_classes)
-    head = models.ProjectionHead(dim=spec.clt_dim)
-    tx = optax.sgd(1.0)
-    state = train.create_train_state(
+    training = train.build_training(
+        config,
+        num_classes=split.num_classes,
+        crop_length=250,
+        total_steps=1,
+        parallel=parallel,
         rng=jax.random.PRNGKey(0),
-        model=model,
-        head=head,
-        tx=tx,
-        sample_x=jnp.zeros((1, 250, 1)),
         train_labels=split.y,
-        loss_spec=spec,
-        teacher=teacher_vars,
-        teacher_feature_dim=models.feature_dim("resnet1d_wang", width_mult=0.25),
+        teacher=(teacher_model, teacher_vars),
+        optimizer=(optax.sgd(1.0), optax.constant_schedule(1.0)),
     )
-    state = parallel.replicate(state)
-    update = jax.jit(
-        train.make_update_fn(
-            model=model,
-            teacher_model=teacher_model,
-            head=head,
-            tx=tx,
-            schedule=optax.constant_schedule(1.0),
-            loss_spec=spec,
-            student_leads=[0],
-            replicated=parallel.replicated,
-        ),
-        donate_argnums=(0,),
-    )
+    state, update = training.state, training.update
     loader = input_pipeline.TrainBatches(
         split, global_batch_size=32, crop_length=250, random_crop=True, seed=0
     )

@@ -11,7 +11,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,7 +18,6 @@ from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
 from mvkt import data as data_lib
 from mvkt import input_pipeline
-from mvkt import models
 from mvkt import parallel as parallel_lib
 from mvkt import train
 
@@ -51,38 +49,19 @@ def read_metrics(workdir):
 
 
 def lead_i_student_step(config, split, *, teacher_model, teacher_vars, parallel):
-    """A fresh lead-I student state with CLT heads and its jitted (undonated) train step.
-
-    The test teachers share the student's arch and width, so the feature sizes agree.
-    """
-    model = train.build_model(config, split.num_classes)
-    spec = train.LossSpec.from_config(config)
-    head = models.ProjectionHead(dim=128)
-    tx, schedule = train.make_optimizer(config.train, 10)
-    state = train.create_train_state(
+    """A fresh lead-I student state with CLT heads and its jitted (undonated) train step."""
+    training = train.build_training(
+        config,
+        num_classes=split.num_classes,
+        crop_length=250,
+        total_steps=10,
+        parallel=parallel,
         rng=jax.random.PRNGKey(0),
-        model=model,
-        head=head,
-        tx=tx,
-        sample_x=jnp.zeros((1, 250, 1)),
         train_labels=split.y,
-        loss_spec=spec,
-        teacher=teacher_vars,
-        teacher_feature_dim=models.feature_dim(config.student.arch, width_mult=config.student.width_mult),
+        teacher=(teacher_model, teacher_vars),
+        donate=False,
     )
-    update = jax.jit(
-        train.make_update_fn(
-            model=model,
-            teacher_model=teacher_model,
-            head=head,
-            tx=tx,
-            schedule=schedule,
-            loss_spec=spec,
-            student_leads=[0],
-            replicated=parallel.replicated,
-        )
-    )
-    return state, update
+    return training.state, training.update
 
 
 @pytest.fixture(scope="module")
@@ -131,33 +110,15 @@ def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
     config.train.schedule = "constant"
     config.train.learning_rate = 3e-3
     parallel = parallel_lib.make_parallelism()
-    model = train.build_model(config, split.num_classes)
-    spec = train.LossSpec.from_config(config)
-    tx, schedule = train.make_optimizer(config.train, 30)
-    state = train.create_train_state(
+    training = train.build_training(
+        config,
+        num_classes=split.num_classes,
+        crop_length=250,
+        total_steps=30,
+        parallel=parallel,
         rng=jax.random.PRNGKey(0),
-        model=model,
-        head=None,
-        tx=tx,
-        sample_x=jnp.zeros((1, 250, 12)),
-        train_labels=None,
-        loss_spec=spec,
-        teacher=None,
-        teacher_feature_dim=None,
     )
-    update = jax.jit(
-        train.make_update_fn(
-            model=model,
-            teacher_model=None,
-            head=None,
-            tx=tx,
-            schedule=schedule,
-            loss_spec=spec,
-            student_leads=list(range(12)),
-            replicated=parallel.replicated,
-        ),
-        donate_argnums=(0,),
-    )
+    state, update = training.state, training.update
     batch = parallel.to_global(loader.batch_at(0))
     rng = jax.random.PRNGKey(1)
     losses = []
