@@ -284,3 +284,20 @@ def test_sweep_cli_print_mode_matches_the_library(tmp_path):
     missing_teacher = sweep.expand(f"{SWEEP_MVKT}:negatives", overrides={"data.dir": str(data)})
     with pytest.raises(FileNotFoundError, match="no shards"):
         sweep.validate(missing_teacher)
+
+
+def test_sweep_print_mode_passes_the_multi_host_flags_on(tmp_path):
+    """Printing starts no job; every printed command carries the job's multi-host flags
+    (not --process_id, which differs per host)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", f"--config={SWEEP_MVKT}:negatives",
+         f"--workdir={tmp_path / 'sw'}", "--mode=print", f"--config.data.dir={tmp_path / 'shards'}",
+         "--distributed", "--coordinator_address=127.0.0.1:1234", "--num_processes=4"],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        args = shlex.split(line)
+        assert args[-3:] == ["--distributed", "--coordinator_address=127.0.0.1:1234", "--num_processes=4"]
+        assert not any(a.startswith("--process_id") for a in args)
