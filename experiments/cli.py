@@ -15,6 +15,7 @@ log warnings and errors only.
 """
 
 import contextlib
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -23,8 +24,7 @@ import jax
 from absl import flags, logging
 
 from experiments import study
-from mvkt import distributed
-from mvkt import train
+from mvkt import distributed, run_dir, train
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "multi-process job: one process per host, every host runs the same command"
@@ -47,13 +47,53 @@ _HEARTBEAT = flags.DEFINE_integer(
     "a process silent this long is taken as dead and the job ends with an error",
 )
 
+# Failures that end an entry point with one line (exit 1) instead of a traceback.
+KNOWN_ERRORS = (
+    FileNotFoundError,
+    ValueError,
+    OSError,
+    train.TrainingDivergedError,
+    study.UnfinishedRunError,
+    run_dir.RunLockedError,
+    distributed.OtherProcessFailedError,
+)
+
 MULTI_HOST_FLAGS = ("distributed", "coordinator_address", "num_processes", "heartbeat_timeout_seconds")
 
 
+class _BackgroundErrorFilter(std_logging.Filter):
+    """Drops the error logs of orbax's background save threads and asyncio's leftovers: a
+    failed save (disk full, read-only folder) logs hundreds of tracebacks there, then
+    surfaces once in the main thread, where ``exit_on_known_errors`` reports it in one line."""
+
+    SOURCES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.levelno >= std_logging.ERROR and any(s in record.pathname for s in self.SOURCES))
+
+
 def quiet_library_logs():
-    """WARNING and above unless --verbosity was given: orbax logs every file it writes at INFO."""
+    """WARNING and above unless --verbosity was given: orbax logs every file it writes at INFO.
+    Background-thread errors of orbax and asyncio are dropped unless --verbosity asks for debug."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    if logging.get_verbosity() < logging.DEBUG:
+        for handler in {logging.get_absl_handler(), *std_logging.getLogger().handlers}:
+            handler.addFilter(_BackgroundErrorFilter())
+        sys.unraisablehook = _quiet_closed_loop_callbacks
+
+
+def _quiet_closed_loop_callbacks(unraisable, _default=sys.unraisablehook):
+    """After a failed save or restore, orbax leaves coroutines and tensorstore callbacks that
+    raise into the void ('Exception ignored in ...', 'Event loop is closed'); the failure
+    itself reaches the main thread. Unraisables from anywhere else are reported as usual."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if any(_BackgroundErrorFilter.SOURCES[0] in frame.filename for frame in frames):
+        return
+    _default(unraisable)
 
 
 def start() -> None:
@@ -122,8 +162,16 @@ def exit_on_known_errors():
         # Not sys.exit: jax's exit-time shutdown barrier would wait for the dead process
         # until the heartbeat timeout and then abort with a stack dump.
         os._exit(1)
-    except (FileNotFoundError, ValueError, train.TrainingDivergedError, study.UnfinishedRunError) as e:
+    except KNOWN_ERRORS as e:
         if logging.get_verbosity() >= logging.DEBUG:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def describe(error: BaseException) -> str:
+    """One line: an OSError as 'PATH: problem' (read-only folder, disk full, ...)."""
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.strerror:
+        where = error.filename or "writing the output"
+        return f"{where}: {error.strerror}" + (f" (and {error.filename2})" if error.filename2 else "")
+    return str(error)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import glob
-import json
 import pathlib
 import shlex
 import sys
@@ -34,6 +33,7 @@ from mvkt import data as data_lib
 from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import plots
+from mvkt import run_dir
 from mvkt import train as train_lib
 
 ALL_SINGLE = "all12"
@@ -54,7 +54,7 @@ def lead_sets(leads: str, subsets: str = "") -> list[str]:
 
 def _keyed(run: study.Run) -> study.Run:
     """The run with its config hash in the folder name, so a changed setting never resumes an old run."""
-    return study.Run(f"{run.name}-{train_lib.config_hash(run.config)}", run.config)
+    return study.Run(f"{run.name}-{run_dir.config_hash(run.config)}", run.config)
 
 
 def _train(run: study.Run, study_dir: pathlib.Path, *, n_resamples: int, progress: bool) -> pathlib.Path:
@@ -70,9 +70,9 @@ def _existing_teacher(pattern: str, seed: int, data_dir: pathlib.Path) -> pathli
         raise FileNotFoundError(f"--teacher_dir={pattern!r} for seed {seed} matches {len(matches)} "
                                 f"folders ({', '.join(matches[:5])}); it must match exactly one")
     teacher = pathlib.Path(matches[0]).absolute()
-    if not study.is_finished(teacher):
+    if not run_dir.is_finished(teacher):
         raise FileNotFoundError(f"teacher {teacher} is not a finished training run")
-    info = json.loads((teacher / "run_info.json").read_text())
+    info = run_dir.load_info(teacher)
     # Same files, not the same path: the teacher line must be measured on the students' test records.
     if data_lib.load_manifest(info["data_dir"])["files"] != data_lib.load_manifest(data_dir)["files"]:
         raise ValueError(f"teacher {teacher} was trained on {info['data_dir']}, other shards than {data_dir}")

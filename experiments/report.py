@@ -18,12 +18,13 @@ from experiments import study
 from mvkt import data as data_lib
 from mvkt import evaluate as evaluate_lib
 from mvkt import plots
+from mvkt import run_dir
 
 SMALL_TEST_SPLIT = 500
 
 
-def data_section(run_dir: pathlib.Path) -> tuple[str, dict]:
-    info = json.loads((run_dir / "run_info.json").read_text())
+def data_section(workdir: pathlib.Path) -> tuple[str, dict]:
+    info = run_dir.load_info(workdir)
     manifest = data_lib.load_manifest(info["data_dir"])
     splits = manifest["splits"]
     lines = [
@@ -126,12 +127,12 @@ def write_comparison_report(
         name_b=method_group,
     )
     curve_lines = []
-    for group, run_dir in seed0.items():
+    for group, workdir in seed0.items():
         slug = "".join(c if c.isalnum() else "_" for c in group).strip("_").lower()
         png = plots.plot_training_curves(
             plot_dir / f"training_{slug}.png",
-            metrics_rows=study.load_metrics_rows(run_dir),
-            title=f"Training curves: {group} ({run_dir.name})",
+            metrics_rows=run_dir.metric_rows(workdir),
+            title=f"Training curves: {group} ({workdir.name})",
         )
         curve_lines.append(f"![training curves {group}]({study.relative(png, study_dir)})")
 
@@ -194,5 +195,5 @@ def write_comparison_report(
     return report
 
 
-def _seed_of(run_dir: pathlib.Path) -> int:
-    return int(json.loads((run_dir / "config.json").read_text())["seed"])
+def _seed_of(workdir: pathlib.Path) -> int:
+    return int(run_dir.load_config(workdir).seed)

@@ -24,6 +24,7 @@ from experiments.configs import default as default_config
 from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import metrics as metrics_lib
+from mvkt import run_dir
 from mvkt import train as train_lib
 
 
@@ -115,28 +116,15 @@ def auto_batch_size(data_dir: str | pathlib.Path, requested: int) -> int:
     return 128 if num_train >= 256 else 32
 
 
-def is_finished(workdir: pathlib.Path) -> bool:
-    """Training reached its last step and that checkpoint is complete on disk.
-
-    Orbax writes a step to a temporary folder and renames it to ``<step>`` once
-    complete, so the final step's folder exists only for a finished run.
-    """
-    info_path = pathlib.Path(workdir) / "run_info.json"
-    if not info_path.exists():
-        return False
-    total = json.loads(info_path.read_text())["total_steps"]
-    return (pathlib.Path(workdir) / "checkpoints" / str(total)).is_dir()
-
-
 def train_run(run: Run, study_dir: pathlib.Path, *, progress: bool = True) -> pathlib.Path:
     """Trains ``run`` (or resumes it); a finished run is only checked against its config."""
     workdir = run.workdir(study_dir)
     # The chief decides: every process must take the same branch (training is collective).
-    if distributed.chief_decides(is_finished(workdir)):
-        train_lib.check_resume_config(workdir, run.config)
+    if distributed.chief_decides(run_dir.is_finished(workdir)):
+        run_dir.check_resume_config(workdir, run.config)
         return workdir
     train_lib.train_and_evaluate(run.config, workdir, progress=progress)
-    if not distributed.chief_decides(is_finished(workdir)):
+    if not distributed.chief_decides(run_dir.is_finished(workdir)):
         # Never evaluate or build on a partly trained run (e.g. a planned stop).
         raise UnfinishedRunError(f"{workdir} stopped before its last step; rerun to finish it")
     return workdir
@@ -228,11 +216,6 @@ def markdown_table(rows: list[dict], *, baseline: str | None, teacher: dict | No
                 line += f" {share:.0%} |" if share is not None else " |"
         lines.append(line)
     return "\n".join(lines)
-
-
-def load_metrics_rows(workdir: pathlib.Path) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
 def relative(path: pathlib.Path, start: pathlib.Path) -> str:

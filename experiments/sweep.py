@@ -7,7 +7,7 @@
 
 The sweep config file defines ``get_config(arg)`` and ``get_hyper(hyper[, arg])``
 (see ``experiments/hyper.py``). Other ``--config.x=y`` overrides apply to every run.
-Each run lives in ``<workdir>/runs/<config_hash>`` (``mvkt.train.config_hash`` of its
+Each run lives in ``<workdir>/runs/<config_hash>`` (``mvkt.run_dir.config_hash`` of its
 full config) with an ``overrides.json`` naming its swept values, so re-running
 skips finished runs and a changed config gets a new folder. ``--mode=local``
 trains the runs one after the other in this process and evaluates each once on
@@ -37,6 +37,7 @@ from experiments import hyper
 from experiments import study
 from experiments import cli
 from mvkt import distributed
+from mvkt import run_dir
 from mvkt import train as train_lib
 
 OVERRIDES_FILE = "overrides.json"
@@ -100,7 +101,7 @@ def expand(config_spec: str, *, overrides: dict[str, Any] | None = None) -> list
             raise ValueError(f"--config.{clash[0]} is swept by {config_spec}; drop that override")
         setting = _absolute_paths(setting)
         config = hyper.apply_overrides(base, setting, source=config_spec)
-        key = train_lib.config_hash(config)
+        key = run_dir.config_hash(config)
         if key in seen:
             raise ValueError(f"{config_spec}: settings {seen[key]} and {setting} give the same config")
         seen[key] = setting
@@ -123,16 +124,16 @@ def write_overrides(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spe
 def run_state(workdir: pathlib.Path) -> dict:
     """Status, best validation macro-AUC and (if evaluated) test macro-AUC of one run folder."""
     workdir = pathlib.Path(workdir)
-    rows = study.load_metrics_rows(workdir)
+    rows = run_dir.metric_rows(workdir)
     val_rows = [r for r in rows if "val_macro_auc" in r]
     # The best checkpoint is the first epoch with the highest validation macro-AUC.
     best = max(val_rows, key=lambda r: r["val_macro_auc"], default=None)
     steps = max((r["step"] for r in rows), default=0)
-    info_path = workdir / "run_info.json"
-    total = json.loads(info_path.read_text())["total_steps"] if info_path.exists() else None
+    info_path = workdir / run_dir.INFO_FILE
+    total = run_dir.load_info(workdir)["total_steps"] if info_path.exists() else None
     if (workdir / ERROR_FILE).exists():
         status = "failed"
-    elif study.is_finished(workdir):
+    elif run_dir.is_finished(workdir):
         status = "finished"
     elif rows or info_path.exists():
         status = f"partial ({steps}/{total} steps)"
@@ -168,7 +169,7 @@ def validate(runs: list[SweepRun]) -> None:
                 raise ValueError(f"{where}: method {config.method!r} needs a trained teacher: pass "
                                  "--config.teacher_workdir=RUN (e.g. python -m experiments.train "
                                  "--config=experiments/configs/teacher.py --workdir=RUN ...)")
-            if not study.is_finished(pathlib.Path(config.teacher_workdir)):
+            if not run_dir.is_finished(pathlib.Path(config.teacher_workdir)):
                 raise FileNotFoundError(f"{where}: teacher {config.teacher_workdir} is not a finished run")
 
 
@@ -187,7 +188,7 @@ def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool =
         if distributed.chief_decides((workdir / ERROR_FILE).exists()):
             log(f"{label}: failed earlier, skipped (delete {workdir / ERROR_FILE} to retry)")
             continue
-        if distributed.chief_decides(study.is_finished(workdir)):
+        if distributed.chief_decides(run_dir.is_finished(workdir)):
             log(f"{label}: finished")
         else:
             log(f"{label}: training")
@@ -197,7 +198,7 @@ def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool =
                 study.write_json(workdir / ERROR_FILE, {"error": str(e)})
                 log(f"{label}: diverged: {e}")
                 continue
-            if not distributed.chief_decides(study.is_finished(workdir)):   # stopped by train.stop_at_step
+            if not distributed.chief_decides(run_dir.is_finished(workdir)):   # stopped by train.stop_at_step
                 log(f"{label}: stopped before the last step; rerun to continue")
                 return
         study.evaluate_run(workdir, n_resamples=int(run.config.eval.bootstrap_resamples))
@@ -260,7 +261,7 @@ def collect(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spec: str,
              f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by:", "",
              f"```\n{command}\n```", ""]
     first = next((pathlib.Path(r["workdir"]) for r in rows
-                  if (pathlib.Path(r["workdir"]) / "run_info.json").exists()), None)
+                  if (pathlib.Path(r["workdir"]) / run_dir.INFO_FILE).exists()), None)
     if first is not None:
         from experiments import report as report_lib
         lines += ["## Data", report_lib.data_section(first)[0], ""]

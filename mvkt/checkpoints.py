@@ -13,11 +13,16 @@ The frozen teacher is never saved here: it lives in its own run directory.
 
 from __future__ import annotations
 
+import datetime
 import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from mvkt import distributed
 
 
 def abstract(tree: Any) -> Any:
@@ -44,6 +49,7 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, read_only: bool = False):
         workdir = pathlib.Path(workdir).absolute()
+        self.workdir = workdir
         self.latest = ocp.CheckpointManager(
             workdir / "checkpoints", options=_options(name="latest", max_to_keep=keep, read_only=read_only)
         )
@@ -70,22 +76,30 @@ class RunCheckpoints:
         return self.latest.latest_step()
 
     def restore_latest(self, *, model: Any, train: Any) -> tuple[Any, Any, dict]:
-        step = self.latest.latest_step()
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(abstract(model)),
-                train=ocp.args.StandardRestore(abstract(train)),
-                meta=ocp.args.JsonRestore(),
-            ),
+        """The newest checkpoint that restores; damaged newer ones are moved aside (warned)."""
+        args = ocp.args.Composite(
+            model=ocp.args.StandardRestore(abstract(model)),
+            train=ocp.args.StandardRestore(abstract(train)),
+            meta=ocp.args.JsonRestore(),
         )
+        restored = _restore_newest_good(self.latest, args, self.workdir / "checkpoints", quarantine=True)
         return restored["model"], restored["train"], restored["meta"]
 
     def best_meta(self) -> dict | None:
+        """Meta of the best checkpoint; None (with a warning) when there is none or it is damaged."""
         step = self.best.latest_step()
         if step is None:
             return None
-        return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - any damage: the next validation makes a new best
+            logging.warning(
+                "%s: best checkpoint step %d is damaged (%s); it is replaced at the next validation",
+                self.workdir / "best",
+                step,
+                _short(e),
+            )
+            return None
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -109,15 +123,79 @@ def restore_model(workdir: str | pathlib.Path, *, model_target: Any, which: str 
         raise FileNotFoundError(f"{folder} does not exist: is {workdir} a finished training run?")
     manager = ocp.CheckpointManager(folder, options=_options(name=f"restore-{which}", max_to_keep=None, read_only=True))
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {folder}")
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(abstract(model_target)), meta=ocp.args.JsonRestore()
-            ),
-        )
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {folder}: is {workdir} a finished training run?")
+        args = ocp.args.Composite(model=ocp.args.StandardRestore(abstract(model_target)), meta=ocp.args.JsonRestore())
+        hint = "Evaluate the last checkpoints instead (--checkpoint=latest)" if which == "best" else None
+        restored = _restore_newest_good(manager, args, folder, quarantine=False, hint=hint)
     finally:
         manager.close()
     return restored["model"], restored["meta"]
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run folder restores."""
+
+
+def _short(error: BaseException) -> str:
+    # tensorstore appends a repr of its whole spec after this marker: dozens of lines of nothing.
+    text = " ".join(str(error).split(" See full TensorStore details")[0].split())
+    return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _non_finite(tree: Any) -> list[str]:
+    """Paths of floating-point leaves holding NaN/inf (a flipped byte, not a trained value)."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        value = np.asarray(leaf)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+def _restore_newest_good(manager: ocp.CheckpointManager, args: ocp.args.Composite, folder: pathlib.Path,
+                         *, quarantine: bool, hint: str | None = None) -> dict:
+    """Restores the newest step that reads back whole and finite, warning for each that does not.
+
+    ``quarantine``: move damaged newer steps to ``<run>/damaged_checkpoints/`` (chief only) so
+    that training can save those steps again; evaluation leaves the folder untouched.
+    Every process takes the same decisions (restores are collective).
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        error = None
+        try:
+            restored = manager.restore(step, args=args)
+            bad = _non_finite({k: v for k, v in restored.items() if k != "meta"})
+            if bad:
+                error = ValueError(f"non-finite values in {', '.join(bad[:3])}")
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+            error = e
+        if not distributed.any_process(error is not None):
+            if failures and quarantine:
+                distributed.on_chief(_move_aside, folder, [s for s, _ in failures])
+                manager.reload()
+            return restored
+        failures.append((step, error))
+        logging.warning(
+            "%s: checkpoint step %d does not restore (%s); trying the one before it",
+            folder, step, _short(error) if error is not None else "failed on another process",
+        )
+    newest_step, newest_error = failures[0]
+    detail = _short(newest_error).rstrip(".") if newest_error else "failed on another process"
+    raise CheckpointError(
+        f"{folder}: none of the checkpoints (steps {', '.join(map(str, steps))}) restores (step "
+        f"{newest_step}: {detail}). "
+        + (hint or "Move the run folder away and train again (or restore it from a backup)")
+    )
+
+
+def _move_aside(folder: pathlib.Path, steps: list[int]) -> None:
+    target = folder.parent / "damaged_checkpoints"
+    target.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for step in steps:
+        destination = target / f"{folder.name}-{step}-{stamp}"
+        (folder / str(step)).rename(destination)
+        logging.warning("moved the damaged checkpoint %s to %s", folder / str(step), destination)

@@ -57,24 +57,69 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def verify_shards(out_dir: str | os.PathLike) -> int:
-    """Check the sha256 of every file in the manifest; returns the number of files checked."""
-    out_dir = pathlib.Path(out_dir)
+def default_cache_dir() -> pathlib.Path:
+    """Where hashes of verified files are remembered: ``$MVKT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mvkt``."""
+    if os.environ.get("MVKT_CACHE_DIR"):
+        return pathlib.Path(os.environ["MVKT_CACHE_DIR"])
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "mvkt"
+
+
+def _file_key(path: pathlib.Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shards(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> int:
+    """Check the sha256 of every file in the manifest; returns the number of files checked.
+
+    With ``cache_dir`` a file whose size, modification time and inode are unchanged since
+    it last matched is not hashed again (a dataset is hashed once per change; any write
+    to a file changes its modification time). An unwritable cache only costs the speed-up.
+    """
+    out_dir = pathlib.Path(out_dir).absolute()
     manifest = load_manifest(out_dir)
+    cache_path = pathlib.Path(cache_dir) / "verified_files.json" if cache_dir is not None else None
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path is not None else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
     bad = []
     for name, digest in manifest["files"].items():
         path = out_dir / name
         if not path.is_file():
             bad.append(f"{name}: missing")
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
-            bad.append(f"{name}: sha256 {h.hexdigest()[:12]}... != manifest {digest[:12]}...")
+        key = _file_key(path)
+        known = cache.get(str(path))
+        if known and known["key"] == key and known["sha256"] == digest:
+            continue
+        actual = _sha256(path)
+        if actual != digest:
+            bad.append(f"{name}: sha256 {actual[:12]}... != manifest {digest[:12]}...")
+            cache.pop(str(path), None)
+        else:
+            cache[str(path)] = {"key": key, "sha256": actual}
+    if cache_path is not None:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass
     if bad:
-        raise ShardError(f"{out_dir}: {len(bad)} file(s) do not match manifest.json: " + "; ".join(bad))
+        raise ShardError(
+            f"{out_dir}: {len(bad)} file(s) do not match manifest.json (damaged or changed since "
+            f"data_prep wrote them): " + "; ".join(bad) + ". Prepare the shards again"
+        )
     return len(manifest["files"])
 
 

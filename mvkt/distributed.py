@@ -44,6 +44,11 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 T = TypeVar("T")
 
 
+class OtherProcessFailedError(RuntimeError):
+    """Raised on the other processes when work that failed on one process (the chief's
+    file writing, a host's data check) ends the job."""
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     if not value:
@@ -150,8 +155,18 @@ def on_chief(fn: Callable[..., T], *args, **kwargs) -> T | None:
     ``fn`` must not use collectives. If it raises, every process raises (the chief its own
     error), so a failing chief never leaves the others waiting.
     """
+    return _agreed(fn, is_chief(), args, kwargs)
+
+
+def on_every_process(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` on every process (host-local checks, e.g. of each host's copy
+    of the data); if it raises anywhere, it raises everywhere. ``fn`` must not use collectives."""
+    return _agreed(fn, True, args, kwargs)
+
+
+def _agreed(fn: Callable[..., T], run_here: bool, args, kwargs) -> T | None:
     result, error = None, None
-    if is_chief():
+    if run_here:
         try:
             result = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
@@ -159,7 +174,7 @@ def on_chief(fn: Callable[..., T], *args, **kwargs) -> T | None:
     if any_process(error is not None):  # the collective doubles as the barrier
         if error is not None:
             raise error
-        raise RuntimeError(f"process 0 failed in {getattr(fn, '__name__', fn)}; see its output")
+        raise OtherProcessFailedError(f"{getattr(fn, '__name__', fn)} failed on another process; see its output")
     return result
 
 

@@ -18,11 +18,13 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from mvkt import data as data_lib
 from mvkt import distributed
 from mvkt import metrics as metrics_lib
 from mvkt import parallel as parallel_lib
+from mvkt import run_dir
 from mvkt import train as train_lib
 
 SCORES_FILE = "scores_{split}.npz"
@@ -100,9 +102,26 @@ def evaluate_run(
     data_dir: str | None = None,
     parallel: parallel_lib.Parallelism | None = None,
 ) -> dict:
-    """All metrics of one run on ``split`` with thresholds from the validation split."""
-    workdir = pathlib.Path(workdir)
+    """All metrics of one run on ``split`` with thresholds from the validation split.
+
+    The run folder is locked while its files are written. A run that stopped before its
+    last step is evaluated, but marked (``run_finished``, ``trained_steps`` in the JSON,
+    a warning in ``format_table``).
+    """
+    workdir = pathlib.Path(workdir).absolute()
     parallel = parallel or parallel_lib.make_parallelism()
+    with run_dir.writer(workdir):
+        return _evaluate_run(workdir, split=split, n_resamples=n_resamples, seed=seed, which=which,
+                             aggregate=aggregate, data_dir=data_dir, parallel=parallel)
+
+
+def _evaluate_run(workdir: pathlib.Path, *, split: str, n_resamples: int, seed: int, which: str,
+                  aggregate: str | None, data_dir: str | None, parallel: parallel_lib.Parallelism) -> dict:
+    finished = run_dir.is_finished(workdir)
+    done, total = run_dir.trained_steps(workdir)
+    if not finished:
+        logging.warning("%s is an unfinished run (%d of %s steps trained); its evaluation is marked so",
+                        workdir, done, total)
     val = score_split(workdir, "val", which=which, aggregate=aggregate, data_dir=data_dir, parallel=parallel)
     target = (
         val
@@ -119,11 +138,14 @@ def evaluate_run(
         seed=seed,
         challenge=target["dataset"] == "cpsc2018",
     )
-    info = json.loads((workdir / "run_info.json").read_text())
+    info = run_dir.load_info(workdir)
     result.update(
         {
             "split": split,
-            "workdir": str(workdir.absolute()),
+            "workdir": str(workdir),
+            "run_finished": finished,
+            "trained_steps": done,
+            "total_steps": total,
             "method": info["method"],
             "leads": info["leads"],
             "checkpoint": which,
@@ -197,6 +219,13 @@ def format_table(result: dict) -> str:
     lines = [
         f"{result['workdir']} ({result['method']}, leads {','.join(result['leads'])}, "
         f"{result['split']} split, checkpoint step {result['checkpoint_step']})",
+    ]
+    if result.get("run_finished") is False:
+        lines.append(
+            f"  WARNING: unfinished run ({result['trained_steps']} of {result['total_steps']} steps trained): "
+            "these numbers are not those of the configured training"
+        )
+    lines += [
         f"  macro-AUC  {result['macro_auc']:.4f}  [{lo:.4f}, {hi:.4f}] ({result['n_resamples']} bootstrap resamples)",
         f"  F1 macro   {result['f1_macro']:.4f}   F1 samples {result['f1_samples']:.4f}   "
         f"Fmax {result['fmax']:.4f} (threshold {result['fmax_threshold']:.2f} from val)",

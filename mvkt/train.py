@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import pathlib
 import signal
@@ -50,6 +48,7 @@ from mvkt import losses
 from mvkt import metrics as metrics_lib
 from mvkt import models
 from mvkt import parallel as parallel_lib
+from mvkt import run_dir
 
 METHODS = ("bce", "kd", "mkd", "clt", "mvkt")
 CLT_VARIANTS = ("memory_bank", "in_batch")
@@ -477,55 +476,6 @@ def predict_records(
 # ----------------------------------------------------------------------------- run directory
 
 
-def config_hash(config: ml_collections.ConfigDict) -> str:
-    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
-
-
-# Fields that may change between a run and its resumption: they do not change what is trained.
-RESUMABLE_CHANGES = (
-    "train.stop_at_step",
-    "train.log_every_steps",
-    "train.keep_checkpoints",
-    "eval.bootstrap_resamples",
-    "eval.batch_size",
-)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a run under a config that would train something else."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return
-    old = _flatten(json.loads(path.read_text()))
-    new = _flatten(json.loads(config.to_json()))
-    changed = sorted(
-        k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
-    )
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"{workdir} holds a run with a different config ({details}); "
-            "use a new --workdir (or restore the original settings to resume it)"
-        )
-
-
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training run directory?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     return models.create_model(
         config.student.arch,
@@ -540,9 +490,8 @@ def load_trained_model(
 ):
     """(model, variables, run config, lead names, meta) of a finished run."""
     parallel = parallel or parallel_lib.make_parallelism()
-    run_config = load_run_config(workdir)
-    meta_path = pathlib.Path(workdir) / "run_info.json"
-    info = json.loads(meta_path.read_text())
+    run_config = run_dir.load_config(workdir)
+    info = run_dir.load_info(workdir)
     model = build_model(run_config, len(info["label_names"]))
     sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
     target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
@@ -551,23 +500,6 @@ def load_trained_model(
     )
     variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
     return model, variables, run_config, info, meta
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line; rows past a resumed step are dropped."""
-
-    def __init__(self, path: pathlib.Path, *, resume_step: int, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-        if enabled and path.exists():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            distributed.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
 
 
 class _StopRequest:
@@ -596,6 +528,15 @@ def _teacher_for(
 ):
     if not config.teacher_workdir:
         raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
+    if not run_dir.is_finished(config.teacher_workdir):
+        done, total = run_dir.trained_steps(config.teacher_workdir)
+        where = f"teacher {config.teacher_workdir} stopped at step {done}/{total}"
+        if not config.allow_unfinished_teacher:
+            raise ValueError(
+                f"{where}: finish it (rerun its training command) or pass "
+                "--config.allow_unfinished_teacher=true to distil from it anyway"
+            )
+        logging.warning("%s: distilling from it anyway (config.allow_unfinished_teacher)", where)
     model, variables, teacher_config, info, meta = load_trained_model(
         config.teacher_workdir, which="best", parallel=parallel
     )
@@ -633,13 +574,43 @@ def _teacher_cache(
     )
 
 
-def _check_finite(values: dict, step: int) -> None:
+# Standardised signals are z-scores: a sample this many standard deviations out is not an ECG.
+ABSURD_SAMPLE = 1e3
+
+
+def bad_records(loader: input_pipeline.TrainBatches, steps: range) -> list[str]:
+    """Ids of the records with non-finite or absurd (|x| > ABSURD_SAMPLE) samples in the
+    crops of the global batches of ``steps`` (recomputed: batches are a function of the step)."""
+    bad = set()
+    for step in steps:
+        indices, starts = loader.indices_at(step)
+        x = loader.split.crop(indices, starts, loader.crop_length)
+        broken = ~np.isfinite(x).all(axis=(1, 2)) | (np.abs(np.nan_to_num(x)) > ABSURD_SAMPLE).any(axis=(1, 2))
+        bad.update(str(loader.split.record_ids[i]) for i in indices[broken])
+    return sorted(bad)
+
+
+def _check_finite(values: dict, *, step: int, since: int, loader: input_pipeline.TrainBatches,
+                  data_dir: str) -> None:
+    """Raises ``TrainingDivergedError`` for a non-finite loss, saying whether the data of
+    the steps since the last check was to blame or the optimisation diverged."""
     bad = {k: v for k, v in values.items() if not np.isfinite(v)}
-    if bad:
+    if not bad:
+        return
+    records = bad_records(loader, range(since, step))
+    if records:
+        shown = ", ".join(records[:10]) + (f" and {len(records) - 10} more" if len(records) > 10 else "")
         raise TrainingDivergedError(
-            f"non-finite loss at step {step}: {bad}. The run stopped; the last good checkpoint is kept. "
-            "Lower the learning rate (--config.train.learning_rate) or enable gradient clipping."
+            f"non-finite loss at step {step}: {bad}. The training batches of steps {since + 1}-{step} hold "
+            f"non-finite or absurd (|x| > {ABSURD_SAMPLE:g}) samples in record(s) {shown} of {data_dir}: "
+            f"check the shards (python -c \"from mvkt import data; data.verify_shards('{data_dir}')\") "
+            "and prepare them again. The last good checkpoint is kept."
         )
+    raise TrainingDivergedError(
+        f"non-finite loss at step {step}: {bad}; the training batches of steps {since + 1}-{step} are "
+        "finite, so the optimisation diverged. The run stopped; the last good checkpoint is kept. "
+        "Lower the learning rate (--config.train.learning_rate) or enable gradient clipping."
+    )
 
 
 def train_and_evaluate(
@@ -652,10 +623,21 @@ def train_and_evaluate(
     """Trains (or resumes) the run in ``workdir``; returns a summary dict.
 
     Under several processes every process calls this with the same arguments; only
-    the chief writes files, and all of them return (or raise) at the same step.
+    the chief writes files, and all of them return (or raise) at the same step. The
+    run folder is locked for the whole call (``run_dir.RunLock``).
     """
     workdir = pathlib.Path(workdir).absolute()
-    parallel = parallel or parallel_lib.make_parallelism()
+    with run_dir.writer(workdir):
+        return _train(config, workdir, parallel=parallel or parallel_lib.make_parallelism(), progress=progress)
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    *,
+    parallel: parallel_lib.Parallelism,
+    progress: bool,
+) -> dict:
     is_chief = distributed.is_chief()
     loss_spec = LossSpec.from_config(config)
     if config.teacher_cache and config.data.random_crop:
@@ -664,6 +646,9 @@ def train_and_evaluate(
             "set --config.data.random_crop=False (centre crops; crop_seconds=10 "
             "uses whole PTB-XL records)"
         )
+    # Damaged shards are found before training, not as a diverged loss hours later; each
+    # host checks its own copy (hashed once per change of the files).
+    distributed.on_every_process(data_lib.verify_shards, config.data.dir, cache_dir=data_lib.default_cache_dir())
     train_split = data_lib.open_split(config.data.dir, "train")
     val_split = data_lib.open_split(config.data.dir, "val")
     label_names = list(train_split.label_names)
@@ -691,16 +676,13 @@ def train_and_evaluate(
         "total_steps": total_steps,
         "num_devices": parallel.num_devices,
         "num_processes": jax.process_count(),
-        "config_hash": config_hash(config),
+        "config_hash": run_dir.config_hash(config),
     }
     # Every process checks the old config before the chief replaces it.
-    if (workdir / "checkpoints").is_dir():
-        check_resume_config(workdir, config)
+    if (workdir / run_dir.CHECKPOINTS_DIR).is_dir():
+        run_dir.check_resume_config(workdir, config)
     distributed.barrier(f"config-checked:{workdir}")
-    if is_chief:
-        workdir.mkdir(parents=True, exist_ok=True)
-        distributed.write_text(workdir / "config.json", config.to_json(indent=2, sort_keys=True))
-        distributed.write_text(workdir / "run_info.json", json.dumps(info, indent=2))
+    run_dir.write_config_and_info(workdir, config, info)
 
     teacher = None
     if loss_spec.needs_teacher:
@@ -739,7 +721,7 @@ def train_and_evaluate(
         best_auc = best["val_macro_auc"] if best else -math.inf
         _say(is_chief, f"{workdir.name}: resumed at step {int(state.step)}/{total_steps}")
     start_step = int(state.step)
-    log = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=is_chief)
+    log = run_dir.MetricsLog(workdir, resume_step=start_step, enabled=is_chief)
     # Nobody reads the run folder's files before the chief has (re)written them.
     distributed.barrier(f"run-files-written:{workdir}:{start_step}")
 
@@ -825,7 +807,13 @@ def train_and_evaluate(
                     ).items()
                 }
                 pending.clear()
-                _check_finite({k: v for k, v in means.items() if k.startswith("loss")}, done)
+                _check_finite(
+                    {k: v for k, v in means.items() if k.startswith("loss")},
+                    step=done,
+                    since=last_log_step,
+                    loader=loader,
+                    data_dir=str(config.data.dir),
+                )
                 now = time.perf_counter()
                 seconds_per_step = (now - last_log_time) / (done - last_log_step)
                 last_log_time, last_log_step = now, done

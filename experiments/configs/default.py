@@ -15,6 +15,7 @@ def get_config(arg=None):
     config.method = "bce"
     config.teacher_workdir = ""  # a finished teacher run; needed by kd/mkd/clt/mvkt
     config.teacher_cache = False  # precompute teacher outputs (needs data.random_crop=False)
+    config.allow_unfinished_teacher = False  # distil from a teacher that stopped early (warned)
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = ""  # shards written by data_prep

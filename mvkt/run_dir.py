@@ -1,0 +1,316 @@
+"""A run folder's bookkeeping: its files, its config, whether it finished, who writes it.
+
+A run folder (``--workdir`` of one training) holds:
+
+| file | written | what |
+|---|---|---|
+| ``config.json`` | at every (re)start | the full config (``config_hash`` keys runs) |
+| ``run_info.json`` | at every (re)start | labels, leads, crop, data dir, steps, devices, hash |
+| ``metrics.jsonl`` | at log steps | one JSON row per log step / validation |
+| ``checkpoints/<step>/`` ``best/<step>/`` | epoch ends, stops | orbax (``mvkt.checkpoints``) |
+| ``eval_<split>.json`` ``scores_<split>.npz`` | by evaluation | ``mvkt.evaluate`` |
+| ``.lock`` | while a process writes | the writer's host, pid and command |
+
+Only one process (the chief of one job) writes a run folder at a time: ``RunLock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import socket
+import sys
+import time
+
+import ml_collections
+from absl import logging
+
+from mvkt import distributed
+
+CONFIG_FILE = "config.json"
+INFO_FILE = "run_info.json"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+CHECKPOINTS_DIR = "checkpoints"
+
+# Fields that may change between a run and its resumption: they do not change what is trained.
+RESUMABLE_CHANGES = (
+    "train.stop_at_step",
+    "train.log_every_steps",
+    "train.keep_checkpoints",
+    "eval.bootstrap_resamples",
+    "eval.batch_size",
+    "allow_unfinished_teacher",
+)
+
+
+class RunLockedError(RuntimeError):
+    """Another live process writes this run folder."""
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a training run folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: damaged {what} ({e}); restore it or use a new run folder") from None
+
+
+def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run under a config that would train something else."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return
+    old = _flatten(_read_json(path, "config"))
+    new = _flatten(json.loads(config.to_json()))
+    changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{workdir} holds a run with a different config ({details}); "
+            "use a new --workdir (or restore the original settings to resume it)"
+        )
+
+
+def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(_read_json(pathlib.Path(workdir) / CONFIG_FILE, "config"))
+
+
+def load_info(workdir: str | pathlib.Path) -> dict:
+    return _read_json(pathlib.Path(workdir) / INFO_FILE, "run info")
+
+
+def write_config_and_info(workdir: pathlib.Path, config: ml_collections.ConfigDict, info: dict) -> None:
+    """Chief only, atomically."""
+    distributed.write_text(workdir / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
+    distributed.write_text(workdir / INFO_FILE, json.dumps(info, indent=2))
+
+
+def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Steps of the complete checkpoints, ascending (orbax renames ``<step>.orbax-...-tmp``
+    folders to ``<step>`` only once a save is complete)."""
+    folder = pathlib.Path(workdir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def trained_steps(workdir: str | pathlib.Path) -> tuple[int, int | None]:
+    """(step of the newest complete checkpoint or 0, total steps of the run or None)."""
+    workdir = pathlib.Path(workdir)
+    steps = checkpoint_steps(workdir)
+    total = load_info(workdir)["total_steps"] if (workdir / INFO_FILE).exists() else None
+    return (steps[-1] if steps else 0), total
+
+
+def is_finished(workdir: str | pathlib.Path) -> bool:
+    """Training reached its last step and that checkpoint is complete on disk."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / INFO_FILE).exists():
+        return False
+    total = load_info(workdir)["total_steps"]
+    return (workdir / CHECKPOINTS_DIR / str(total)).is_dir()
+
+
+def metric_rows(workdir: str | pathlib.Path) -> list[dict]:
+    """The rows of ``metrics.jsonl`` ([] when there is none); a damaged line (a process
+    killed while writing it) is skipped with a warning."""
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logging.warning("%s line %d is damaged and skipped: %r", path, number, line[:80])
+    return rows
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line; rows past a resumed step are dropped.
+
+    On resume it warns when the log is missing or ends before the checkpoint it resumes
+    from: those rows are lost (the curves have a hole), training itself is unaffected.
+    """
+
+    def __init__(self, workdir: pathlib.Path, *, resume_step: int, enabled: bool):
+        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self.enabled = enabled
+        if not enabled:
+            return
+        existed = self.path.exists()
+        rows = metric_rows(workdir)
+        last = max((r.get("step", 0) for r in rows), default=0)
+        if resume_step > 0 and not existed:
+            logging.warning(
+                "%s is missing: the run resumes at step %d, the rows of steps 1-%d are lost",
+                self.path,
+                resume_step,
+                resume_step,
+            )
+        elif resume_step > last:
+            logging.warning(
+                "%s ends at step %d but the run resumes at step %d: the rows of steps %d-%d are lost",
+                self.path,
+                last,
+                resume_step,
+                last + 1,
+                resume_step,
+            )
+        if existed:
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            distributed.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a reused pid from the original), if known."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start_time: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start_time is None or _process_start_time(pid) in (None, start_time)
+
+
+class RunLock:
+    """``<workdir>/.lock`` held by the one process that writes the run folder.
+
+    A second writer is refused with ``RunLockedError`` naming the holder. A lock left by
+    a dead process of this host is taken over (with a warning); one from another host
+    cannot be checked from here: the message says how to remove it. With several
+    processes only the chief holds it (one lock per job).
+    """
+
+    # A lock file still empty after this long was left by a process killed while creating it.
+    EMPTY_GRACE_S = 10.0
+
+    def __init__(self, workdir: str | pathlib.Path):
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.path = self.workdir / LOCK_FILE
+        self._held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return None  # being written, or left half-written
+
+    def _stale(self, holder: dict | None) -> bool:
+        if holder is None:
+            try:
+                return time.time() - self.path.stat().st_mtime > self.EMPTY_GRACE_S
+            except FileNotFoundError:
+                return True
+        return holder.get("host") == socket.gethostname() and not _alive(
+            int(holder.get("pid", -1)), holder.get("start_time")
+        )
+
+    def acquire(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start_time": _process_start_time(os.getpid()),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder == {}:  # released meanwhile
+                    continue
+                if self._stale(holder):
+                    logging.warning(
+                        "%s: taking over the lock of a process that no longer runs (%s)",
+                        self.workdir,
+                        "unreadable lock file" if holder is None else f"pid {holder.get('pid')}",
+                    )
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                who = (
+                    "another process (lock file being written)"
+                    if holder is None
+                    else f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
+                    f"({holder.get('command')})"
+                )
+                raise RunLockedError(
+                    f"{self.workdir} is being written by {who}; one process per run folder: wait for it "
+                    f"or use another --workdir (if that process is gone, delete {self.path})"
+                )
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self._held = True
+            return
+        raise RunLockedError(f"{self.workdir}: could not take {self.path} (it keeps changing hands)")
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def writer(workdir: str | pathlib.Path):
+    """The job's hold on ``workdir``: the chief takes ``RunLock``; every process learns
+    whether it got it (a refusal ends all processes)."""
+    lock = RunLock(workdir)
+    distributed.on_chief(lock.acquire)
+    try:
+        yield
+    finally:
+        if distributed.is_chief():
+            lock.release()
