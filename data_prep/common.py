@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import threading
 from fractions import Fraction
@@ -192,6 +193,35 @@ def iter_loaded(sources: Sequence[Source], cfg: SignalConfig, *, scratch_dir: st
 # Output folder handling
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_work_folders(out: pathlib.Path) -> list[pathlib.Path]:
+    """Deletes ``.OUT.tmp-HOST-PID`` / ``.OUT.old-PID`` folders that a killed run of this
+    host left beside ``out`` (they can hold the whole dataset); returns what was removed.
+    Folders of live processes and of other hosts are left alone."""
+    removed = []
+    candidates = sorted(out.parent.glob(f".{out.name}.tmp-*"))
+    if out.exists():  # else an .old-* folder is the last good output (killed while publishing): keep it
+        candidates += sorted(out.parent.glob(f".{out.name}.old-*"))
+    for path in candidates:
+        tag = path.name.rsplit(".", 1)[1].split("-", 1)[1]  # "HOST-PID" or "PID"
+        host, _, pid = tag.rpartition("-")
+        if not pid.isdigit() or (host and host != socket.gethostname()) or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed {path}, left by an interrupted run (process {pid} no longer runs)", file=sys.stderr)
+        removed.append(path)
+    return removed
+
+
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> pathlib.Path:
     out = pathlib.Path(out_dir).absolute()
     if out.exists() and not overwrite:
@@ -259,10 +289,11 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
     _check_split_folds(split_folds)
     ragged = signal_config.fixed_seconds is None
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_folders(out)
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
         # 1. Read every record once into scratch part files (raw float32, train stats later).
@@ -311,7 +342,12 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
             acc_folds = np.asarray(folds, dtype=np.int16)[accepted]
             fold_desc = {"source": "strat_fold"}
         members = {s: np.flatnonzero(np.isin(acc_folds, list(split_folds[s]))) for s in SPLITS}
-        unassigned = len(accepted) - sum(len(m) for m in members.values())
+        in_no_split = np.flatnonzero(~np.isin(acc_folds, [f for s in SPLITS for f in split_folds[s]]))
+        folds_text = ", ".join(f"{s} {list(split_folds[s])}" for s in SPLITS)
+        all_rejected += [(sources[accepted[j]].record_id,
+                          f"{sources[accepted[j]].record_id}: fold {int(acc_folds[j])} is in no split ({folds_text})")
+                         for j in in_no_split]
+        unassigned = len(in_no_split)
         if len(members["train"]) == 0:
             raise DataPrepError(f"train split (folds {list(split_folds['train'])}) is empty after "
                                 f"rejections in {source_desc}; cannot fit the standardisation")
@@ -477,9 +513,17 @@ def summarize(manifest: dict, out_dir: str | os.PathLike) -> str:
         info = manifest["splits"][s]
         lines.append(f"  {s:5s}: {info['num_records']:6d} records (folds {info['folds']})")
     rej = manifest["rejected"]
-    lines.append(f"  rejected: {rej['counted']} (+{rej['not_counted']} label rows without a record, "
-                 f"not counted), see {rej['file']}")
+    lines.append(f"  rejected: {rej['counted']} (counted towards --max_rejected_fraction; "
+                 f"+{rej['not_counted']} listed only: rows without a record, records without a mapped "
+                 f"label), see {rej['file']}")
     lines.append(f"  dropped without label for the task: {manifest['dropped_no_label']}")
+    if manifest.get("unassigned_records"):
+        lines.append(f"  in no split (fold outside --train/val/test_folds): {manifest['unassigned_records']}, "
+                     f"see {rej['file']}")
+    if manifest.get("leads_reordered"):
+        lines.append(f"  leads listed in another order in the header, reordered by name: {manifest['leads_reordered']}")
+    if manifest.get("records_without_row"):
+        lines.append(f"  WARNING: {manifest['records_without_row']} record(s) on disk have no row in the label table")
     return "\n".join(lines)
 
 

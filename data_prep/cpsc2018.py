@@ -22,7 +22,7 @@ import numpy as np
 
 from data_prep.common import (DataPrepError, SignalConfig, Source, build_shards, check_output_dir,
                               multi_hot, parse_band_pass, read_wfdb_source)
-from data_prep.wfdb_io import RecordError, dx_codes
+from data_prep.wfdb_io import RecordError, scan_cinc_folder
 
 SOURCE_FS = 500
 # REFERENCE.csv class numbers (Liu et al. 2018, Table 1).
@@ -90,9 +90,10 @@ def read_reference(path: pathlib.Path) -> tuple[dict[str, set[str]], list[tuple[
             v = getattr(row, col)
             if not isinstance(v, str) or not v.strip():
                 continue
-            try:
-                names.add(CLASSES[int(float(v))])
-            except (ValueError, KeyError):
+            code = v.strip()
+            if code.isdigit() and int(code) in CLASSES:  # "2.5" is no class, not class 2
+                names.add(CLASSES[int(code)])
+            else:
                 bad.append(v)
         if bad:
             rejected.append((rid, f"{rid}: unknown class code(s) {bad} in {path.name} (expected 1..9)"))
@@ -141,14 +142,21 @@ def _collect_original(src: pathlib.Path):
             continue
         files[p.stem] = p
     # Rows without a record are expected when --src holds part of the release (the
-    # in-project sample keeps the full REFERENCE.csv): they are listed in rejected.csv but
-    # not counted towards --max_rejected_fraction; only problems of present records are.
-    missing = [(rid, f"{rid}: row in {reference.name} but no {rid}.mat under {src}")
-               for rid in sorted(set(ref_labels) - set(files))]
+    # in-project sample keeps the full REFERENCE.csv): rows outside the id range of the
+    # present records are listed in rejected.csv but not counted towards
+    # --max_rejected_fraction. A record missing inside that range (A1983 between A1982 and
+    # A1984) was lost from this copy, and counts.
+    rows = set(ref_labels) | {rid for rid, _ in ref_rejected}
+    present = sorted((rid for rid in files if rid in rows), key=_record_number)
+    lo, hi = (_record_number(present[0]), _record_number(present[-1])) if present else (0, -1)
+    missing = []
+    for rid in sorted(set(ref_labels) - set(files)):
+        reason = (rid, f"{rid}: row in {reference.name} but no {rid}.mat under {src}")
+        (rejected if lo <= _record_number(rid) <= hi else missing).append(reason)
     bad_rows = set()
     for rid, reason in ref_rejected:
         bad_rows.add(rid)
-        (rejected if rid in files else missing).append((rid, reason))
+        (rejected if rid in files or lo <= _record_number(rid) <= hi else missing).append((rid, reason))
     sources, label_sets = [], []
     for rid, path in sorted(files.items()):
         if rid in bad_rows:
@@ -158,31 +166,27 @@ def _collect_original(src: pathlib.Path):
             continue
         sources.append(Source(rid, str(path), read_cpsc_mat))
         label_sets.append(ref_labels[rid])
-    return sources, label_sets, rejected, missing
+    return sources, label_sets, rejected, missing, 0  # the MATLAB struct has no lead names
+
+
+def _record_number(rid: str) -> int:
+    digits = "".join(ch for ch in rid if ch.isdigit())
+    return int(digits) if digits else -1
 
 
 def _collect_cinc(src: pathlib.Path):
-    rejected, sources, label_sets = [], [], []
-    seen: dict[str, pathlib.Path] = {}
-    for hea in sorted(src.rglob("A*.hea")):
-        rid = hea.stem
-        if rid in seen:
-            rejected.append((rid, f"{rid}: duplicate headers {seen[rid]} and {hea}"))
-            continue
-        seen[rid] = hea
-        try:
-            codes = dx_codes(hea)
-        except RecordError as e:
-            rejected.append((rid, str(e)))
-            continue
-        unknown = [c for c in codes if c not in SNOMED]
+    scanned, rejected = scan_cinc_folder(src, "A*")
+    sources, label_sets = [], []
+    for record in scanned:
+        rid = record.record_id
+        unknown = [c for c in record.codes if c not in SNOMED]
         if unknown:
-            rejected.append((rid, f"{rid}: unknown SNOMED code(s) {unknown} in {hea.name} "
+            rejected.append((rid, f"{rid}: unknown SNOMED code(s) {unknown} in {record.header_path.name} "
                                   "(not one of the 9 CPSC 2018 classes)"))
             continue
-        sources.append(Source(rid, str(hea.with_suffix("")), read_wfdb_source))
-        label_sets.append({SNOMED[c] for c in codes})
-    return sources, label_sets, rejected, []
+        sources.append(Source(rid, str(record.header_path.with_suffix("")), read_wfdb_source))
+        label_sets.append({SNOMED[c] for c in record.codes})
+    return sources, label_sets, rejected, [], sum(r.leads_reordered for r in scanned)
 
 
 def prepare(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", sampling_rate: int = 100,
@@ -198,9 +202,9 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto"
     if fmt == "auto":
         fmt = detect_format(src)
     if fmt == "original":
-        sources, label_sets, rejected, missing = _collect_original(src)
+        sources, label_sets, rejected, missing, reordered = _collect_original(src)
     elif fmt == "cinc":
-        sources, label_sets, rejected, missing = _collect_cinc(src)
+        sources, label_sets, rejected, missing, reordered = _collect_cinc(src)
     else:
         raise DataPrepError(f"unknown --format {fmt!r} (auto, original, cinc)")
     cfg = SignalConfig(target_fs=sampling_rate, expected_fs=SOURCE_FS, fixed_seconds=None,
@@ -212,7 +216,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto"
         split_folds=split_folds, folds=None, num_folds=num_folds, seed=seed, dtype=dtype,
         max_rejected_fraction=max_rejected_fraction, pre_rejected=rejected, uncounted_rejected=missing,
         dropped_no_label=0, overwrite=overwrite, num_workers=num_workers, progress=progress,
-        extra={"source_format": fmt},
+        extra={"source_format": fmt, "leads_reordered": reordered},
     )
 
 

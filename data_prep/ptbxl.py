@@ -15,6 +15,7 @@ import ast
 import os
 import pathlib
 import socket
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -42,6 +43,7 @@ def load_tables(src: str | os.PathLike, filename_column: str | None = None):
     for p in (db_path, st_path):
         if not p.is_file():
             raise DataPrepError(f"missing required file {p} (PTB-XL release layout expected)")
+    check_complete_csv(db_path)
     try:
         db = pd.read_csv(db_path)
         statements = pd.read_csv(st_path, index_col=0)
@@ -51,11 +53,40 @@ def load_tables(src: str | os.PathLike, filename_column: str | None = None):
     missing = [c for c in need if c not in db.columns]
     if missing:
         raise DataPrepError(f"{db_path}: missing required column(s) {missing}")
+    duplicated = sorted({str(v) for v in db["ecg_id"][db["ecg_id"].duplicated()]})
+    if duplicated:
+        raise DataPrepError(f"{db_path}: ecg_id {', '.join(duplicated[:10])} occur(s) in more than one row; "
+                            "each record must have exactly one row")
     missing = [c for c in ("diagnostic", "form", "rhythm", "diagnostic_class", "diagnostic_subclass")
                if c not in statements.columns]
     if missing:
         raise DataPrepError(f"{st_path}: missing required column(s) {missing}")
     return db, statements
+
+
+def check_complete_csv(path: pathlib.Path) -> None:
+    """A table cut off mid-row (interrupted copy or download) parses as a shorter table with
+    a damaged last row: refuse it."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(size - 4096, 0))
+        tail = f.read()
+    if tail and not tail.endswith(b"\n"):
+        last = tail.splitlines()[-1].decode(errors="replace")
+        raise DataPrepError(f"{path} ends in the middle of a row (last line {last[:80]!r}): the file is "
+                            "truncated; copy or download it again")
+
+
+def records_without_row(src: pathlib.Path, column_values: Sequence[str], folder: str) -> list[str]:
+    """Records of ``folder`` (records100 or records500) listed by the release's RECORDS file,
+    or found on disk, that have no row in ptbxl_database.csv (a truncated or edited table)."""
+    listed_file = src / "RECORDS"
+    if listed_file.is_file():
+        listed = {line.strip() for line in listed_file.read_text().splitlines() if line.startswith(folder + "/")}
+    else:
+        listed = {str(p.relative_to(src).with_suffix("")) for p in (src / folder).rglob("*.hea")}
+    return sorted(listed - {str(v) for v in column_values})
 
 
 def parse_scp_codes(text) -> dict:
@@ -140,6 +171,10 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, task: str = "supe
     column = "filename_lr" if source_fs == 100 else "filename_hr"
     db, statements = load_tables(src, column)
     src = pathlib.Path(src).absolute()
+    unlisted = records_without_row(src, db[column].dropna().tolist(), f"records{source_fs}")
+    if unlisted:
+        print(f"warning: {len(unlisted)} record(s) under {src} have no row in ptbxl_database.csv "
+              f"(e.g. {', '.join(unlisted[:3])}): is the table truncated or edited?", file=sys.stderr)
     band = parse_band_pass(band_pass, sampling_rate, source_fs)
 
     rejected: list[tuple[str, str]] = []
@@ -181,7 +216,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, task: str = "supe
         signal_config=cfg, dataset="ptbxl", source_desc=str(src), task=task, split_folds=split_folds,
         folds=folds, dtype=dtype, max_rejected_fraction=max_rejected_fraction, pre_rejected=rejected,
         dropped_no_label=dropped, overwrite=overwrite, num_workers=num_workers, progress=progress,
-        extra={"label_source": {"min_samples": min_samples, "statements": "scp_statements.csv"}},
+        extra={"label_source": {"min_samples": min_samples, "statements": "scp_statements.csv"},
+               "records_without_row": len(unlisted)},
     )
 
 

@@ -214,9 +214,9 @@ def _read_with_wfdb(base: str, h: Header) -> np.ndarray:
     return sig.astype(np.float32)
 
 
-def dx_codes(hea: pathlib.Path) -> list[str]:
+def dx_codes(hea: pathlib.Path, header: Header | None = None) -> list[str]:
     """SNOMED CT codes of the `#Dx:` comment of a CinC header (RecordError if absent/invalid)."""
-    h = parse_header(hea)
+    h = header or parse_header(hea)
     dx = h.comment_value("Dx")
     if dx is None:
         raise RecordError(f"{hea.stem}: no #Dx line in {hea.name}")
@@ -225,3 +225,42 @@ def dx_codes(hea: pathlib.Path) -> list[str]:
     if bad or not codes:
         raise RecordError(f"{hea.stem}: invalid SNOMED code(s) {bad or [dx]} on the #Dx line of {hea.name}")
     return codes
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannedRecord:
+    """One CinC-format record found by ``scan_cinc_folder``."""
+
+    record_id: str
+    header_path: pathlib.Path
+    codes: list[str]  # SNOMED CT codes of the #Dx line
+    leads_reordered: bool  # header lists the 12 leads in another order (reading reorders by name)
+
+
+def scan_cinc_folder(src: pathlib.Path, pattern: str = "*") -> tuple[list[ScannedRecord], list[tuple[str, str]]]:
+    """Every ``<pattern>.hea`` under ``src`` (any depth) with its #Dx codes and lead order.
+
+    Returns (records, rejected (record, reason)): duplicate record names, unreadable
+    headers, missing or invalid #Dx lines, non-standard lead names, and signal files
+    (``.mat``) that have no header beside them.
+    """
+    records, rejected = [], []
+    seen: dict[str, pathlib.Path] = {}
+    for hea in sorted(src.rglob(f"{pattern}.hea")):
+        rid = hea.stem
+        if rid in seen:
+            rejected.append((rid, f"{rid}: duplicate record name: {seen[rid]} and {hea}"))
+            continue
+        seen[rid] = hea
+        try:
+            header = parse_header(hea)
+            codes = dx_codes(hea, header)
+            order = lead_order([sig.description for sig in header.signals], rid)
+        except RecordError as e:
+            rejected.append((rid, str(e)))
+            continue
+        records.append(ScannedRecord(rid, hea, codes, order != list(range(len(LEADS)))))
+    for mat in sorted(src.rglob(f"{pattern}.mat")):
+        if not mat.with_suffix(".hea").exists():
+            rejected.append((mat.stem, f"{mat.stem}: {mat} has no header {mat.stem}.hea beside it"))
+    return records, rejected
