@@ -13,6 +13,8 @@ import pytest
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mvkt-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Hashes of verified shards (mvkt.data.verify_shards) stay out of the user's cache.
+os.environ.setdefault("MVKT_CACHE_DIR", tempfile.mkdtemp(prefix="mvkt-test-cache-"))
 
 SAMPLES_DIR = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "samples"
 

@@ -335,7 +335,8 @@ def test_float16_band_pass_and_resampling_are_recorded(tmp_path):
 # --------------------------------------------------------------------------- CPSC 2018
 
 CPSC_EXPECTED = {"A1980": {"PAC"}, "A1981": {"STD"}, "A1982": {"I-AVB"}, "A1983": {"Normal"},
-                 "A1984": {"STD"}, "A1985": {"STD"}}  # REFERENCE.csv rows 6, 8, 3, 1, 8, 8
+                 "A1984": {"STD"}, "A1985": {"STD"}, "A1986": {"RBBB"}, "A1987": {"RBBB"},
+                 "A1988": {"I-AVB"}, "A1989": {"I-AVB"}}  # REFERENCE.csv rows 6, 8, 3, 1, 8, 8, 5, 5, 3, 3
 
 
 def split_labels(out):
@@ -355,7 +356,7 @@ def test_cpsc_original_format_joins_unsorted_reference(tmp_path):
     assert m["label_names"] == sorted(cpsc2018.CLASSES.values())
     assert split_labels(tmp_path / "o") == CPSC_EXPECTED
     # REFERENCE rows of records absent from the sample are listed, not counted.
-    assert m["rejected"] == {"count": 6871, "file": "rejected.csv", "counted": 0, "not_counted": 6871,
+    assert m["rejected"] == {"count": 6867, "file": "rejected.csv", "counted": 0, "not_counted": 6867,
                              "max_rejected_fraction": 0.05}
     # Stored uncropped at 100 Hz: ceil(N / 5) samples (resample_poly keeps the last partial one).
     n500 = {p.stem: scipy.io.loadmat(p)["ECG"]["data"][0, 0].shape[1] for p in (SAMPLES / "cpsc2018").glob("*.mat")}
@@ -388,8 +389,9 @@ def test_cpsc_bad_records(tmp_path):
     assert "unknown class code(s) ['12']" in rejected["A1984"]
     assert "row in REFERENCE.csv but no A0001.mat" in rejected["A0001"]
     assert m["rejected"]["counted"] == 5
-    assert split_labels(tmp_path / "o") == {"A1983": {"Normal"}, "A1985": {"STD"}}
-    with pytest.raises(DataPrepError, match=r"5 of 7 records .* rejected"):
+    assert split_labels(tmp_path / "o") == {r: CPSC_EXPECTED[r] for r in ("A1983", "A1985", "A1986", "A1987",
+                                                                           "A1988", "A1989")}
+    with pytest.raises(DataPrepError, match=r"5 of 11 records .* rejected"):
         cpsc2018.prepare(src, tmp_path / "p")
 
 
@@ -487,3 +489,136 @@ def test_manifest_literal_types(ptbxl_sample_shards):
                                for k in ("signals", "labels", "record_ids", "folds")} | {"rejected.csv"}
     assert len(m["preprocessing"]["standardization"]["mean"]) == 12
     assert m["preprocessing"]["resampled_from"] is None and m["num_samples"] == 1000
+
+
+# --------------------------------------------------------------------------- silent cases made loud
+
+def test_ptbxl_duplicated_ecg_id_is_a_run_error(tmp_path):
+    src = copy_ptbxl(tmp_path / "src", ids=range(1, 30))
+    db = pd.read_csv(src / "ptbxl_database.csv")
+    pd.concat([db, db[db.ecg_id == 7]]).to_csv(src / "ptbxl_database.csv", index=False)
+    with pytest.raises(DataPrepError, match=r"ptbxl_database.csv: ecg_id 7 occur\(s\) in more than one row"):
+        ptbxl.prepare(src, tmp_path / "o")
+
+
+def test_ptbxl_fold_in_no_split_is_listed_and_counted(tmp_path, capsys):
+    src = copy_ptbxl(tmp_path / "src")
+    db = pd.read_csv(src / "ptbxl_database.csv")
+    db.loc[db.ecg_id == 1, "strat_fold"] = 11
+    db.to_csv(src / "ptbxl_database.csv", index=False)
+    m = ptbxl.main(["ptbxl", f"--src={src}", f"--out={tmp_path / 'o'}"])
+    assert m["unassigned_records"] == 1
+    assert "fold 11 is in no split (train [1, 2, 3, 4, 5, 6, 7, 8], val [9], test [10])" in read_rejected(
+        tmp_path / "o" / "rejected.csv")["1"]
+    assert "in no split (fold outside --train/val/test_folds): 1" in capsys.readouterr().out
+
+
+def test_ptbxl_truncated_database_table_is_refused_and_missing_rows_are_reported(tmp_path, capsys):
+    src = copy_ptbxl(tmp_path / "src")
+    table = src / "ptbxl_database.csv"
+    full = table.read_bytes()
+    table.write_bytes(full[: len(full) // 2])  # cut mid-row, as an interrupted copy leaves it
+    with pytest.raises(DataPrepError, match=r"ptbxl_database.csv ends in the middle of a row .* truncated"):
+        ptbxl.prepare(src, tmp_path / "o")
+    # Cut at a row boundary it parses: the records on disk without a row are named.
+    rows = full.decode().splitlines(keepends=True)
+    table.write_text("".join(rows[:43]))
+    m = ptbxl.main(["ptbxl", f"--src={src}", f"--out={tmp_path / 'o'}"])
+    assert m["records_without_row"] == 100 - 42
+    out = capsys.readouterr()
+    assert "58 record(s) under" in out.err and "no row in ptbxl_database.csv" in out.err
+    assert "WARNING: 58 record(s) on disk have no row in the label table" in out.out
+
+
+def test_cpsc_non_integer_class_and_missing_record_inside_the_copy_are_rejections(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(SAMPLES / "cpsc2018", src)
+    ref = (src / "REFERENCE.csv").read_text().replace("A1982,3,,", "A1982,2.5,,")
+    (src / "REFERENCE.csv").write_text(ref)
+    (src / "A1984.mat").unlink()  # between A1983 and A1985: lost from this copy
+    m = cpsc2018.prepare(src, tmp_path / "o", max_rejected_fraction=1.0, num_folds=1,
+                         split_folds={"train": [1], "val": [], "test": []})
+    rejected = read_rejected(tmp_path / "o" / "rejected.csv")
+    assert "unknown class code(s) ['2.5']" in rejected["A1982"]
+    assert "row in REFERENCE.csv but no A1984.mat" in rejected["A1984"]
+    assert m["rejected"]["counted"] == 2  # rows of records outside A1980-A1989 are listed only
+    with pytest.raises(DataPrepError, match=r"2 of \d+ records .* rejected"):
+        cpsc2018.prepare(src, tmp_path / "p")
+
+
+def _cinc_copy(tmp_path) -> pathlib.Path:
+    src = tmp_path / "src"
+    shutil.copytree(SAMPLES / "cinc", src)
+    return src
+
+
+def test_cinc_wrong_sampling_rate_is_rejected_unless_expected(tmp_path):
+    src = _cinc_copy(tmp_path)
+    edit_header(src / "E00001", lambda ls: [set_field(ls[0], 2, 250)] + ls[1:])
+    result = subprocess.run([sys.executable, "-m", "data_prep.cinc", f"--src={src}", f"--out={tmp_path / 'o'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "E00001: wrong sampling rate 250 Hz (expected 500 Hz)" in read_rejected(tmp_path / "o.rejected.csv")["E00001"]
+    cinc.prepare(src, tmp_path / "p", max_rejected_fraction=0.2)
+    assert "wrong sampling rate 250 Hz" in read_rejected(tmp_path / "p" / "rejected.csv")["E00001"]
+    m = cinc.prepare(src, tmp_path / "q", expected_fs=None)  # mixed-rate folders: resampled
+    assert "E00001" not in read_rejected(tmp_path / "q" / "rejected.csv")
+    assert m["preprocessing"]["source_sampling_rates"] == [250, 500]
+
+
+def test_cinc_signal_without_header_and_unknown_codes_are_rejections(tmp_path):
+    src = _cinc_copy(tmp_path)
+    (src / "E00002.hea").unlink()
+    edit_header(src / "JS00001", lambda ls: [l.replace("#Dx: 164889003", "#Dx: 999999999") for l in ls])
+    m = cinc.prepare(src, tmp_path / "o", max_rejected_fraction=0.5)
+    rejected = read_rejected(tmp_path / "o" / "rejected.csv")
+    assert "E00002.mat has no header E00002.hea beside it" in rejected["E00002"]
+    assert "unknown SNOMED code(s) ['999999999']" in rejected["JS00001"]
+    assert m["rejected"]["counted"] == 2 and "999999999" not in m["label_names"]
+    m = cinc.prepare(src, tmp_path / "p", max_rejected_fraction=0.5, allow_unknown_codes=True)
+    assert "999999999" in m["label_names"]
+
+
+def test_cinc_records_without_a_mapped_code_are_listed_with_their_codes(tmp_path):
+    mapping = tmp_path / "scored.csv"
+    mapping.write_text("Dx,SNOMEDCTCode,Abbreviation\nsinus rhythm,426783006,NSR\n")
+    m = cinc.prepare(SAMPLES / "cinc", tmp_path / "o", mapping=mapping)
+    rejected = read_rejected(tmp_path / "o" / "rejected.csv")
+    assert "none of its codes ['59118001'] is in scored.csv" in rejected["A0001"]
+    assert m["dropped_no_label"] == len(rejected) and m["rejected"]["counted"] == 0
+
+
+def test_leads_in_another_header_order_are_reordered_and_counted(tmp_path, capsys):
+    src = _cinc_copy(tmp_path)
+    # The names of the first two columns swapped (each line keeps its column's checksum).
+    edit_header(src / "A0001", lambda ls: [ls[0], ls[1].rsplit(" ", 1)[0] + " II", ls[2].rsplit(" ", 1)[0] + " I",
+                                           *ls[3:]])
+    m = cinc.main(["cinc", f"--src={src}", f"--out={tmp_path / 'o'}"])
+    assert m["leads_reordered"] == 1
+    assert "reordered by name: 1" in capsys.readouterr().out
+    from data_prep.wfdb_io import read_record
+
+    swapped, _ = read_record(src / "A0001")
+    original, _ = read_record(SAMPLES / "cinc" / "A0001")
+    np.testing.assert_array_equal(swapped[:, 2:], original[:, 2:])
+    np.testing.assert_array_equal(swapped[:, :2], original[:, [1, 0]])  # the data columns really are swapped
+
+
+def test_the_cpsc_sample_trains_and_evaluates_with_its_documented_folds(tmp_path):
+    """data_prep/samples/README.md: 10 records, 5 folds (train 1-3, val 4, test 5)."""
+    from experiments.configs import teacher as teacher_config
+    from mvkt import evaluate, train
+
+    out = tmp_path / "cpsc"
+    cpsc2018.main(["cpsc2018", f"--src={SAMPLES / 'cpsc2018'}", f"--out={out}", "--num_folds=5",
+                   "--train_folds=1,2,3", "--val_folds=4", "--test_folds=5"])
+    sizes = {s: len(data_lib.open_split(out, s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 6, "val": 2, "test": 2}
+    config = teacher_config.get_config()
+    config.data.dir = str(out)
+    config.student.width_mult = 0.25
+    config.train.batch_size = 2
+    config.train.epochs = 1
+    train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    result = evaluate.evaluate_run(tmp_path / "run", split="test", n_resamples=20)
+    assert np.isfinite(result["macro_auc"]) and "challenge_f_beta2" in result

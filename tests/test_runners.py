@@ -18,10 +18,10 @@ import sys
 import ml_collections
 import pytest
 
-from experiments import hyper, study
+from experiments import hyper
 from experiments import lead_sweep
 from experiments import sweep
-from mvkt import train
+from mvkt import run_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_MVKT = "experiments/configs/sweep_mvkt.py"
@@ -102,7 +102,7 @@ def test_run_folders_are_keyed_by_the_full_config_hash():
     first = sweep.expand(spec, overrides={"data.dir": "/data", "train.epochs": 3})
     again = sweep.expand(spec, overrides={"config.train.epochs": 3, "data.dir": "/data"})
     assert [r.config_hash for r in first] == [r.config_hash for r in again]
-    assert all(r.config_hash == train.config_hash(r.config) for r in first)
+    assert all(r.config_hash == run_dir.config_hash(r.config) for r in first)
     assert first[0].workdir(pathlib.Path("/s")) == pathlib.Path("/s/runs") / first[0].config_hash
     changed = sweep.expand(spec, overrides={"data.dir": "/data", "train.epochs": 4})
     assert not {r.config_hash for r in first} & {r.config_hash for r in changed}
@@ -171,7 +171,7 @@ def test_lead_sweep_writes_table_json_and_plot(lead_sweep_dir, ptbxl_sample_shar
         workdir = lead_sweep_dir / "runs" / name
         assert name.endswith("-" + json.loads((workdir / "run_info.json").read_text())["config_hash"])
         assert (workdir / "eval_test.json").exists()
-    student = train.load_run_config(next((lead_sweep_dir / "runs").glob("mvkt_*leadsII_*")))
+    student = run_dir.load_config(next((lead_sweep_dir / "runs").glob("mvkt_*leadsII_*")))
     assert (student.method, student.student.leads, student.eval.bootstrap_resamples) == ("mvkt", "II", RESAMPLES)
     assert student.teacher_workdir == str(lead_sweep_dir / "runs" / runs[-1])
 
@@ -236,7 +236,7 @@ def test_print_mode_command_runs_then_local_sweep_and_rerun_train_nothing(
     assert result.returncode == 0, result.stderr[-3000:]
     first = sweep_dir / "runs" / runs[0].config_hash
     assert json.loads((first / "run_info.json").read_text())["config_hash"] == runs[0].config_hash
-    assert study.is_finished(first)
+    assert run_dir.is_finished(first)
 
     collected = sweep.run_sweep(config_spec=str(spec_file), workdir=sweep_dir, overrides=overrides,
                                 collect_only=True)

@@ -19,33 +19,12 @@ from experiments.configs import teacher as teacher_config
 from mvkt import data as data_lib
 from mvkt import input_pipeline
 from mvkt import parallel as parallel_lib
+from mvkt import run_dir
 from mvkt import train
 
+from helpers import read_metrics, tiny
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"step_time_s", "samples_per_s"}
-
-
-def tiny(config, shards, **overrides):
-    """A config small enough for CI: quarter-width net, 2 steps per epoch on 67 records."""
-    config.data.dir = str(shards)
-    config.student.width_mult = 0.25
-    config.train.batch_size = 32
-    config.train.epochs = 2
-    config.train.log_every_steps = 1
-    config.eval.batch_size = 64
-    config.clt.num_negatives = 16
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
-def read_metrics(workdir):
-    rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def lead_i_student_step(config, split, *, teacher_model, teacher_vars, parallel):
@@ -87,14 +66,14 @@ def test_teacher_run_writes_metrics_and_checkpoints(teacher_run):
 
 def test_rerun_of_finished_run_does_not_train(teacher_run):
     before = (teacher_run / "metrics.jsonl").read_text()
-    config = train.load_run_config(teacher_run)
+    config = run_dir.load_config(teacher_run)
     summary = train.train_and_evaluate(config, teacher_run, progress=False)
     assert summary["resumed_finished"] and summary["step"] == summary["total_steps"] == 4
     assert (teacher_run / "metrics.jsonl").read_text() == before
 
 
 def test_resuming_with_a_different_config_is_refused(teacher_run):
-    config = train.load_run_config(teacher_run)
+    config = run_dir.load_config(teacher_run)
     config.train.learning_rate = 0.5
     config.train.log_every_steps = 7  # allowed: does not change what is trained
     with pytest.raises(ValueError, match=r"different config \(train.learning_rate: 0.01 -> 0.5\)"):
@@ -218,8 +197,20 @@ def test_step_changes_student_and_heads_but_never_the_teacher(ptbxl_sample_shard
     assert changed(before.memory_bank.student, after.memory_bank.student)
 
 
+def _poison_record(shards, index, value, *, rehash):
+    signals = np.load(shards / "train_signals.npy", mmap_mode="r+")
+    signals[index] = value
+    signals.flush()
+    del signals
+    if rehash:  # the damage predates the manifest (as if data_prep had written it)
+        manifest = json.loads((shards / "manifest.json").read_text())
+        manifest["files"]["train_signals.npy"] = data_lib._sha256(shards / "train_signals.npy")
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(ptbxl_sample_shards, tmp_path):
-    """A NaN in a record first drawn in epoch 2: epoch 1 is saved, the run stops in epoch 2."""
+    """A NaN in a record first drawn in epoch 2: epoch 1 is saved, the run stops in epoch 2,
+    and the message names the record and the shards instead of blaming the learning rate."""
     shards = tmp_path / "shards"
     shutil.copytree(ptbxl_sample_shards, shards)
     config = tiny(teacher_config.get_config(), shards)
@@ -230,18 +221,59 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(ptbxl_sampl
     epoch1 = set(np.concatenate([loader.indices_at(s)[0] for s in (0, 1)]).tolist())
     epoch2 = set(np.concatenate([loader.indices_at(s)[0] for s in (2, 3)]).tolist())
     poisoned = min(epoch2 - epoch1)
-    signals = np.load(shards / "train_signals.npy", mmap_mode="r+")
-    signals[poisoned] = np.nan
-    signals.flush()
-    del signals
+    _poison_record(shards, poisoned, np.nan, rehash=True)
 
     workdir = tmp_path / "run"
-    with pytest.raises(train.TrainingDivergedError, match=r"non-finite loss at step [34]"):
+    with pytest.raises(train.TrainingDivergedError, match=r"non-finite loss at step [34]") as error:
         train.train_and_evaluate(config, workdir, progress=False)
+    message = str(error.value)
+    assert f"record(s) {split.record_ids[poisoned]} of {shards}" in message and "verify_shards" in message
+    assert "learning rate" not in message
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
     _, variables, _, _, meta = train.load_trained_model(workdir, which="latest")
     assert meta["step"] == 2
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(variables)))
+
+
+def test_non_finite_loss_on_finite_batches_is_reported_as_divergence(ptbxl_sample_shards):
+    split = data_lib.open_split(ptbxl_sample_shards, "train")
+    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250, random_crop=True, seed=0)
+    with pytest.raises(train.TrainingDivergedError, match=r"steps 1-2 are finite, so the optimisation diverged"):
+        train._check_finite(
+            {"loss": float("nan")}, step=2, since=0, loader=loader, data_dir=str(ptbxl_sample_shards)
+        )
+    train._check_finite({"loss": 0.5}, step=2, since=0, loader=loader, data_dir=str(ptbxl_sample_shards))
+
+
+def test_flipped_bytes_in_the_shards_stop_training_before_it_starts(ptbxl_sample_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(ptbxl_sample_shards, shards)
+    with open(shards / "train_signals.npy", "r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(data_lib.ShardError, match=r"train_signals.npy: sha256 .* != manifest"):
+        train.train_and_evaluate(tiny(teacher_config.get_config(), shards), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_shard_hashes_are_cached_until_a_file_changes(ptbxl_sample_shards, tmp_path, monkeypatch):
+    shards = tmp_path / "shards"
+    shutil.copytree(ptbxl_sample_shards, shards)
+    hashed = []
+    real = data_lib._sha256
+    monkeypatch.setattr(data_lib, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    files = len(json.loads((shards / "manifest.json").read_text())["files"])
+    assert data_lib.verify_shards(shards, cache_dir=tmp_path / "cache") == files
+    assert len(hashed) == files
+    hashed.clear()
+    data_lib.verify_shards(shards, cache_dir=tmp_path / "cache")
+    assert hashed == []
+    _poison_record(shards, 0, 1.0, rehash=False)  # a write: new modification time, hashed again
+    with pytest.raises(data_lib.ShardError, match="train_signals.npy"):
+        data_lib.verify_shards(shards, cache_dir=tmp_path / "cache")
+    assert hashed == ["train_signals.npy"]
 
 
 def test_unknown_method_and_leads_are_clear_errors(ptbxl_sample_shards, tmp_path):

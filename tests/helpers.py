@@ -1,0 +1,31 @@
+"""Helpers shared by the training-side tests (imported as ``helpers``: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+from mvkt import run_dir
+
+TIMING_KEYS = {"step_time_s", "samples_per_s"}
+
+
+def tiny(config, shards, **overrides):
+    """A config small enough for CI: quarter-width net, batch 32 (2 steps per epoch on the
+    67 train records of the PTB-XL sample), 2 epochs; ``overrides`` as ``{"train.epochs": 3}``."""
+    config.data.dir = str(shards)
+    config.student.width_mult = 0.25
+    config.train.batch_size = 32
+    config.train.epochs = 2
+    config.train.log_every_steps = 1
+    config.eval.batch_size = 64
+    config.clt.num_negatives = 16
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def read_metrics(workdir):
+    """metrics.jsonl rows without the timing columns (they differ between identical runs)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in run_dir.metric_rows(workdir)]
