@@ -5,7 +5,8 @@
 Prints a table and writes benchmarks/results/data_prep.json. The source folder is read
 once before timing, so the figures are for a warm page cache (the second run of a
 real preparation); `end_to_end` includes the worker pool start, label aggregation,
-standardisation, writing the shards and their sha256s.
+standardisation, writing the shards and their sha256s. The last two rows are the shard
+check every training start runs (`mvkt.data.verify_shards` with its hash cache).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main(argv):
     import wfdb
 
     from data_prep import common, ptbxl
+    from mvkt import data as data_lib
 
     src = pathlib.Path(FLAGS.src).resolve()
     db, _ = ptbxl.load_tables(src, "filename_lr")
@@ -71,8 +73,21 @@ def main(argv):
             ptbxl.prepare(src, pathlib.Path(tmp) / "out", overwrite=True, num_workers=2)
         t = _best(prepare, FLAGS.repeats)
         m = json.loads((pathlib.Path(tmp) / "out" / "manifest.json").read_text())
+        # What every training start pays (mvkt.train verifies the shards first): hashing all
+        # files once, then only a stat per file while they are unchanged.
+        def verify_cold():
+            with tempfile.TemporaryDirectory() as cache:
+                data_lib.verify_shards(pathlib.Path(tmp) / "out", cache_dir=cache)
+
+        t_verify = _best(verify_cold, FLAGS.repeats)
+        with tempfile.TemporaryDirectory() as cache:
+            data_lib.verify_shards(pathlib.Path(tmp) / "out", cache_dir=cache)
+            t_cached = _best(lambda: data_lib.verify_shards(pathlib.Path(tmp) / "out", cache_dir=cache),
+                             FLAGS.repeats)
     written = sum(m["splits"][s]["num_records"] for s in ("train", "val", "test"))
     rows.append(("end to end: ptbxl.prepare as run by the CLI (superdiagnostic, 100 Hz, 2 workers)", n, t))
+    rows.append(("verify_shards before training: sha256 of every shard file (first start)", written, t_verify))
+    rows.append(("verify_shards before training: files unchanged since verified (later starts)", written, t_cached))
 
     load = os.getloadavg()
     print(f"\nPTB-XL data path on {src} ({n} records, 100 Hz), {os.cpu_count()} CPU cores, warm cache, "
