@@ -1,9 +1,17 @@
-"""Evaluates a finished run on a split: ``python -m experiments.evaluate --workdir=RUN --split=test``.
+"""Evaluates a trained run: ``python -m experiments.evaluate --workdir=RUN --split=test``.
 
 Writes RUN/eval_<split>.json (macro-AUC with bootstrap CI, per-class AUC, F1,
-Fmax, ICBEB challenge scores for CPSC) and RUN/scores_<split>.npz, and prints a
-table. Thresholds come from the validation split only. Multi-host: --distributed on every
-host (experiments/cli.py); process 0 writes the files.
+Fmax, ICBEB challenge scores for CPSC), RUN/scores_<split>.npz and RUN/thresholds.json,
+and prints a table. Thresholds come from the validation split only.
+
+External validation on another dataset's shards (every record of them), labels mapped
+onto the run's, thresholds and standardisation from the run itself; writes only
+RUN/eval_external_<name>.json and RUN/scores_external_<name>.npz:
+
+    python -m experiments.evaluate --workdir=RUN --data_dir=CPSC_SHARDS --name=cpsc \
+        --label_map=data_prep/mappings/cpsc2018_to_ptbxl_superdiagnostic.csv
+
+Multi-host: --distributed on every host (experiments/cli.py); process 0 writes the files.
 """
 
 
@@ -22,7 +30,9 @@ _CHECKPOINT = flags.DEFINE_enum(
 _AGGREGATE = flags.DEFINE_enum(
     "aggregate", None, ["max", "mean"], "window aggregation (default: the run's config)"
 )
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "shards (default: the run's own)")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "other shards for external validation (default: the run's own)")
+_LABEL_MAP = flags.DEFINE_string("label_map", None, "CSV source_label,target_label mapping --data_dir's labels onto the run's")
+_NAME = flags.DEFINE_string("name", None, "name of the external evaluation (eval_external_<name>.json)")
 
 
 def main(argv):
@@ -37,6 +47,8 @@ def main(argv):
             which=_CHECKPOINT.value,
             aggregate=_AGGREGATE.value,
             data_dir=_DATA_DIR.value,
+            label_map=_LABEL_MAP.value,
+            name=_NAME.value,
         )
         if distributed.is_chief():
             print(evaluate.format_table(result))

@@ -25,6 +25,14 @@ class ShardError(ValueError):
     """A shard folder that is missing files, inconsistent with its manifest, or corrupted."""
 
 
+def canonical_lead(name: str) -> str:
+    """'avr', ' AVR', 'aVR' -> 'aVR' (headers differ in case); ValueError for other names."""
+    canon = {lead.lower(): lead for lead in LEADS}.get(str(name).strip().lower())
+    if canon is None:
+        raise ValueError(f"unknown lead {name!r}; leads are {', '.join(LEADS)}")
+    return canon
+
+
 def lead_indices(names: Sequence[str]) -> list[int]:
     """Positions of `names` in the standard 12-lead order (exact names, e.g. "aVR", "V1")."""
     if isinstance(names, str):

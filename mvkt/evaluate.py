@@ -13,22 +13,133 @@ student vs MVKT student), pooled over seeds, on the same records.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import pathlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
 
 from mvkt import data as data_lib
 from mvkt import distributed
+from mvkt import inference
 from mvkt import metrics as metrics_lib
 from mvkt import parallel as parallel_lib
 from mvkt import run_dir
-from mvkt import train as train_lib
 
 SCORES_FILE = "scores_{split}.npz"
 EVAL_FILE = "eval_{split}.json"
+EXTERNAL_SPLIT = "external_{name}"  # scores_external_<name>.npz, eval_external_<name>.json
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scorer:
+    """A trained run loaded once per evaluation."""
+
+    variables: Any
+    forward: Any
+    info: dict
+    meta: dict
+    window: int
+    stride: int
+    aggregate: str
+    batch_size: int
+    parallel: parallel_lib.Parallelism
+
+    @classmethod
+    def load(cls, workdir, *, which: str, aggregate: str | None, parallel: parallel_lib.Parallelism) -> "_Scorer":
+        model, variables, run_config, info, meta = run_dir.load_trained_model(workdir, which=which, parallel=parallel)
+        prep = inference.Preprocessing.of_run(workdir)
+        return cls(
+            variables=variables,
+            forward=inference.make_forward_fn(model, data_lib.lead_indices(info["leads"]), parallel),
+            info=info,
+            meta=meta,
+            window=prep.window,
+            stride=prep.stride,
+            aggregate=aggregate or prep.aggregate,
+            batch_size=int(run_config.eval.batch_size),
+            parallel=parallel,
+        )
+
+    def scores(self, split) -> np.ndarray:
+        return inference.predict_records(
+            self.forward, self.variables, split, window=self.window, stride=self.stride,
+            batch_size=self.batch_size, parallel=self.parallel, aggregate=self.aggregate,
+        )
+
+
+class _Restandardized:
+    """A split of other shards seen through the run's standardisation: their own scaler
+    undone (x * std_other + mean_other), the run's applied ((x - mean_run) / std_run)."""
+
+    def __init__(self, split: data_lib.Split, run_stats: dict):
+        own = split.manifest["preprocessing"]["standardization"]
+        run_mean, run_std = np.asarray(run_stats["mean"], np.float64), np.asarray(run_stats["std"], np.float64)
+        self.split = split
+        self.scale = (np.asarray(own["std"]) / run_std).astype(np.float32)
+        self.shift = ((np.asarray(own["mean"]) - run_mean) / run_std).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getattr__(self, name):
+        return getattr(self.split, name)
+
+    def crop(self, indices, starts, length):
+        index = self.split.lead_idx
+        return self.split.crop(indices, starts, length) * self.scale[index] + self.shift[index]
+
+
+def _as_run_data(split: data_lib.Split, info: dict):
+    """``split`` standardised as the run's training data was (a no-op for its own shards)."""
+    prep = info.get("preprocessing")
+    own = split.manifest["preprocessing"]["standardization"]
+    if prep is None or (own["mean"] == prep["standardization"]["mean"] and own["std"] == prep["standardization"]["std"]):
+        return split
+    return _Restandardized(split, prep["standardization"])
+
+
+def read_label_map(path: str | pathlib.Path, *, source_labels: Sequence[str], run_labels: Sequence[str]) -> dict:
+    """``source_label,target_label`` CSV (many-to-one) -> {source: target}, checked against both label sets."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label map {path} not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"source_label", "target_label"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs the columns source_label,target_label (got {reader.fieldnames})")
+        pairs = [(row["source_label"].strip(), row["target_label"].strip()) for row in reader]
+    mapping: dict[str, str] = {}
+    for source, target in pairs:
+        if source in mapping and mapping[source] != target:
+            raise ValueError(f"{path}: {source} maps to both {mapping[source]} and {target}")
+        mapping[source] = target
+    bad_targets = sorted({t for t in mapping.values() if t not in run_labels})
+    if bad_targets:
+        raise ValueError(f"{path}: target label(s) {bad_targets} are not labels of the run ({list(run_labels)})")
+    present = {s: t for s, t in mapping.items() if s in source_labels}
+    if not present:
+        raise ValueError(f"{path}: none of its source labels occurs in the shards ({list(source_labels)})")
+    return present
+
+
+def _mapped_labels(y: np.ndarray, source_labels: Sequence[str], mapping: dict, run_labels: Sequence[str]) -> np.ndarray:
+    """(N, C_source) -> (N, C_run): a run class is positive when any source label mapped onto it is."""
+    out = np.zeros((len(y), len(run_labels)), np.uint8)
+    for k, source in enumerate(source_labels):
+        if source in mapping:
+            out[:, list(run_labels).index(mapping[source])] |= y[:, k].astype(np.uint8)
+    return out
+
+
+def _save_scores(path: pathlib.Path, *, scores, y, record_ids, label_names) -> None:
+    distributed.write_file(
+        path,
+        lambda f: np.savez(f, scores=scores, y=y, record_ids=record_ids, label_names=np.asarray(label_names)),
+    )
 
 
 def score_split(
@@ -37,57 +148,38 @@ def score_split(
     *,
     which: str = "best",
     aggregate: str | None = None,
-    data_dir: str | None = None,
     parallel: parallel_lib.Parallelism | None = None,
+    scorer: _Scorer | None = None,
+    save: bool = True,
 ) -> dict:
-    """Per-record sigmoid scores of a trained run on one split (also saved to ``scores_<split>.npz``)."""
+    """Per-record sigmoid scores of a trained run on one split of its own shards (saved to
+    ``scores_<split>.npz`` unless ``save=False``)."""
     workdir = pathlib.Path(workdir)
     parallel = parallel or parallel_lib.make_parallelism()
-    model, variables, run_config, info, meta = train_lib.load_trained_model(
-        workdir, which=which, parallel=parallel
-    )
-    data = data_lib.open_split(data_dir or info["data_dir"], split)
+    scorer = scorer or _Scorer.load(workdir, which=which, aggregate=aggregate, parallel=parallel)
+    info = scorer.info
+    data = data_lib.open_split(info["data_dir"], split)
     if list(data.label_names) != list(info["label_names"]):
         raise ValueError(
-            f"{workdir} was trained on labels {info['label_names']}, the {split} split has {data.label_names}"
+            f"{workdir} was trained on labels {info['label_names']}, the {split} split of {info['data_dir']} "
+            f"has {data.label_names}"
         )
-    forward = train_lib.make_forward_fn(model, data_lib.lead_indices(info["leads"]), parallel)
-    window = int(info["crop_length"])
-    stride = max(int(window * run_config.data.eval_stride_fraction), 1)
-    aggregate = aggregate or run_config.eval.aggregate
-    batch_size = int(run_config.eval.batch_size)
-    scores = train_lib.predict_records(
-        forward,
-        variables,
-        data,
-        window=window,
-        stride=stride,
-        batch_size=batch_size,
-        parallel=parallel,
-        aggregate=aggregate,
-    )
+    scores = scorer.scores(_as_run_data(data, info))
     result = {
         "scores": scores,
         "y": np.asarray(data.y),
         "record_ids": np.asarray(data.record_ids),
         "label_names": list(data.label_names),
-        "checkpoint_step": int(meta["step"]),
-        "checkpoint_val_macro_auc": meta.get("val_macro_auc"),
-        "window": window,
-        "stride": stride,
-        "aggregate": aggregate,
+        "checkpoint_step": int(scorer.meta["step"]),
+        "checkpoint_val_macro_auc": scorer.meta.get("val_macro_auc"),
+        "window": scorer.window,
+        "stride": scorer.stride,
+        "aggregate": scorer.aggregate,
         "dataset": data.manifest.get("dataset"),
     }
-    distributed.write_file(
-        workdir / SCORES_FILE.format(split=split),
-        lambda f: np.savez(
-            f,
-            scores=scores,
-            y=result["y"],
-            record_ids=result["record_ids"],
-            label_names=np.asarray(result["label_names"]),
-        ),
-    )
+    if save:
+        _save_scores(workdir / SCORES_FILE.format(split=split), scores=scores, y=result["y"],
+                     record_ids=result["record_ids"], label_names=result["label_names"])
     return result
 
 
@@ -100,9 +192,18 @@ def evaluate_run(
     which: str = "best",
     aggregate: str | None = None,
     data_dir: str | None = None,
+    label_map: str | None = None,
+    name: str | None = None,
     parallel: parallel_lib.Parallelism | None = None,
 ) -> dict:
-    """All metrics of one run on ``split`` with thresholds from the validation split.
+    """All metrics of one run with thresholds from the run's validation split.
+
+    In-domain (``data_dir`` None or the run's own shards): ``split`` of the run's shards,
+    written to ``eval_<split>.json``, ``scores_<split>.npz`` and, for the best checkpoint,
+    ``thresholds.json``. External (other shards): every record of ``data_dir``, its labels
+    mapped onto the run's with ``label_map`` (or identical label sets), its scaler undone
+    and the run's applied; written to ``eval_external_<name>.json`` and
+    ``scores_external_<name>.npz`` only.
 
     The run folder is locked while its files are written. A run that stopped before its
     last step is evaluated, but marked (``run_finished``, ``trained_steps`` in the JSON,
@@ -110,26 +211,47 @@ def evaluate_run(
     """
     workdir = pathlib.Path(workdir).absolute()
     parallel = parallel or parallel_lib.make_parallelism()
+    info = run_dir.load_info(workdir)
+    external = data_dir is not None and pathlib.Path(data_dir).absolute() != pathlib.Path(info["data_dir"])
+    if external and not name:
+        raise ValueError("evaluating on other shards needs --name=NAME (writes eval_external_NAME.json; the "
+                         "run's own eval_<split>.json and scores stay untouched)")
+    if label_map and not external:
+        raise ValueError("--label_map is for other shards: give --data_dir=OTHER_SHARDS and --name=NAME")
     with run_dir.writer(workdir):
-        return _evaluate_run(workdir, split=split, n_resamples=n_resamples, seed=seed, which=which,
-                             aggregate=aggregate, data_dir=data_dir, parallel=parallel)
+        scorer = _Scorer.load(workdir, which=which, aggregate=aggregate, parallel=parallel)
+        if external:
+            return _evaluate_external(workdir, scorer, data_dir=data_dir, label_map=label_map, name=name,
+                                      n_resamples=n_resamples, seed=seed, which=which)
+        return _evaluate_run(workdir, scorer, split=split, n_resamples=n_resamples, seed=seed, which=which)
 
 
-def _evaluate_run(workdir: pathlib.Path, *, split: str, n_resamples: int, seed: int, which: str,
-                  aggregate: str | None, data_dir: str | None, parallel: parallel_lib.Parallelism) -> dict:
+def _run_status(workdir: pathlib.Path, scorer: _Scorer, which: str) -> dict:
     finished = run_dir.is_finished(workdir)
     done, total = run_dir.trained_steps(workdir)
     if not finished:
         logging.warning("%s is an unfinished run (%d of %s steps trained); its evaluation is marked so",
                         workdir, done, total)
-    val = score_split(workdir, "val", which=which, aggregate=aggregate, data_dir=data_dir, parallel=parallel)
-    target = (
-        val
-        if split == "val"
-        else score_split(
-            workdir, split, which=which, aggregate=aggregate, data_dir=data_dir, parallel=parallel
-        )
-    )
+    return {
+        "workdir": str(workdir),
+        "run_finished": finished,
+        "trained_steps": done,
+        "total_steps": total,
+        "method": scorer.info["method"],
+        "leads": scorer.info["leads"],
+        "checkpoint": which,
+        "checkpoint_step": int(scorer.meta["step"]),
+        "checkpoint_val_macro_auc": scorer.meta.get("val_macro_auc"),
+        "window": scorer.window,
+        "stride": scorer.stride,
+        "aggregate": scorer.aggregate,
+    }
+
+
+def _evaluate_run(workdir: pathlib.Path, scorer: _Scorer, *, split: str, n_resamples: int, seed: int,
+                  which: str) -> dict:
+    val = score_split(workdir, "val", scorer=scorer)
+    target = val if split == "val" else score_split(workdir, split, scorer=scorer)
     result = metrics_lib.evaluate_scores(
         label_names=target["label_names"],
         val=(val["y"], val["scores"]),
@@ -138,26 +260,73 @@ def _evaluate_run(workdir: pathlib.Path, *, split: str, n_resamples: int, seed: 
         seed=seed,
         challenge=target["dataset"] == "cpsc2018",
     )
-    info = run_dir.load_info(workdir)
-    result.update(
-        {
-            "split": split,
-            "workdir": str(workdir),
-            "run_finished": finished,
-            "trained_steps": done,
-            "total_steps": total,
-            "method": info["method"],
-            "leads": info["leads"],
-            "checkpoint": which,
-            "checkpoint_step": target["checkpoint_step"],
-            "checkpoint_val_macro_auc": target["checkpoint_val_macro_auc"],
-            "window": target["window"],
-            "stride": target["stride"],
-            "aggregate": target["aggregate"],
-        }
-    )
+    result.update({"split": split, **_run_status(workdir, scorer, which)})
     distributed.write_text(workdir / EVAL_FILE.format(split=split), json.dumps(result, indent=2))
-    distributed.barrier(f"evaluated:{workdir.absolute()}:{split}")
+    if which == "best":  # what predictions use: the decision thresholds of the best checkpoint
+        distributed.write_text(workdir / inference.THRESHOLDS_FILE, json.dumps({
+            "per_class": result["thresholds"],
+            "fmax_threshold": result["fmax_threshold"],
+            "chosen_on": f"validation split of {scorer.info['data_dir']} (F1 per class; Fmax for fmax_threshold)",
+            "checkpoint_step": result["checkpoint_step"],
+        }, indent=2))
+    distributed.barrier(f"evaluated:{workdir}:{split}")
+    return result
+
+
+def _evaluate_external(workdir: pathlib.Path, scorer: _Scorer, *, data_dir: str, label_map: str | None,
+                       name: str, n_resamples: int, seed: int, which: str) -> dict:
+    info = scorer.info
+    run_labels = list(info["label_names"])
+    # Thresholds come from the run's own validation scores: cached by its in-domain
+    # evaluation, else computed now (and not saved: the in-domain files stay as they are).
+    val_path = workdir / SCORES_FILE.format(split="val")
+    if val_path.exists():
+        val = load_scores(workdir, "val")
+    else:
+        val = score_split(workdir, "val", scorer=scorer, save=False)
+    splits = [data_lib.open_split(data_dir, s) for s in data_lib.SPLITS]
+    splits = [s for s in splits if len(s)]
+    source_labels = list(splits[0].label_names)
+    if label_map:
+        mapping = read_label_map(label_map, source_labels=source_labels, run_labels=run_labels)
+    elif source_labels == run_labels:
+        mapping = {name_: name_ for name_ in run_labels}
+    else:
+        raise ValueError(f"{data_dir} has labels {source_labels}, the run {run_labels}: give --label_map=FILE "
+                         "(source_label,target_label rows; maps ship in data_prep/mappings/)")
+    scores = np.concatenate([scorer.scores(_as_run_data(s, info)) for s in splits])
+    y = np.concatenate([_mapped_labels(np.asarray(s.y), source_labels, mapping, run_labels) for s in splits])
+    record_ids = np.concatenate([np.asarray(s.record_ids) for s in splits])
+    covered = [k for k, label in enumerate(run_labels) if label in mapping.values()]
+    excluded = [label for k, label in enumerate(run_labels) if k not in covered]
+    _save_scores(workdir / SCORES_FILE.format(split=EXTERNAL_SPLIT.format(name=name)), scores=scores, y=y,
+                 record_ids=record_ids, label_names=run_labels)
+    result = metrics_lib.evaluate_scores(
+        label_names=[run_labels[k] for k in covered],
+        val=(np.asarray(val["y"])[:, covered], np.asarray(val["scores"])[:, covered]),
+        test=(y[:, covered], scores[:, covered]),
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    result.update({
+        "split": EXTERNAL_SPLIT.format(name=name),
+        "external": {
+            "name": name,
+            "data_dir": str(pathlib.Path(data_dir).absolute()),
+            "dataset": splits[0].manifest.get("dataset"),
+            "splits_used": [s.name for s in splits],
+            "num_records": int(len(record_ids)),
+            "label_map": str(pathlib.Path(label_map).absolute()) if label_map else None,
+            "mapping": mapping,
+            "run_classes_without_source": excluded,
+            "standardization": "the shards' own scaler undone, the run's applied",
+            "thresholds": "from the run's own validation split",
+        },
+        **_run_status(workdir, scorer, which),
+    })
+    distributed.write_text(workdir / EVAL_FILE.format(split=EXTERNAL_SPLIT.format(name=name)),
+                           json.dumps(result, indent=2))
+    distributed.barrier(f"evaluated:{workdir}:external:{name}")
     return result
 
 
@@ -220,6 +389,14 @@ def format_table(result: dict) -> str:
         f"{result['workdir']} ({result['method']}, leads {','.join(result['leads'])}, "
         f"{result['split']} split, checkpoint step {result['checkpoint_step']})",
     ]
+    external = result.get("external")
+    if external:
+        lines.append(
+            f"  external data: {external['data_dir']} ({external['num_records']} records of {external['dataset']}, "
+            f"splits {', '.join(external['splits_used'])}); thresholds from the run's own validation split"
+        )
+        if external["run_classes_without_source"]:
+            lines.append(f"  run classes without a mapped source (excluded): {', '.join(external['run_classes_without_source'])}")
     if result.get("run_finished") is False:
         lines.append(
             f"  WARNING: unfinished run ({result['trained_steps']} of {result['total_steps']} steps trained): "

@@ -399,3 +399,13 @@ __all__: Sequence[str] = (
     "l2_normalize",
     "scaled_width",
 )
+
+
+def from_config(student_config, num_classes: int) -> nn.Module:
+    """The net a run config's ``student`` section describes (arch, width, dtype)."""
+    return create_model(
+        student_config.arch,
+        num_classes=num_classes,
+        width_mult=float(student_config.width_mult),
+        dtype=jnp.dtype(student_config.dtype),
+    )

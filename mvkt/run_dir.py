@@ -26,10 +26,15 @@ import socket
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from mvkt import checkpoints as ckpt_lib
 from mvkt import distributed
+from mvkt import models
+from mvkt import parallel as parallel_lib
 
 CONFIG_FILE = "config.json"
 INFO_FILE = "run_info.json"
@@ -103,6 +108,56 @@ def write_config_and_info(workdir: pathlib.Path, config: ml_collections.ConfigDi
     """Chief only, atomically."""
     distributed.write_text(workdir / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
     distributed.write_text(workdir / INFO_FILE, json.dumps(info, indent=2))
+
+
+def preprocessing_of(manifest: dict) -> dict:
+    """What a raw record needs before the net sees it, from the shards' manifest: copied
+    into ``run_info.json`` so that a run can predict after its shards are gone."""
+    prep = manifest["preprocessing"]
+    return {
+        "sampling_rate": int(manifest["sampling_rate"]),
+        "source_sampling_rates": prep.get("source_sampling_rates"),
+        "resampling": prep.get("resampling"),
+        "band_pass": prep.get("band_pass"),
+        "band_pass_filter": prep.get("band_pass_filter"),
+        "standardization": prep["standardization"],
+        "dataset": manifest.get("dataset"),
+        "task": manifest.get("task"),
+    }
+
+
+def provenance() -> dict:
+    """Where a run came from: code version, packages, devices, command line."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                        capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    packages = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "packages": packages,
+        "python": platform.python_version(),
+        "devices": [str(d) for d in jax.devices()],
+        "num_processes": jax.process_count(),
+        "command": " ".join(sys.argv),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
@@ -314,3 +369,22 @@ def writer(workdir: str | pathlib.Path):
     finally:
         if distributed.is_chief():
             lock.release()
+
+
+def load_trained_model(
+    workdir: str | pathlib.Path, *, which: str = "best", parallel: parallel_lib.Parallelism | None = None
+):
+    """(model, variables, run config, run info, checkpoint meta) of a trained run.
+
+    ``which``: ``best`` (selected on validation; what evaluation, teachers and predictions
+    use) or ``latest``. Variables come back replicated over ``parallel``'s mesh.
+    """
+    parallel = parallel or parallel_lib.make_parallelism()
+    run_config = load_config(workdir)
+    info = load_info(workdir)
+    model = models.from_config(run_config.student, len(info["label_names"]))
+    sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
+    target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target)
+    variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
+    return model, variables, run_config, info, meta

@@ -43,6 +43,7 @@ import tqdm
 from mvkt import checkpoints as ckpt_lib
 from mvkt import data as data_lib
 from mvkt import distributed
+from mvkt import inference
 from mvkt import input_pipeline
 from mvkt import losses
 from mvkt import metrics as metrics_lib
@@ -354,7 +355,7 @@ def build_training(
     if loss_spec.needs_teacher and teacher is None:
         raise ValueError(f"method {config.method!r} needs teacher=(teacher_model, teacher_variables)")
     student_leads = data_lib.lead_indices(parse_leads(config.student.leads))
-    model = build_model(config, num_classes)
+    model = models.from_config(config.student, num_classes)
     head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
     tx, schedule = optimizer or make_optimizer(config.train, total_steps)
     teacher_model, teacher_variables = teacher if loss_spec.needs_teacher else (None, None)
@@ -397,109 +398,7 @@ def build_training(
     )
 
 
-def make_forward_fn(model: nn.Module, lead_index: list[int], parallel: parallel_lib.Parallelism) -> Callable:
-    """Jitted ``forward(variables, x12) -> (logits, features)``: eval mode, chosen leads,
-    outputs replicated so every host can read them."""
-    lead_index = np.asarray(lead_index)
-
-    def forward(variables, x12):
-        return model.apply(variables, x12[..., lead_index], train=False)
-
-    return jax.jit(forward, out_shardings=parallel.replicated)
-
-
-def predict_windows(
-    forward: Callable,
-    variables: Any,
-    split: data_lib.Split,
-    *,
-    record_index: np.ndarray,
-    starts: np.ndarray,
-    window: int,
-    batch_size: int,
-    parallel: parallel_lib.Parallelism,
-    with_features: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits (and features) of every (record, start) window, in fixed-shape batches."""
-    rows = parallel.host_slice(batch_size)
-    logits_out, features_out = [], []
-    num = len(record_index)
-
-    def produce(i):
-        sl = np.arange(i * batch_size, (i + 1) * batch_size)
-        sl = np.minimum(sl, num - 1)  # pad the last batch by repeating its final window
-        x = split.crop(record_index[sl][rows], starts[sl][rows], window)
-        return parallel.to_global(x)
-
-    num_batches = math.ceil(num / batch_size)
-    for _, x in input_pipeline.Prefetcher(produce, 0, num_batches):
-        logits, features = forward(variables, x)
-        logits_out.append(np.asarray(logits))
-        if with_features:
-            features_out.append(np.asarray(features))
-    logits = np.concatenate(logits_out)[:num]
-    features = np.concatenate(features_out)[:num] if with_features else None
-    return logits, features
-
-
-def predict_records(
-    forward: Callable,
-    variables: Any,
-    split: data_lib.Split,
-    *,
-    window: int,
-    stride: int,
-    batch_size: int,
-    parallel: parallel_lib.Parallelism,
-    aggregate: str = "max",
-) -> np.ndarray:
-    """Per-record sigmoid scores (N, C): sliding windows aggregated by max (benchmark) or mean."""
-    record_index, starts = input_pipeline.window_index(
-        split.lengths, window=window, stride=stride, window_starts=metrics_lib.window_starts
-    )
-    logits, _ = predict_windows(
-        forward,
-        variables,
-        split,
-        record_index=record_index,
-        starts=starts,
-        window=window,
-        batch_size=batch_size,
-        parallel=parallel,
-    )
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    return metrics_lib.aggregate_windows(
-        scores=probs, record_index=record_index, num_records=len(split), how=aggregate
-    )
-
-
 # ----------------------------------------------------------------------------- run directory
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    return models.create_model(
-        config.student.arch,
-        num_classes=num_classes,
-        width_mult=float(config.student.width_mult),
-        dtype=jnp.dtype(config.student.dtype),
-    )
-
-
-def load_trained_model(
-    workdir: str | pathlib.Path, *, which: str = "best", parallel: parallel_lib.Parallelism | None = None
-):
-    """(model, variables, run config, lead names, meta) of a finished run."""
-    parallel = parallel or parallel_lib.make_parallelism()
-    run_config = run_dir.load_config(workdir)
-    info = run_dir.load_info(workdir)
-    model = build_model(run_config, len(info["label_names"]))
-    sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
-    target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target
-    )
-    variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
-    return model, variables, run_config, info, meta
 
 
 class _StopRequest:
@@ -537,7 +436,7 @@ def _teacher_for(
                 "--config.allow_unfinished_teacher=true to distil from it anyway"
             )
         logging.warning("%s: distilling from it anyway (config.allow_unfinished_teacher)", where)
-    model, variables, teacher_config, info, meta = load_trained_model(
+    model, variables, teacher_config, info, meta = run_dir.load_trained_model(
         config.teacher_workdir, which="best", parallel=parallel
     )
     if info["label_names"] != list(label_names):
@@ -560,8 +459,8 @@ def _teacher_cache(
 ):
     """Teacher logits and features of every train record's deterministic crop."""
     indices, starts = loader.fixed_crops()
-    forward = make_forward_fn(teacher_model, list(range(len(data_lib.LEADS))), parallel)
-    return predict_windows(
+    forward = inference.make_forward_fn(teacher_model, list(range(len(data_lib.LEADS))), parallel)
+    return inference.predict_windows(
         forward,
         teacher_variables,
         loader.split,
@@ -677,6 +576,14 @@ def _train(
         "num_devices": parallel.num_devices,
         "num_processes": jax.process_count(),
         "config_hash": run_dir.config_hash(config),
+        # Everything inference needs, so that the run folder works without its shards.
+        "preprocessing": run_dir.preprocessing_of(train_split.manifest),
+        "inference": {
+            "window": crop_length,
+            "stride": max(int(crop_length * config.data.eval_stride_fraction), 1),
+            "aggregate": config.eval.aggregate,
+        },
+        "provenance": run_dir.provenance(),
     }
     # Every process checks the old config before the chief replaces it.
     if (workdir / run_dir.CHECKPOINTS_DIR).is_dir():
@@ -750,13 +657,13 @@ def _train(
         return parallel.to_global(batch)
 
     update = training.update
-    forward = make_forward_fn(training.model, training.student_leads, parallel)
+    forward = inference.make_forward_fn(training.model, training.student_leads, parallel)
     window = crop_length
-    stride = max(int(window * config.data.eval_stride_fraction), 1)
+    stride = info["inference"]["stride"]
     stop_at = int(config.train.stop_at_step) if config.train.stop_at_step else None
 
     def validate() -> float:
-        scores = predict_records(
+        scores = inference.predict_records(
             forward,
             {"params": state.params["model"], "batch_stats": state.batch_stats},
             val_split,

@@ -6,7 +6,7 @@ import numpy as np
 
 from data_prep import cpsc2018
 from mvkt import data as data_lib
-from mvkt import metrics, models, train
+from mvkt import inference, metrics, models
 from mvkt import parallel as parallel_lib
 
 
@@ -21,10 +21,10 @@ def test_predict_records_is_max_over_windows_on_ragged_real_records(samples_dir,
     model = models.create_model("resnet1d_wang", num_classes=split.num_classes, width_mult=0.25)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 250, 1)), train=False)
     parallel = parallel_lib.make_parallelism()
-    forward = train.make_forward_fn(model, data_lib.lead_indices(["II"]), parallel)
+    forward = inference.make_forward_fn(model, data_lib.lead_indices(["II"]), parallel)
     window, stride = 250, 125
 
-    scores = train.predict_records(
+    scores = inference.predict_records(
         forward,
         variables,
         split,

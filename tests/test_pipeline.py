@@ -86,7 +86,7 @@ def test_evaluate_cli_writes_eval_json(pipeline_dir):
 def test_evaluate_cli_names_missing_run(tmp_path):
     result = _run("experiments.evaluate", f"--workdir={tmp_path / 'nope'}")
     assert result.returncode == 1
-    assert "nope" in result.stderr and "config.json" in result.stderr
+    assert f"{tmp_path / 'nope' / 'run_info.json'} not found: is {tmp_path / 'nope'} a training run folder?" in result.stderr
 
 
 def test_half_finished_pipeline_resumes(ptbxl_sample_shards, tmp_path, monkeypatch):

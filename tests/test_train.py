@@ -141,7 +141,7 @@ def test_interrupted_student_run_resumes_to_identical_metrics(
 def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run):
     """Same batch, deterministic crops: precomputed teacher outputs = in-step teacher forward."""
     parallel = parallel_lib.make_parallelism()
-    teacher_model, teacher_vars, _, _, _ = train.load_trained_model(teacher_run, parallel=parallel)
+    teacher_model, teacher_vars, _, _, _ = run_dir.load_trained_model(teacher_run, parallel=parallel)
     config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"data.random_crop": False})
     split = data_lib.open_split(ptbxl_sample_shards, "train")
     loader = input_pipeline.TrainBatches(
@@ -174,7 +174,7 @@ def test_teacher_cache_requires_deterministic_crops(ptbxl_sample_shards, teacher
 
 def test_step_changes_student_and_heads_but_never_the_teacher(ptbxl_sample_shards, teacher_run):
     parallel = parallel_lib.make_parallelism()
-    teacher_model, teacher_vars, _, _, _ = train.load_trained_model(teacher_run, parallel=parallel)
+    teacher_model, teacher_vars, _, _, _ = run_dir.load_trained_model(teacher_run, parallel=parallel)
     config = tiny(student_config.get_config(), ptbxl_sample_shards)
     split = data_lib.open_split(ptbxl_sample_shards, "train")
     state, update = lead_i_student_step(
@@ -230,7 +230,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(ptbxl_sampl
     assert f"record(s) {split.record_ids[poisoned]} of {shards}" in message and "verify_shards" in message
     assert "learning rate" not in message
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
-    _, variables, _, _, meta = train.load_trained_model(workdir, which="latest")
+    _, variables, _, _, meta = run_dir.load_trained_model(workdir, which="latest")
     assert meta["step"] == 2
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(variables)))
 
