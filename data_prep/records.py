@@ -1,0 +1,84 @@
+"""One raw record from a file, in whichever format it comes, for predictions on new data.
+
+    signal, fs, leads = read_any("rec")            # WFDB: rec.hea + rec.dat / rec.mat
+    signal, fs, leads = read_any("A0001.mat")      # CPSC 2018 original (struct ECG) or CinC (.hea beside it)
+    signal, fs, leads = read_any("trace.csv", fs=250, leads=["I"])   # one column per lead
+    signal, fs, leads = read_any("trace.npy", fs=250, leads=["I"])   # (T,) or (T, L)
+
+12-lead WFDB records are read by the same reader as data_prep (so a prediction sees the
+samples the shards hold); other WFDB records (fewer leads) through ``wfdb.rdrecord``.
+Errors are ``RecordError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+from data_prep.wfdb_io import LEADS, RecordError, parse_header, read_record
+
+TRACE_SUFFIXES = (".csv", ".npy")
+
+
+def read_any(path: str | os.PathLike, *, fs: float | None = None,
+             leads: Sequence[str] | None = None) -> tuple[np.ndarray, float, list[str]]:
+    """(samples (T, L) float32, sampling rate in Hz, lead names) of one record file."""
+    path = pathlib.Path(path)
+    if path.suffix in TRACE_SUFFIXES:
+        return _read_trace(path, fs=fs, leads=leads)
+    base = path.with_suffix("") if path.suffix in (".hea", ".dat", ".mat") else path
+    if base.with_suffix(".hea").is_file():
+        return _read_wfdb(base)
+    if path.suffix == ".mat" and path.is_file():
+        from data_prep.cpsc2018 import read_cpsc_mat
+
+        signal, rate = read_cpsc_mat(str(path))
+        return signal, rate, list(LEADS)
+    raise RecordError(f"{path}: no such record (expected a WFDB record NAME with NAME.hea, a CPSC 2018 .mat, "
+                      f"or a {'/'.join(TRACE_SUFFIXES)} trace with --fs and --lead)")
+
+
+def _read_wfdb(base: pathlib.Path) -> tuple[np.ndarray, float, list[str]]:
+    header = parse_header(base.with_suffix(".hea"))
+    names = [s.description for s in header.signals]
+    try:
+        signal, rate = read_record(base, header)
+        return signal, rate, list(LEADS)
+    except RecordError as e:
+        if "lead" not in str(e):  # damaged file, not a lead set other than the standard 12
+            raise
+    import wfdb
+
+    try:
+        record = wfdb.rdrecord(str(base))
+    except Exception as e:  # wfdb raises many types for damaged files
+        raise RecordError(f"{base}: unreadable WFDB record ({type(e).__name__}: {e})") from None
+    return np.asarray(record.p_signal, np.float32), float(record.fs), names
+
+
+def _read_trace(path: pathlib.Path, *, fs: float | None, leads: Sequence[str] | None):
+    if not fs or not leads:
+        raise RecordError(f"{path}: a {path.suffix} trace carries no sampling rate or lead names: "
+                          "give --fs=HZ and --lead=NAME (one name per column, e.g. --lead=I)")
+    if not path.is_file():
+        raise RecordError(f"{path}: no such file")
+    try:
+        if path.suffix == ".npy":
+            signal = np.load(path, allow_pickle=False)
+        else:
+            try:
+                signal = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+            except ValueError:  # a header row
+                signal = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64, skiprows=1)
+    except (ValueError, OSError) as e:
+        raise RecordError(f"{path}: unreadable {path.suffix} trace ({e})") from None
+    signal = np.asarray(signal, np.float32)
+    if signal.ndim == 1:
+        signal = signal[:, None]
+    if signal.ndim != 2 or signal.shape[1] != len(leads):
+        raise RecordError(f"{path}: {signal.shape[1] if signal.ndim == 2 else signal.ndim} column(s) for "
+                          f"{len(leads)} lead name(s) {list(leads)}")
+    return signal, float(fs), list(leads)

@@ -1,0 +1,106 @@
+"""Class probabilities of raw records from a trained run.
+
+    python -m experiments.predict --workdir=RUN RECORD [RECORD ...] [--out=p.json|p.csv]
+    python -m experiments.predict --workdir=RUN trace.csv --fs=250 --lead=I
+
+RECORD: a WFDB record (``NAME`` with ``NAME.hea`` + ``.dat``/``.mat``), an original
+CPSC 2018 ``.mat``, or a ``.csv``/``.npy`` trace (one column per lead) with ``--fs`` and
+``--lead``. Each record gets the run's training preprocessing (its leads, band-pass,
+resampling to its rate, its standardisation) and the evaluation's sliding windows and
+aggregation; everything comes from the run folder, the shards are not needed. Decisions
+use the per-class thresholds chosen on the run's validation split (``thresholds.json``,
+written by ``experiments.evaluate``). A record that cannot be scored gets one error line;
+the others are still scored, and the exit status is 1.
+"""
+
+import csv
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+
+from experiments import cli
+from mvkt import inference
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
+_OUT = flags.DEFINE_string("out", None, "also write the predictions to FILE.json or FILE.csv")
+_FS = flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces")
+_LEAD = flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+
+
+def format_record(path: str, predictor: inference.Predictor, probabilities) -> str:
+    lines = [f"{path}", f"  {'class':>10s}  probability  decision (threshold from validation)"]
+    thresholds = predictor.thresholds or {}
+    for name, prob, decision in zip(predictor.label_names, probabilities, predictor.decisions(probabilities)):
+        if decision is None:
+            why = "n/a (run not evaluated)" if predictor.thresholds is None else "n/a (no validation positives)"
+        else:
+            why = f"{'yes' if decision else 'no ':3s} ({thresholds[name]:.3f})"
+        lines.append(f"  {name:>10s}  {prob:11.4f}  {why}")
+    return "\n".join(lines)
+
+
+def write_out(path: pathlib.Path, rows: list[dict], predictor: inference.Predictor) -> None:
+    if path.suffix == ".json":
+        path.write_text(json.dumps({
+            "run": str(predictor.workdir.absolute()),
+            "checkpoint_step": predictor.meta.get("step"),
+            "label_names": predictor.label_names,
+            "thresholds": predictor.thresholds,
+            "records": rows,
+        }, indent=2))
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["record", "class", "probability", "threshold", "decision"])
+            for row in rows:
+                for name in predictor.label_names:
+                    threshold = (predictor.thresholds or {}).get(name)
+                    decision = row["decisions"][name]
+                    writer.writerow([row["record"], name, f"{row['probabilities'][name]:.6f}",
+                                     "" if threshold is None else f"{threshold:.6f}",
+                                     "" if decision is None else int(decision)])
+    else:
+        raise ValueError(f"--out={path}: write .json or .csv")
+
+
+def main(argv):
+    records = argv[1:]
+    with cli.exit_on_known_errors():
+        cli.start()
+        if not records:
+            raise ValueError("give one or more records after the flags: python -m experiments.predict "
+                             "--workdir=RUN RECORD [RECORD ...]")
+        out = pathlib.Path(_OUT.value) if _OUT.value else None
+        if out is not None and out.suffix not in (".json", ".csv"):
+            raise ValueError(f"--out={out}: write .json or .csv")
+        from data_prep.records import read_any
+        from data_prep.wfdb_io import RecordError as ReadError
+
+        predictor = inference.Predictor(_WORKDIR.value, which=_CHECKPOINT.value)
+        rows, failed = [], 0
+        for path in records:
+            try:
+                signal, fs, leads = read_any(path, fs=_FS.value, leads=_LEAD.value)
+                probabilities = predictor.predict(signal, fs=fs, leads=leads, record=path)
+            except (ReadError, inference.RecordError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            print(format_record(path, predictor, probabilities))
+            rows.append({
+                "record": path,
+                "probabilities": dict(zip(predictor.label_names, map(float, probabilities))),
+                "decisions": dict(zip(predictor.label_names, predictor.decisions(probabilities))),
+            })
+        if out is not None:
+            write_out(out, rows, predictor)
+            print(f"wrote {out} ({len(rows)} record(s))")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
