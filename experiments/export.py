@@ -1,0 +1,47 @@
+"""Exports a trained run's net for deployment.
+
+    python -m experiments.export --workdir=RUN --format=onnx --out=student.onnx
+    python -m experiments.export --workdir=RUN --format=onnx --quantize=int8 --out=student.int8.onnx
+    python -m experiments.export --workdir=RUN --format=stablehlo --out=student.stablehlo
+
+ONNX: input ``ecg`` float32 (batch, window, leads) raw samples at the run's sampling rate
+(standardisation inside the graph), output ``probabilities`` (batch, classes), dynamic
+batch, BatchNorm folded, the run's labels/leads/rate/window/thresholds in the metadata.
+int8 also writes the float32 model beside it (``NAME.fp32.onnx``). Details: mvkt/export.py.
+Requires the optional extra ``pip install -e .[export]`` (onnx, onnxruntime) for ONNX.
+"""
+
+import json
+
+from absl import app, flags
+
+from experiments import cli
+from mvkt import distributed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
+_FORMAT = flags.DEFINE_enum("format", "onnx", ["onnx", "stablehlo"], "what to write")
+_OUT = flags.DEFINE_string("out", None, "output file", required=True)
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "ONNX only: int8 quantization")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+
+
+def main(argv):
+    del argv
+    with cli.exit_on_known_errors():
+        cli.start()
+        import importlib.util
+
+        from mvkt import export
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if _FORMAT.value == "onnx" and missing:
+            raise ValueError(f"--format=onnx needs {', '.join(missing)}: install the export extra "
+                             "(pip install -e \".[export]\")")
+        summary = export.export_run(_WORKDIR.value, _OUT.value, fmt=_FORMAT.value, quantize=_QUANTIZE.value,
+                                    which=_CHECKPOINT.value)
+        if distributed.is_chief():
+            print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
