@@ -1,0 +1,218 @@
+"""A trained lead-I student used outside its shards: predictions on raw real records,
+ONNX / int8 / StableHLO export, external validation on the CPSC sample.
+
+Tolerances: predictions equal the evaluation's scores within 1e-5 (the same reader,
+standardisation and windows; only the batch composition differs); float32 ONNX and
+StableHLO equal the jitted JAX forward within 1e-4 in probability; int8 (static QDQ,
+calibrated on the 67 training windows of a 2-epoch toy model) within 0.25 in
+probability and 0.05 on average: int8's effect on a properly trained student's AUC is
+measured in benchmarks/export.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from data_prep import cpsc2018
+from data_prep.records import read_any
+from data_prep.wfdb_io import RecordError as ReadError
+from experiments.configs import student as student_config
+from helpers import tiny
+from mvkt import evaluate, export, inference, run_dir, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data_prep" / "samples"
+MAPS = REPO / "data_prep" / "mappings"
+TIMEOUT_S = 300
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def student(ptbxl_sample_shards, tmp_path_factory):
+    """A BCE lead-I student on its own copy of the sample shards, evaluated on val and test."""
+    root = tmp_path_factory.mktemp("deploy")
+    shards = root / "shards"
+    shutil.copytree(ptbxl_sample_shards, shards)
+    config = tiny(student_config.get_config(), shards, method="bce")
+    workdir = root / "S"
+    train.train_and_evaluate(config, workdir, progress=False)
+    for split in ("val", "test"):
+        evaluate.evaluate_run(workdir, split=split, n_resamples=20)
+    return workdir, shards
+
+
+def _record_path(ecg_id: int) -> str:
+    return str(SAMPLES / "ptbxl" / "records100" / "00000" / f"{ecg_id:05d}_lr")
+
+
+def test_the_run_folder_carries_its_preprocessing_and_provenance(student):
+    workdir, shards = student
+    info = run_dir.load_info(workdir)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert info["preprocessing"]["standardization"] == manifest["preprocessing"]["standardization"]
+    assert info["preprocessing"]["sampling_rate"] == 100 and info["preprocessing"]["band_pass"] is None
+    assert info["inference"] == {"window": 250, "stride": 125, "aggregate": "max"}
+    assert set(info["provenance"]["packages"]) >= {"jax", "flax", "orbax-checkpoint"}
+    assert info["provenance"]["devices"] and info["provenance"]["command"]
+    thresholds = json.loads((workdir / "thresholds.json").read_text())
+    assert list(thresholds["per_class"]) == info["label_names"]
+
+
+def test_predict_cli_equals_the_evaluation_score_without_the_shards(student, tmp_path):
+    workdir, shards = student
+    scores = dict(np.load(workdir / "scores_test.npz"))
+    ids = [str(r) for r in scores["record_ids"]]
+    away = shards.with_name("shards_moved_away")
+    shards.rename(away)
+    try:
+        out = tmp_path / "p.json"
+        result = cli("experiments.predict", f"--workdir={workdir}", _record_path(int(ids[0])),
+                     _record_path(int(ids[1])), f"--out={out}")
+    finally:
+        away.rename(shards)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = json.loads(out.read_text())["records"]
+    for k in (0, 1):
+        probs = [predicted[k]["probabilities"][name] for name in scores["label_names"]]
+        np.testing.assert_allclose(probs, scores["scores"][k], atol=1e-5)
+    assert "probability" in result.stdout and "threshold from validation" in result.stdout
+    csv_out = tmp_path / "p.csv"
+    assert cli("experiments.predict", f"--workdir={workdir}", _record_path(int(ids[0])),
+               f"--out={csv_out}").returncode == 0
+    assert csv_out.read_text().splitlines()[0] == "record,class,probability,threshold,decision"
+
+
+def test_the_python_call_and_a_single_lead_trace(student, tmp_path):
+    workdir, _ = student
+    signal, fs, leads = read_any(_record_path(9))
+    probs = inference.predict(workdir, signal, fs=fs, leads=leads)
+    trace = tmp_path / "lead_i.csv"
+    np.savetxt(trace, signal[:, 0], delimiter=",")  # what a single-lead wearable writes
+    single, rate, names = read_any(trace, fs=100, leads=["I"])
+    from_trace = inference.predict(workdir, single, fs=rate, leads=names)
+    np.testing.assert_allclose(list(from_trace.values()), list(probs.values()), atol=1e-5)
+    # The same trace at 500 Hz: resampled to the run's 100 Hz.
+    np.save(tmp_path / "lead_i_500.npy", np.repeat(signal[:, :1], 5, axis=0))
+    up, rate, names = read_any(tmp_path / "lead_i_500.npy", fs=500, leads=["I"])
+    assert rate == 500 and set(inference.predict(workdir, up, fs=rate, leads=names)) == set(probs)
+
+
+def test_records_that_cannot_be_scored_are_one_line_errors(student, tmp_path):
+    workdir, _ = student
+    signal, _, _ = read_any(_record_path(9))
+    np.save(tmp_path / "lead_ii.npy", signal[:, 1])
+    nan = signal[:, 0].copy()
+    nan[100] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "short.npy", signal[:200, 0])  # 2 s: shorter than the 2.5 s window
+    cases = {
+        "lead_ii.npy": (["--fs=100", "--lead=II"], "has leads ['II'], the model needs ['I']"),
+        "nan.npy": (["--fs=100", "--lead=I"], "NaN or infinite samples"),
+        "short.npy": (["--fs=100", "--lead=I"], "2 s long, shorter than one model window (2.5 s = 250 samples"),
+        "lead_ii.npy ": ([], "carries no sampling rate or lead names: give --fs=HZ and --lead=NAME"),
+        "missing_record": ([], "no such record"),
+    }
+    for name, (flags_, message) in cases.items():
+        path = str(tmp_path / name.strip())
+        result = cli("experiments.predict", f"--workdir={workdir}", path, *flags_)
+        assert result.returncode == 1, (name, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and path in errors[0] and message in errors[0], (name, errors)
+        assert "Traceback" not in result.stderr
+    # A bad record among good ones: the good ones are still scored.
+    result = cli("experiments.predict", f"--workdir={workdir}", str(tmp_path / "nan.npy"), _record_path(9))
+    assert result.returncode == 1 and _record_path(9) in result.stdout
+
+
+def test_onnx_export_equals_the_jax_forward_on_real_records_and_int8_is_close(student, tmp_path):
+    workdir, _ = student
+    out = tmp_path / "m.onnx"
+    result = cli("experiments.export", f"--workdir={workdir}", "--format=onnx", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert (inp.name, inp.shape) == ("ecg", ["batch", 250, 1])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["label_names"]) == run_dir.load_info(workdir)["label_names"]
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+
+    windows = export.calibration_windows(workdir, count=48)  # real training windows, raw
+    net = export.exported_net(workdir)
+    expected = np.asarray(jax.jit(net.fn)(windows))
+    for batch in (windows, windows[:1]):  # the batch axis is dynamic
+        got = session.run(None, {"ecg": batch})[0]
+        assert np.abs(got - expected[: len(batch)]).max() <= 1e-4
+
+    int8 = tmp_path / "m8.onnx"
+    result = cli("experiments.export", f"--workdir={workdir}", "--format=onnx", "--quantize=int8", f"--out={int8}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["int8"]["bytes"] < summary["float32"]["bytes"] and "static QDQ" in summary["int8"]["method"]
+    got = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"ecg": windows})[0]
+    assert np.abs(got - expected).max() <= 0.25 and np.abs(got - expected).mean() <= 0.05
+
+    hlo = tmp_path / "m.stablehlo"
+    assert cli("experiments.export", f"--workdir={workdir}", "--format=stablehlo", f"--out={hlo}").returncode == 0
+    restored = jax.export.deserialize(hlo.read_bytes())
+    assert np.abs(np.asarray(restored.call(windows[:3])) - expected[:3]).max() <= 1e-4
+
+
+def test_external_evaluation_on_the_cpsc_sample_keeps_the_in_domain_files(student, tmp_path):
+    workdir, _ = student
+    cpsc = tmp_path / "cpsc"
+    cpsc2018.prepare(SAMPLES / "cpsc2018", cpsc)
+    before = {name: (workdir / name).read_bytes() for name in ("eval_test.json", "scores_test.npz",
+                                                              "scores_val.npz", "thresholds.json")}
+    label_map = MAPS / "cpsc2018_to_ptbxl_superdiagnostic.csv"
+    result = cli("experiments.evaluate", f"--workdir={workdir}", f"--data_dir={cpsc}", f"--label_map={label_map}",
+                 "--name=cpsc", "--bootstrap_resamples=20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {name: (workdir / name).read_bytes() for name in before} == before
+    external = json.loads((workdir / "eval_external_cpsc.json").read_text())
+    assert external["external"]["num_records"] == 10
+    assert external["external"]["run_classes_without_source"] == ["HYP", "MI", "STTC"]
+    assert set(external["per_class_auc"]) == {"CD", "NORM"}
+    scores = dict(np.load(workdir / "scores_external_cpsc.npz"))
+    labels = dict(zip(scores["record_ids"], scores["y"].tolist()))
+    names = list(scores["label_names"])
+    assert labels["A1983"][names.index("NORM")] == 1 and labels["A1986"][names.index("CD")] == 1  # Normal, RBBB
+    assert "run classes without a mapped source (excluded): HYP, MI, STTC" in result.stdout
+
+    unmapped = cli("experiments.evaluate", f"--workdir={workdir}", f"--data_dir={cpsc}", "--name=cpsc")
+    assert unmapped.returncode == 1 and "give --label_map=FILE" in unmapped.stderr
+    no_name = cli("experiments.evaluate", f"--workdir={workdir}", f"--data_dir={cpsc}", f"--label_map={label_map}")
+    assert no_name.returncode == 1 and "needs --name=NAME" in no_name.stderr
+
+
+def test_label_maps_are_checked(student, tmp_path):
+    workdir, _ = student
+    bad = tmp_path / "bad.csv"
+    bad.write_text("source_label,target_label\nNormal,NORMAL\n")
+    with pytest.raises(ValueError, match=r"target label\(s\) \['NORMAL'\] are not labels of the run"):
+        evaluate.read_label_map(bad, source_labels=["Normal"], run_labels=["NORM", "CD"])
+    for shipped in MAPS.glob("*_to_ptbxl_*.csv"):
+        rows = shipped.read_text().splitlines()
+        assert rows[0] == "source_label,target_label" and len(rows) > 3
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    (tmp_path / "x.csv").write_text("1\n2\nnot a number\n")
+    with pytest.raises(ReadError, match=r"x.csv: unreadable .csv trace"):
+        read_any(tmp_path / "x.csv", fs=100, leads=["I"])
