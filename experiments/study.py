@@ -107,6 +107,68 @@ def student_run(
     return Run(f"{name}_leads{leads.replace(',', '-')}_seed{config.seed}", config)
 
 
+# Transfer methods by name -> (config.method, config.clt.variant); "clt" and "mvkt" are the
+# paper's memory-bank variants.
+TRANSFER_METHODS = {
+    "bce": ("bce", "memory_bank"),
+    "kd": ("kd", "memory_bank"),
+    "mkd": ("mkd", "memory_bank"),
+    "clt": ("clt", "memory_bank"),
+    "clt_memory_bank": ("clt", "memory_bank"),
+    "clt_in_batch": ("clt", "in_batch"),
+    "mvkt": ("mvkt", "memory_bank"),
+    "mvkt_memory_bank": ("mvkt", "memory_bank"),
+    "mvkt_in_batch": ("mvkt", "in_batch"),
+}
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    unknown = sorted(set(methods) - set(TRANSFER_METHODS))
+    if unknown or "bce" not in methods:
+        raise ValueError(f"methods must include bce and come from {list(TRANSFER_METHODS)}; unknown: {unknown}")
+
+
+def train_group(
+    base: ml_collections.ConfigDict,
+    study_dir: pathlib.Path,
+    *,
+    leads: str,
+    methods: Sequence[str],
+    n_resamples: int,
+    prefix: str = "",
+    teacher_dir: pathlib.Path | None = None,
+    progress: bool = True,
+    metrics: bool = True,
+) -> dict[str, pathlib.Path]:
+    """One study step: a 12-lead teacher (trained here unless ``teacher_dir``) and one
+    student per method on ``base``, each trained or resumed and evaluated once on test.
+
+    Run folders: ``<study>/runs/<prefix>teacher_seed<s>`` and
+    ``<study>/runs/<prefix><method>_leads<L>_seed<s>``. Returns {"teacher": dir, method: dir}.
+    ``metrics=False`` only scores the test split (``scores_test.npz``), for studies that pool
+    scores over splits too small for metrics of their own (cross-validation folds).
+    """
+    def evaluate(workdir):
+        if metrics:
+            evaluate_run(workdir, n_resamples=n_resamples)
+        elif not distributed.chief_decides((workdir / evaluate_lib.SCORES_FILE.format(split="test")).exists()):
+            evaluate_lib.score_test(workdir)
+
+    teacher = teacher_dir or train_run(_prefixed(teacher_run(base), prefix), study_dir, progress=progress)
+    evaluate(teacher)
+    dirs = {"teacher": teacher}
+    for name in methods:
+        method, variant = TRANSFER_METHODS[name]
+        run = student_run(base, method=method, leads=leads, teacher_dir=teacher, clt_variant=variant, name=name)
+        dirs[name] = train_run(_prefixed(run, prefix), study_dir, progress=progress)
+        evaluate(dirs[name])
+    return dirs
+
+
+def _prefixed(run: Run, prefix: str) -> Run:
+    return Run(f"{prefix}{run.name}", run.config)
+
+
 def auto_batch_size(data_dir: str | pathlib.Path, requested: int) -> int:
     """``requested``, or for tiny train splits (the embedded sample) a batch that fits."""
     manifest = json.loads((pathlib.Path(data_dir) / "manifest.json").read_text())

@@ -125,7 +125,7 @@ def run_state(workdir: pathlib.Path) -> dict:
     """Status, best validation macro-AUC and (if evaluated) test macro-AUC of one run folder."""
     workdir = pathlib.Path(workdir)
     rows = run_dir.metric_rows(workdir)
-    val_rows = [r for r in rows if "val_macro_auc" in r]
+    val_rows = [r for r in rows if r.get("val_macro_auc") is not None]
     # The best checkpoint is the first epoch with the highest validation macro-AUC.
     best = max(val_rows, key=lambda r: r["val_macro_auc"], default=None)
     steps = max((r["step"] for r in rows), default=0)

@@ -235,8 +235,103 @@ def _load(path: pathlib.Path, mmap: bool = True) -> np.ndarray:
         raise ShardError(f"{path} cannot be read as .npy: {e}") from None
 
 
-def open_split(out_dir: str | os.PathLike, split: str) -> Split:
-    """Memory-map one split; validates the manifest and file shapes (not hashes: see verify_shards)."""
+class _FoldSignals:
+    """Records of several splits' storage as one array-like, re-standardised on read:
+    a cross-validation round's split without a copy of the signals."""
+
+    def __init__(self, parts: list, index: list[tuple[int, int]], *, shift: np.ndarray, scale: np.ndarray,
+                 ragged: bool):
+        self.parts, self.index, self.ragged = parts, index, ragged
+        self.shift, self.scale = shift.astype(np.float32), scale.astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        part, local = self.index[i]
+        return (np.asarray(self.parts[part][local], dtype=np.float32) - self.shift) / self.scale
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(self.parts[p][k]) for p, k in self.index], dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple:
+        first = self.parts[self.index[0][0]] if self.index else None
+        return (len(self), None if self.ragged or first is None else first.shape[1], len(LEADS))
+
+
+_FOLD_STATS: dict = {}
+
+
+def _fold_statistics(out_dir: pathlib.Path, train_folds: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-lead mean and (population) std of the stored values of the records in ``train_folds``
+    (float64 sums, one pass; cached per folder and folds)."""
+    key = (str(out_dir.absolute()), train_folds, load_manifest(out_dir)["files"].get("train_signals.npy"))
+    if key not in _FOLD_STATS:
+        total, squares, count = np.zeros(len(LEADS)), np.zeros(len(LEADS)), 0
+        for name in SPLITS:
+            part = open_split(out_dir, name)
+            chosen = np.flatnonzero(np.isin(part.folds, train_folds))
+            for lo in range(0, len(chosen), 256):
+                block = np.concatenate([np.asarray(part.x[i], np.float64) for i in chosen[lo:lo + 256]])
+                total += block.sum(axis=0)
+                squares += (block ** 2).sum(axis=0)
+                count += len(block)
+        if count == 0:
+            raise ShardError(f"{out_dir}: no record in the training folds {list(train_folds)}")
+        mean = total / count
+        _FOLD_STATS[key] = (mean, np.sqrt(np.maximum(squares / count - mean ** 2, 1e-12)), count)
+    return _FOLD_STATS[key]
+
+
+def open_fold_split(out_dir: str | os.PathLike, split: str, folds: dict[str, Sequence[int]]) -> Split:
+    """The records of ``folds[split]`` from all of the shards' splits, standardised with the
+    statistics of ``folds["train"]`` (a cross-validation round; nothing is written).
+
+    The returned split's manifest carries the round's standardisation in source units
+    (``preprocessing.standardization``, ``fitted_on`` naming the folds), so a run trained
+    on it records what predictions on raw records need.
+    """
+    out_dir = pathlib.Path(out_dir)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    missing = [name for name in SPLITS if name not in folds]
+    if missing:
+        raise ValueError(f"folds must name the folds of {list(SPLITS)}; missing {missing}")
+    wanted = [int(f) for f in folds[split]]
+    parts = [open_split(out_dir, name) for name in SPLITS]
+    index = [(p, int(k)) for p, part in enumerate(parts) for k in np.flatnonzero(np.isin(part.folds, wanted))]
+    present = sorted({int(f) for part in parts for f in part.folds})
+    unknown = sorted(set(wanted) - set(present))
+    if unknown:
+        raise ShardError(f"{out_dir}: no records in fold(s) {unknown} (the shards hold folds {present})")
+    mean_x, std_x, count = _fold_statistics(out_dir, tuple(sorted(int(f) for f in folds["train"])))
+    manifest = json.loads(json.dumps(load_manifest(out_dir)))
+    stats = manifest["preprocessing"]["standardization"]
+    stored_mean, stored_std = np.asarray(stats["mean"]), np.asarray(stats["std"])
+    manifest["preprocessing"]["standardization"] = {
+        "mean": [float(v) for v in stored_mean + mean_x * stored_std],
+        "std": [float(v) for v in std_x * stored_std],
+        "fitted_on": f"folds {sorted(int(f) for f in folds['train'])}",
+        "num_samples": int(count),
+    }
+    manifest["fold_splits"] = {name: [int(f) for f in folds[name]] for name in SPLITS}
+    take = lambda attr: (np.concatenate([getattr(parts[p], attr)[k:k + 1] for p, k in index])  # noqa: E731
+                         if index else getattr(parts[0], attr)[:0])
+    x = _FoldSignals([part.x for part in parts], index, shift=mean_x, scale=std_x, ragged=bool(manifest["ragged"]))
+    return Split(out_dir=out_dir, name=split, manifest=manifest, x=x, y=take("y"), record_ids=take("record_ids"),
+                 folds=take("folds"))
+
+
+def open_split(out_dir: str | os.PathLike, split: str, folds: dict[str, Sequence[int]] | None = None) -> Split:
+    """Memory-map one split; validates the manifest and file shapes (not hashes: see verify_shards).
+
+    With ``folds`` ({"train": [...], "val": [...], "test": [...]}), the split is made of
+    those folds instead of the shards' own split (``open_fold_split``).
+    """
+    if folds:
+        return open_fold_split(out_dir, split, folds)
     out_dir = pathlib.Path(out_dir)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -158,7 +158,7 @@ def score_split(
     parallel = parallel or parallel_lib.make_parallelism()
     scorer = scorer or _Scorer.load(workdir, which=which, aggregate=aggregate, parallel=parallel)
     info = scorer.info
-    data = data_lib.open_split(info["data_dir"], split)
+    data = data_lib.open_split(info["data_dir"], split, folds=info.get("folds"))
     if list(data.label_names) != list(info["label_names"]):
         raise ValueError(
             f"{workdir} was trained on labels {info['label_names']}, the {split} split of {info['data_dir']} "
@@ -180,6 +180,15 @@ def score_split(
     if save:
         _save_scores(workdir / SCORES_FILE.format(split=split), scores=scores, y=result["y"],
                      record_ids=result["record_ids"], label_names=result["label_names"])
+    return result
+
+
+def score_test(workdir: str | pathlib.Path, *, parallel: parallel_lib.Parallelism | None = None) -> dict:
+    """Only the best checkpoint's test scores (``scores_test.npz``), no metrics: for pooling."""
+    workdir = pathlib.Path(workdir).absolute()
+    with run_dir.writer(workdir):
+        result = score_split(workdir, "test", parallel=parallel)
+    distributed.barrier(f"scored:{workdir}:test")
     return result
 
 

@@ -488,7 +488,7 @@ def calibration_windows(workdir: str | pathlib.Path, *, count: int = 512, seed: 
     """Raw windows (before standardisation) of the run's training split, or None without its shards."""
     info = run_dir.load_info(workdir)
     try:
-        split = data_lib.open_split(info["data_dir"], "train")
+        split = data_lib.open_split(info["data_dir"], "train", folds=info.get("folds"))
     except (data_lib.ShardError, FileNotFoundError):
         return None
     prep = inference.Preprocessing.of_run(workdir)

@@ -87,7 +87,11 @@ def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
         return
     old = _flatten(_read_json(path, "config"))
     new = _flatten(json.loads(config.to_json()))
-    changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    # A field added to the config after the run started, at its "off" value (""/False/0), changes nothing.
+    changed = sorted(
+        k for k in set(old) | set(new)
+        if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k) and not (k not in old and not new.get(k))
+    )
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ValueError(

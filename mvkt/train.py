@@ -128,6 +128,24 @@ class LossSpec:
 # ----------------------------------------------------------------------------- building blocks
 
 
+def fold_splits(data_config: ml_collections.ConfigDict) -> dict[str, list[int]] | None:
+    """{"train": [...], "val": [...], "test": [...]} from ``data.{train,val,test}_folds``, or
+    None when none is set (the shards' own splits)."""
+    texts = {name: str(data_config.get(f"{name}_folds", "") or "") for name in data_lib.SPLITS}
+    if not any(texts.values()):
+        return None
+    if not all(texts.values()):
+        raise ValueError(f"set all of data.train_folds, data.val_folds, data.test_folds or none: {texts}")
+    try:
+        folds = {name: [int(f) for f in text.split(",") if f.strip()] for name, text in texts.items()}
+    except ValueError:
+        raise ValueError(f"fold lists must be comma-separated integers: {texts}") from None
+    flat = [f for fs in folds.values() for f in fs]
+    if len(flat) != len(set(flat)):
+        raise ValueError(f"a fold is in two splits: {folds}")
+    return folds
+
+
 def parse_leads(leads: str | list[str]) -> list[str]:
     """'I' | 'I,II,V2' | 'all' | a list -> validated lead names in the order given."""
     if isinstance(leads, str):
@@ -548,8 +566,9 @@ def _train(
     # Damaged shards are found before training, not as a diverged loss hours later; each
     # host checks its own copy (hashed once per change of the files).
     distributed.on_every_process(data_lib.verify_shards, config.data.dir, cache_dir=data_lib.default_cache_dir())
-    train_split = data_lib.open_split(config.data.dir, "train")
-    val_split = data_lib.open_split(config.data.dir, "val")
+    folds = fold_splits(config.data)
+    train_split = data_lib.open_split(config.data.dir, "train", folds=folds)
+    val_split = data_lib.open_split(config.data.dir, "val", folds=folds)
     label_names = list(train_split.label_names)
     leads = parse_leads(config.student.leads)
     crop_length = int(round(config.data.crop_seconds * train_split.sampling_rate))
@@ -570,6 +589,7 @@ def _train(
         "crop_length": crop_length,
         "sampling_rate": train_split.sampling_rate,
         "data_dir": str(pathlib.Path(config.data.dir).absolute()),
+        "folds": folds,  # None: the shards' own train/val/test splits
         "method": config.method,
         "steps_per_epoch": loader.steps_per_epoch,
         "total_steps": total_steps,
@@ -596,6 +616,12 @@ def _train(
         teacher_model, teacher_variables, teacher_info, teacher_meta = _teacher_for(
             config, label_names, parallel
         )
+        if teacher_info.get("folds") != folds:
+            # A teacher trained on other folds may have seen this student's validation or test records.
+            raise ValueError(
+                f"teacher {config.teacher_workdir} was trained on folds {teacher_info.get('folds')}, this run "
+                f"uses {folds}: use the teacher of the same cross-validation round"
+            )
         teacher = (teacher_model, teacher_variables)
         logging.info(
             "teacher: %s (step %s, val macro-AUC %s)",
@@ -625,7 +651,7 @@ def _train(
         )
         state, rng = _merge(state, model_part, train_part), train_part["rng"]
         best = checkpoints.best_meta()
-        best_auc = best["val_macro_auc"] if best else -math.inf
+        best_auc = best["val_macro_auc"] if best and best.get("val_macro_auc") is not None else -math.inf
         _say(is_chief, f"{workdir.name}: resumed at step {int(state.step)}/{total_steps}")
     start_step = int(state.step)
     log = run_dir.MetricsLog(workdir, resume_step=start_step, enabled=is_chief)
@@ -662,7 +688,8 @@ def _train(
     stride = info["inference"]["stride"]
     stop_at = int(config.train.stop_at_step) if config.train.stop_at_step else None
 
-    def validate() -> float:
+    def validate() -> float | None:
+        """Validation macro-AUC, None when no class has both positives and negatives there."""
         scores = inference.predict_records(
             forward,
             {"params": state.params["model"], "batch_stats": state.batch_stats},
@@ -673,6 +700,8 @@ def _train(
             parallel=parallel,
             aggregate=config.eval.aggregate,
         )
+        if not ((val_split.y.sum(0) > 0) & (val_split.y.sum(0) < len(val_split))).any():
+            return None
         return metrics_lib.macro_auc(y_true=val_split.y, y_score=scores)
 
     def save(step, epoch, val_auc, best):
@@ -735,16 +764,25 @@ def _train(
                 bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
                 if epoch_end:
                     epoch = done // loader.steps_per_epoch
-                    val_auc = None
+                    val_auc, validated = None, False
                     if epoch % int(config.eval.every_epochs) == 0 or done == total_steps:
-                        val_auc = float(validate())
+                        val_auc, validated = validate(), True
                         log.write({"step": done, "epoch": epoch, "val_macro_auc": val_auc})
                         _say(
                             is_chief,
-                            f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC {val_auc:.4f}",
+                            f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC "
+                            + ("undefined" if val_auc is None else f"{val_auc:.4f}"),
                         )
-                    improved = val_auc is not None and val_auc > best_auc
-                    if improved:
+                        if val_auc is None and best_auc == -math.inf:
+                            logging.warning(
+                                "%s: no class of the validation split (%d records) has both positives and "
+                                "negatives: validation macro-AUC is undefined, the best checkpoint is the "
+                                "latest until it is defined", workdir, len(val_split))
+                    # An undefined validation AUC cannot select: the latest checkpoint stands in as best
+                    # until a defined one exists (tiny validation folds, e.g. of the embedded sample).
+                    improved = (val_auc is not None and val_auc > best_auc) or (
+                        validated and val_auc is None and best_auc == -math.inf)
+                    if improved and val_auc is not None:
                         best_auc = val_auc
                     save(done, epoch, val_auc, improved)
                 elif must_stop:

@@ -22,6 +22,11 @@ def get_config(arg=None):
     config.data.crop_seconds = 2.5  # as the PTB-XL benchmark; 10.0 = full record as the authors
     config.data.random_crop = True
     config.data.eval_stride_fraction = 0.5  # sliding-window stride = half a window
+    # Cross-validation rounds: comma-separated folds of each split ("" = the shards' own
+    # splits). When set, the standardisation is re-fitted on the train folds.
+    config.data.train_folds = ""
+    config.data.val_folds = ""
+    config.data.test_folds = ""
 
     # The net being trained: the 12-lead teacher in teacher.py, the student in student.py.
     config.student = ml_collections.ConfigDict()

@@ -1,0 +1,245 @@
+"""Cross-validated comparison of transfer methods: every record is a test record once per seed.
+
+    python -m experiments.crossval --data_dir=SHARDS --workdir=runs/crossval --methods=bce,mvkt \
+        --seeds=0,1 --epochs=20
+    python -m experiments.crossval ... --rounds=0,1      # a pilot: two rounds only
+
+Round r tests fold F[r] of the shards' folds F (PTB-XL: strat_fold 1-10), validates on
+the next fold and trains on the others; the standardisation is re-fitted on each round's
+training folds (read on the fly: no copy of the signals). Per seed and round: one 12-lead
+teacher and one student per method (``experiments.study.train_group``), each evaluated
+once on its round's test fold with thresholds from its validation fold. Pooled
+out-of-fold scores (every record once per seed) give each method's macro-AUC with a
+bootstrap CI pooled over seeds, per-round macro-AUCs with CIs, and the paired bootstrap of
+every method against the BCE student over all records. Writes ``crossval.json``,
+``report.md``, ``plots/crossval.png`` and the out-of-fold scores
+(``oof/<method>_seed<s>/scores_oof.npz``). Resumable like every study: rerunning trains
+only what is missing. Select on validation, never on the test folds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import shlex
+import sys
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from experiments import cli
+from experiments import report as report_lib
+from experiments import study
+from mvkt import data as data_lib
+from mvkt import distributed
+from mvkt import evaluate as evaluate_lib
+from mvkt import metrics as metrics_lib
+from mvkt import plots
+from mvkt import train as train_lib
+
+OOF_SPLIT = "oof"
+
+
+def round_folds(folds: Sequence[int], r: int) -> dict[str, list[int]]:
+    """Round ``r``: test fold ``folds[r]``, validation the next fold, training the rest."""
+    k = len(folds)
+    test, val = folds[r], folds[(r + 1) % k]
+    return {"train": [f for f in folds if f not in (test, val)], "val": [val], "test": [test]}
+
+
+def shard_folds(data_dir: str | pathlib.Path) -> list[int]:
+    manifest = data_lib.load_manifest(data_dir)
+    return sorted({int(f) for split in manifest["splits"].values() for f in split["folds"]})
+
+
+def run_crossval(*, workdir: str | pathlib.Path, data_dir: str | pathlib.Path, methods: Sequence[str],
+                 seeds: Sequence[int], rounds: Sequence[int] | None, epochs: int, arch: str = "resnet1d_wang",
+                 width_mult: float = 1.0, batch_size: int = 0, leads: str = "I", n_resamples: int = 1000,
+                 command: str = "", progress: bool = True) -> pathlib.Path:
+    """Trains and evaluates what is missing, then writes the pooled results; returns report.md."""
+    methods = list(methods)
+    study.check_methods(methods)
+    study_dir = pathlib.Path(workdir).absolute()
+    folds = shard_folds(data_dir)
+    if len(folds) < 3:
+        raise ValueError(f"{data_dir} has folds {folds}: cross-validation needs at least 3")
+    rounds = list(range(len(folds))) if rounds is None else list(rounds)
+    bad = [r for r in rounds if not 0 <= r < len(folds)]
+    if bad:
+        raise ValueError(f"--rounds {bad} outside 0..{len(folds) - 1} ({len(folds)} folds)")
+    batch_size = study.auto_batch_size(data_dir, batch_size)
+    runs: dict[int, dict[int, dict[str, pathlib.Path]]] = {}
+    for seed in seeds:
+        runs[seed] = {}
+        for r in rounds:
+            base = study.base_config(data_dir=pathlib.Path(data_dir).absolute(), arch=arch, epochs=epochs,
+                                     batch_size=batch_size, seed=seed, width_mult=width_mult)
+            split = round_folds(folds, r)
+            base.data.train_folds, base.data.val_folds, base.data.test_folds = (
+                ",".join(map(str, split[name])) for name in data_lib.SPLITS)
+            runs[seed][r] = study.train_group(base, study_dir, leads=leads, methods=methods, metrics=False,
+                                              n_resamples=n_resamples, prefix=f"round{r}/", progress=progress)
+    return distributed.on_chief(write_results, study_dir, data_dir=data_dir, runs=runs, methods=methods, folds=folds, rounds=rounds,
+                                leads=leads, n_resamples=n_resamples, command=command)
+
+
+def _round_auc(workdir: pathlib.Path, n_resamples: int) -> tuple[float, float, float] | None:
+    """(macro-AUC, CI low, CI high) of one round's test fold; None where no class has both
+    positives and negatives in that fold (tiny folds)."""
+    scores = evaluate_lib.load_scores(workdir, "test")
+    y = scores["y"]
+    if not ((y.sum(0) > 0) & (y.sum(0) < len(y))).any():
+        return None
+    ci = metrics_lib.bootstrap_ci(y_true=y, y_score=scores["scores"], metric_fn=metrics_lib.macro_auc,
+                                  n_resamples=n_resamples)
+    return ci.point, ci.lower, ci.upper
+
+
+def _pool(run_dirs: list[pathlib.Path], out: pathlib.Path) -> int:
+    """Concatenates the test scores of one method's rounds (sorted by record id) into
+    ``out/scores_oof.npz``; returns the number of records."""
+    loaded = [evaluate_lib.load_scores(d, "test") for d in run_dirs]
+    ids = np.concatenate([s["record_ids"] for s in loaded])
+    if len(set(ids.tolist())) != len(ids):
+        raise ValueError(f"a record is scored in two rounds of {run_dirs[0].parent}: the folds overlap")
+    order = np.argsort(ids, kind="stable")
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / evaluate_lib.SCORES_FILE.format(split=OOF_SPLIT),
+             scores=np.concatenate([s["scores"] for s in loaded])[order],
+             y=np.concatenate([s["y"] for s in loaded])[order], record_ids=ids[order],
+             label_names=loaded[0]["label_names"])
+    return len(ids)
+
+
+def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs: dict, methods: list[str],
+                  folds: list[int], rounds: list[int], leads: str, n_resamples: int, command: str) -> pathlib.Path:
+    seeds = list(runs)
+    groups = ["teacher", *methods]
+    oof = {g: [study_dir / "oof" / f"{g}_seed{s}" for s in seeds] for g in groups}
+    counts = {g: [_pool([runs[s][r][g] for r in rounds], d) for s, d in zip(seeds, oof[g])] for g in groups}
+    manifest = data_lib.load_manifest(data_dir)
+    total = sum(int(manifest["splits"][s]["num_records"]) for s in data_lib.SPLITS)
+    results = {}
+    for g in groups:
+        summary = study.method_summary(oof[g], n_resamples=n_resamples, split=OOF_SPLIT)
+        per_round = {}
+        for r in rounds:
+            cis = [_round_auc(runs[s][r][g], n_resamples) for s in seeds]
+            per_round[str(r)] = {"test_fold": round_folds(folds, r)["test"][0],
+                                 "macro_auc_per_seed": [c and c[0] for c in cis],
+                                 "ci_per_seed": [c and [c[1], c[2]] for c in cis]}
+        results[g] = {
+            "num_records_scored": counts[g][0],
+            "pooled_macro_auc": summary["macro_auc"],
+            "pooled_ci": summary["ci"],
+            "per_seed": summary["per_seed"],
+            "per_round": per_round,
+        }
+        if g != "bce":
+            results[g]["vs_bce"] = evaluate_lib.compare_runs(oof["bce"], oof[g], split=OOF_SPLIT,
+                                                             n_resamples=n_resamples)
+    gap = results["teacher"]["pooled_macro_auc"] - results["bce"]["pooled_macro_auc"]
+    for m in [m for m in methods if m != "bce"]:
+        closed = results[m]["pooled_macro_auc"] - results["bce"]["pooled_macro_auc"]
+        significant = results["teacher"]["vs_bce"]["ci"][0] > 0
+        results[m]["share_of_teacher_gap_closed"] = closed / gap if significant and gap > 0 else None
+    out = {
+        "command": command,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "folds": folds,
+        "rounds": rounds,
+        "seeds": seeds,
+        "leads": leads,
+        "num_records_in_shards": total,
+        "all_rounds": len(rounds) == len(folds),
+        "methods": results,
+        "selection": "checkpoints on each round's validation fold; test folds only reported",
+    }
+    study.write_json(study_dir / "crossval.json", out)
+    return _write_report(study_dir, out, first_run=runs[seeds[0]][rounds[0]]["bce"])
+
+
+def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path) -> pathlib.Path:
+    results, groups = out["methods"], list(out["methods"])
+    png = plots.plot_ablation(
+        study_dir / "plots" / "crossval.png", methods=groups,
+        aucs=[results[g]["pooled_macro_auc"] for g in groups], cis=[results[g]["pooled_ci"] for g in groups],
+        reference="bce", xlabel="Pooled out-of-fold macro-AUC (95% bootstrap CI)",
+        title=f"Cross-validation: {len(out['rounds'])} round(s), {len(out['seeds'])} seed(s), leads {out['leads']}",
+    )
+    data_text, _ = report_lib.data_section(first_run)
+    lines = [
+        f"# Cross-validation ({len(out['rounds'])} of {len(out['folds'])} rounds, seeds {out['seeds']})", "",
+        f"Generated {out['created']} by:", "", f"```\n{out['command']}\n```", "", "## Data", data_text, "",
+        "Round r tests fold r+1 of the folds below, validates on the next fold, trains on the rest "
+        "(standardisation re-fitted on the training folds). Checkpoints and thresholds come from "
+        "each round's validation fold; the test folds are only reported.", "",
+        f"- folds: {out['folds']}; rounds run: {out['rounds']}"
+        + ("" if out["all_rounds"] else " (a subset: pooled numbers cover only these rounds' test folds)"), "",
+        "## Pooled out-of-fold results", "",
+        "| method | records scored | pooled macro-AUC [95% CI] | per seed | difference vs BCE [95% CI] | "
+        "P(diff <= 0) | share of teacher gap closed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        r = results[g]
+        lo, hi = r["pooled_ci"]
+        diff = "(baseline)" if g == "bce" else ""
+        share = p = ""
+        if "vs_bce" in r:
+            d = r["vs_bce"]
+            diff = f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+            p = f"{d['p_value']:.3f}"
+        if g not in ("teacher", "bce"):
+            share = ("n/a (teacher not significantly better)" if r.get("share_of_teacher_gap_closed") is None
+                     else f"{r['share_of_teacher_gap_closed']:.0%}")
+        seeds = ", ".join(f"{a:.4f}" for a in r["per_seed"])
+        lines.append(f"| {g} | {r['num_records_scored']} | {r['pooled_macro_auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
+                     f"{seeds} | {diff} | {p} | {share} |")
+    lines += ["", "## Per round (test macro-AUC of each seed)", "",
+              "| round | test fold | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+    for rnd in out["rounds"]:
+        cells = [", ".join("undefined" if a is None else f"{a:.3f}"
+                           for a in results[g]["per_round"][str(rnd)]["macro_auc_per_seed"]) for g in groups]
+        lines.append(f"| {rnd} | {results[groups[0]]['per_round'][str(rnd)]['test_fold']} | " + " | ".join(cells) + " |")
+    lines += ["", f"![cross-validation]({study.relative(pathlib.Path(png), study_dir)})", "",
+              "Numbers: `crossval.json`; out-of-fold scores: `oof/<method>_seed<s>/scores_oof.npz`.", ""]
+    path = study_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/crossval", "study folder (data, runs, oof, report)")
+_PTBXL_DIR = flags.DEFINE_string("ptbxl_dir", str(study.SAMPLE_PTBXL), "PTB-XL folder to prepare")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "existing shards (skips data preparation)")
+_TASK = flags.DEFINE_string("task", "superdiagnostic", "PTB-XL task when preparing data")
+_LEADS = flags.DEFINE_string("leads", "I", "student leads")
+_METHODS = flags.DEFINE_list("methods", ["bce", "mvkt"], f"students, from {list(study.TRANSFER_METHODS)} (bce required)")
+_SEEDS = flags.DEFINE_string("seeds", "0", "comma-separated seeds")
+_ROUNDS = flags.DEFINE_string("rounds", "", "comma-separated rounds (0-based; default all)")
+_EPOCHS = flags.DEFINE_integer("epochs", 20, "epochs for every run")
+_ARCH = flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
+_WIDTH = flags.DEFINE_float("width_mult", 1.0, "channel width multiplier")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "0 = 128, or 32 for tiny train splits")
+_RESAMPLES = flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
+
+
+def main(argv):
+    del argv
+    with cli.exit_on_known_errors():
+        cli.start()
+        workdir = pathlib.Path(_WORKDIR.value).absolute()
+        data_dir = _DATA_DIR.value or study.prepare_ptbxl(_PTBXL_DIR.value, workdir / "data", task=_TASK.value)
+        path = run_crossval(
+            workdir=workdir, data_dir=data_dir, methods=_METHODS.value, seeds=study.seeds_from(_SEEDS.value),
+            rounds=study.seeds_from(_ROUNDS.value) if _ROUNDS.value else None, epochs=_EPOCHS.value,
+            arch=_ARCH.value, width_mult=_WIDTH.value, batch_size=_BATCH.value,
+            leads=",".join(train_lib.parse_leads(_LEADS.value)), n_resamples=_RESAMPLES.value,
+            command=" ".join(["python -m experiments.crossval", *map(shlex.quote, sys.argv[1:])]),
+        )
+        cli.print_report(path)
+
+
+if __name__ == "__main__":
+    app.run(main)

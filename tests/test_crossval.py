@@ -1,0 +1,92 @@
+"""Cross-validation on the embedded PTB-XL sample: fold splits re-standardised on their
+training folds without copies, teachers tied to their round, pooled out-of-fold results.
+
+The full acceptance command (all 10 rounds, ~3.5 min on 2 cores) is run by hand; here two
+rounds keep CI short while checking the same invariants on the records they score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import crossval
+from experiments.configs import student as student_config
+from experiments.configs import teacher as teacher_config
+from helpers import tiny
+from mvkt import data as data_lib
+from mvkt import train
+
+SAMPLE_FOLDS = list(range(1, 11))
+
+
+def test_round_folds_cover_every_fold_once_as_test_and_as_validation():
+    rounds = [crossval.round_folds(SAMPLE_FOLDS, r) for r in range(10)]
+    assert [r["test"] for r in rounds] == [[f] for f in SAMPLE_FOLDS]
+    assert sorted(r["val"][0] for r in rounds) == SAMPLE_FOLDS
+    for r in rounds:
+        assert sorted(r["train"] + r["val"] + r["test"]) == SAMPLE_FOLDS and len(r["train"]) == 8
+
+
+def test_fold_splits_are_standardised_on_their_training_folds(ptbxl_sample_shards):
+    own = {"train": list(range(1, 9)), "val": [9], "test": [10]}
+    for split in data_lib.SPLITS:  # the shards' own folds: the stored values, up to float rounding
+        a, b = data_lib.open_split(ptbxl_sample_shards, split), data_lib.open_split(ptbxl_sample_shards, split, own)
+        assert list(a.record_ids) == list(b.record_ids)
+        np.testing.assert_allclose(b.crop(np.arange(len(a)), 0, 250), a.crop(np.arange(len(a)), 0, 250), atol=1e-5)
+    folds = crossval.round_folds(SAMPLE_FOLDS, 0)
+    train_split = data_lib.open_split(ptbxl_sample_shards, "train", folds)
+    x = np.concatenate([train_split.record(i) for i in range(len(train_split))]).astype(np.float64)
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std(0), 1, atol=1e-5)
+    test_split = data_lib.open_split(ptbxl_sample_shards, "test", folds)
+    assert set(test_split.folds.tolist()) == {1}
+    assert test_split.manifest["preprocessing"]["standardization"]["fitted_on"] == f"folds {folds['train']}"
+    # The round's statistics in source units reproduce the re-standardised values from raw ones.
+    stored = data_lib.open_split(ptbxl_sample_shards, "train")
+    raw = stored.record(0) * np.float32(stored.manifest["preprocessing"]["standardization"]["std"]) + np.float32(
+        stored.manifest["preprocessing"]["standardization"]["mean"])
+    stats = train_split.manifest["preprocessing"]["standardization"]
+    i = list(train_split.record_ids).index(stored.record_ids[0])
+    np.testing.assert_allclose((raw - stats["mean"]) / stats["std"], train_split.record(i), atol=1e-4)
+
+
+def test_a_student_refuses_a_teacher_of_another_round(ptbxl_sample_shards, tmp_path):
+    def on_round(config, r):
+        folds = crossval.round_folds(SAMPLE_FOLDS, r)
+        config.data.train_folds, config.data.val_folds, config.data.test_folds = (
+            ",".join(map(str, folds[s])) for s in data_lib.SPLITS)
+        return config
+
+    teacher = tmp_path / "teacher"
+    train.train_and_evaluate(on_round(tiny(teacher_config.get_config(), ptbxl_sample_shards,
+                                           **{"train.epochs": 1}), 0), teacher, progress=False)
+    student = on_round(tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher),
+                            **{"train.epochs": 1}), 1)
+    with pytest.raises(ValueError, match="use the teacher of the same cross-validation round"):
+        train.train_and_evaluate(student, tmp_path / "student", progress=False)
+    with pytest.raises(ValueError, match="set all of data.train_folds"):
+        train.fold_splits(tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"data.train_folds": "1,2"}).data)
+
+
+def test_crossval_pools_out_of_fold_scores_and_reruns_train_nothing(ptbxl_sample_shards, tmp_path):
+    workdir = tmp_path / "cv"
+    kwargs = dict(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "mvkt"], seeds=[0], rounds=[0, 8],
+                  epochs=1, batch_size=16, width_mult=0.25, n_resamples=50, progress=False)
+    report = crossval.run_crossval(**kwargs)
+    out = json.loads((workdir / "crossval.json").read_text())
+    scored = {f: len(data_lib.open_split(ptbxl_sample_shards, "test", crossval.round_folds(SAMPLE_FOLDS, r)))
+              for f, r in ((1, 0), (9, 8))}
+    for method in ("teacher", "bce", "mvkt"):
+        result = out["methods"][method]
+        assert result["num_records_scored"] == sum(scored.values())  # each record of the test folds once
+        assert np.isfinite(result["pooled_macro_auc"])
+        assert set(result["per_round"]) == {"0", "8"}
+    ids = np.load(workdir / "oof" / "mvkt_seed0" / "scores_oof.npz")["record_ids"]
+    assert len(set(ids.tolist())) == len(ids)
+    assert set(out["methods"]["mvkt"]["vs_bce"]) >= {"difference", "ci", "p_value"}
+    assert report.exists() and "subset" in report.read_text() and (workdir / "plots" / "crossval.png").exists()
+    before = {p: p.read_text() for p in workdir.glob("runs/round*/*/metrics.jsonl")}
+    crossval.run_crossval(**kwargs)
+    assert {p: p.read_text() for p in workdir.glob("runs/round*/*/metrics.jsonl")} == before
