@@ -22,23 +22,15 @@ from mvkt import distributed
 from mvkt import plots
 from mvkt import train as train_lib
 
-# name -> (config.method, config.clt.variant)
-METHODS = {
-    "bce": ("bce", "memory_bank"),
-    "kd": ("kd", "memory_bank"),
-    "mkd": ("mkd", "memory_bank"),
-    "clt_memory_bank": ("clt", "memory_bank"),
-    "clt_in_batch": ("clt", "in_batch"),
-    "mvkt_memory_bank": ("mvkt", "memory_bank"),
-    "mvkt_in_batch": ("mvkt", "in_batch"),
-}
+# Every transfer method once (study.TRANSFER_METHODS without its short aliases).
+METHODS = ["bce", "kd", "mkd", "clt_memory_bank", "clt_in_batch", "mvkt_memory_bank", "mvkt_in_batch"]
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "study folder")
 _PTBXL_DIR = flags.DEFINE_string("ptbxl_dir", str(study.SAMPLE_PTBXL), "PTB-XL folder to prepare")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "existing shards (skips data preparation)")
 _TASK = flags.DEFINE_string("task", "superdiagnostic", "PTB-XL task when preparing data")
 _LEADS = flags.DEFINE_string("leads", "I", "student leads")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), f"subset of {list(METHODS)}")
+_METHODS = flags.DEFINE_list("methods", METHODS, f"subset of {list(study.TRANSFER_METHODS)}")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "comma-separated seeds")
 _EPOCHS = flags.DEFINE_integer("epochs", 20, "epochs for every run")
 _ARCH = flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
@@ -66,9 +58,7 @@ def run_ablation(
     command: str,
     progress: bool = True,
 ) -> pathlib.Path:
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or "bce" not in methods:
-        raise ValueError(f"--methods must include bce and come from {list(METHODS)}; unknown: {unknown}")
+    study.check_methods(methods)
     workdir = pathlib.Path(workdir).absolute()
     batch_size = study.auto_batch_size(data_dir, batch_size)
     groups: dict[str, list[pathlib.Path]] = {"teacher (12-lead)": []}
@@ -82,20 +72,18 @@ def run_ablation(
             seed=seed,
             width_mult=width_mult,
         )
-        if teacher_dir:
-            seed_teacher = pathlib.Path(teacher_dir).absolute()
-        else:
-            seed_teacher = study.train_run(study.teacher_run(base), workdir, progress=progress)
-        study.evaluate_run(seed_teacher, n_resamples=n_resamples)
-        groups["teacher (12-lead)"].append(seed_teacher)
+        dirs = study.train_group(
+            base,
+            workdir,
+            leads=leads,
+            methods=methods,
+            n_resamples=n_resamples,
+            teacher_dir=pathlib.Path(teacher_dir).absolute() if teacher_dir else None,
+            progress=progress,
+        )
+        groups["teacher (12-lead)"].append(dirs["teacher"])
         for name in methods:
-            method, variant = METHODS[name]
-            run = study.student_run(
-                base, method=method, leads=leads, teacher_dir=seed_teacher, clt_variant=variant, name=name
-            )
-            run_dir = study.train_run(run, workdir, progress=progress)
-            study.evaluate_run(run_dir, n_resamples=n_resamples)
-            groups[name].append(run_dir)
+            groups[name].append(dirs[name])
     if teacher_dir:
         groups["teacher (12-lead)"] = groups["teacher (12-lead)"][:1]
 

@@ -81,18 +81,12 @@ def run_pipeline(
             seed=seed,
             width_mult=width_mult,
         )
-        teacher = study.teacher_run(base)
-        teacher_dir = study.train_run(teacher, workdir, progress=progress)
-        runs = [
-            study.student_run(base, method="bce", leads=leads, teacher_dir=teacher_dir),
-            study.student_run(
-                base, method="mvkt", leads=leads, teacher_dir=teacher_dir, clt_variant=clt_variant
-            ),
-        ]
-        student_dirs = [study.train_run(r, workdir, progress=progress) for r in runs]
-        for group, run_dir in zip(groups, [teacher_dir, *student_dirs]):
-            study.evaluate_run(run_dir, n_resamples=n_resamples)
-            groups[group].append(run_dir)
+        mvkt = f"mvkt_{clt_variant}"
+        dirs = study.train_group(
+            base, workdir, leads=leads, methods=["bce", mvkt], n_resamples=n_resamples, progress=progress
+        )
+        for group, key in zip(groups, ["teacher", "bce", mvkt]):
+            groups[group].append(dirs[key])
     return distributed.on_chief(
         report_lib.write_comparison_report,
         workdir,
