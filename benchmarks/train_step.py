@@ -164,7 +164,8 @@ def make_data(*, batch_size: int, crop: int, num_batches: int, seed: int = 0):
 
 
 def add_teacher_cache(batches, *, feature_dim: int, seed: int = 1):
-    """Precomputed teacher outputs as `_teacher_cache` would give (values do not matter for speed)."""
+    """Precomputed teacher outputs as `mvkt.train.teacher_cache` gives them (fixed crops or the
+    grid of random-crop starts: the step sees the same arrays; values do not matter for speed)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)

@@ -35,7 +35,10 @@ class TrainBatches:
         random_crop: bool,
         seed: int,
         host_rows: slice | None = None,
+        crop_grid: int | None = None,
     ):
+        """``crop_grid``: random crops start at multiples of this many samples only (so that a
+        teacher's outputs can be precomputed for every possible crop: ``grid_crops``)."""
         if len(split) < global_batch_size:
             raise ValueError(
                 f"the train split has {len(split)} records, fewer than the batch size "
@@ -47,12 +50,15 @@ class TrainBatches:
         self.random_crop = random_crop
         self.seed = seed
         self.host_rows = host_rows or slice(0, global_batch_size)
+        self.crop_grid = int(crop_grid) if crop_grid else None
         # Incomplete final batches are dropped: fixed shapes, one compilation.
         self.steps_per_epoch = len(split) // global_batch_size
 
     def crop_starts(self, indices: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """Crop offsets: uniform when random, else the record's centre (deterministic)."""
         slack = np.maximum(self.split.lengths[indices] - self.crop_length, 0)
+        if self.random_crop and self.crop_grid:
+            return rng.integers(0, slack // self.crop_grid + 1) * self.crop_grid
         if self.random_crop:
             return rng.integers(0, slack + 1)
         return slack // 2
@@ -74,6 +80,15 @@ class TrainBatches:
             "y": self.split.y[indices].astype(np.float32),
             "index": indices.astype(np.int32),
         }
+
+    def grid_crops(self) -> tuple[np.ndarray, np.ndarray]:
+        """(record index, start) of every crop random cropping on the grid can draw, record-major."""
+        if not (self.random_crop and self.crop_grid):
+            raise ValueError("grid crops are only defined for random crops with a crop_grid")
+        counts = np.maximum(self.split.lengths - self.crop_length, 0) // self.crop_grid + 1
+        records = np.repeat(np.arange(len(self.split)), counts)
+        starts = np.concatenate([np.arange(c) * self.crop_grid for c in counts])
+        return records, starts
 
     def fixed_crops(self) -> tuple[np.ndarray, np.ndarray]:
         """Every record's deterministic crop (only valid without random crops)."""

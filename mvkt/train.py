@@ -467,18 +467,35 @@ def _teacher_for(
     return model, variables, info, meta
 
 
-def _teacher_cache(
+@dataclasses.dataclass(frozen=True)
+class TeacherCache:
+    """The frozen teacher's logits and features for every crop training can draw: one per
+    record (deterministic crops) or one per record and grid start (random crops on a grid)."""
+
+    logits: np.ndarray  # (N, G, C)
+    features: np.ndarray  # (N, G, F)
+    grid: int | None  # crop starts are multiples of this; None: one fixed crop per record
+
+    def lookup(self, indices: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
+        g = np.zeros_like(indices) if self.grid is None else starts // self.grid
+        return {"teacher_logits": self.logits[indices, g], "teacher_features": self.features[indices, g]}
+
+
+def teacher_cache(
     teacher_model,
     teacher_variables,
     loader: input_pipeline.TrainBatches,
     *,
     batch_size: int,
     parallel: parallel_lib.Parallelism,
-):
-    """Teacher logits and features of every train record's deterministic crop."""
-    indices, starts = loader.fixed_crops()
+) -> TeacherCache:
+    """Teacher outputs of every crop ``loader`` can draw (its grid, or its fixed crops)."""
+    if loader.random_crop:
+        indices, starts = loader.grid_crops()
+    else:
+        indices, starts = loader.fixed_crops()
     forward = inference.make_forward_fn(teacher_model, list(range(len(data_lib.LEADS))), parallel)
-    return inference.predict_windows(
+    logits, features = inference.predict_windows(
         forward,
         teacher_variables,
         loader.split,
@@ -489,6 +506,13 @@ def _teacher_cache(
         parallel=parallel,
         with_features=True,
     )
+    counts = np.bincount(indices, minlength=len(loader.split))
+    slot = np.arange(len(indices)) - np.repeat(np.cumsum(counts) - counts, counts)  # position within its record
+    shape = (len(loader.split), int(counts.max()))
+    padded_logits = np.zeros(shape + logits.shape[1:], logits.dtype)
+    padded_features = np.zeros(shape + features.shape[1:], features.dtype)
+    padded_logits[indices, slot], padded_features[indices, slot] = logits, features
+    return TeacherCache(padded_logits, padded_features, loader.crop_grid if loader.random_crop else None)
 
 
 # Standardised signals are z-scores: a sample this many standard deviations out is not an ECG.
@@ -557,15 +581,14 @@ def _train(
 ) -> dict:
     is_chief = distributed.is_chief()
     loss_spec = LossSpec.from_config(config)
-    if config.teacher_cache and config.data.random_crop:
-        raise ValueError(
-            "config.teacher_cache=True needs the same crop of a record every epoch: "
-            "set --config.data.random_crop=False (centre crops; crop_seconds=10 "
-            "uses whole PTB-XL records)"
-        )
     # Damaged shards are found before training, not as a diverged loss hours later; each
     # host checks its own copy (hashed once per change of the files).
     distributed.on_every_process(data_lib.verify_shards, config.data.dir, cache_dir=data_lib.default_cache_dir())
+    if config.teacher_cache and config.data.random_crop and not config.get("teacher_cache_stride_seconds"):
+        raise ValueError(
+            "config.teacher_cache=True with random crops needs a grid of crop starts: set "
+            "--config.teacher_cache_stride_seconds (e.g. 0.25), or --config.data.random_crop=False"
+        )
     folds = fold_splits(config.data)
     train_split = data_lib.open_split(config.data.dir, "train", folds=folds)
     val_split = data_lib.open_split(config.data.dir, "val", folds=folds)
@@ -581,6 +604,9 @@ def _train(
         random_crop=bool(config.data.random_crop),
         seed=int(config.seed),
         host_rows=parallel.host_slice(batch_size),
+        # Cached teachers see random crops on a grid, so every crop's outputs can be precomputed.
+        crop_grid=(max(int(round(config.teacher_cache_stride_seconds * train_split.sampling_rate)), 1)
+                   if config.teacher_cache and config.data.random_crop else None),
     )
     total_steps = int(config.train.epochs) * loader.steps_per_epoch
     info = {
@@ -673,13 +699,13 @@ def _train(
 
     cache = None
     if config.teacher_cache and loss_spec.needs_teacher:
-        cache = _teacher_cache(*teacher, loader, batch_size=batch_size, parallel=parallel)
+        cache = teacher_cache(*teacher, loader, batch_size=batch_size, parallel=parallel)
 
     def produce(step):
         batch = loader.batch_at(step)
         if cache is not None:
-            batch["teacher_logits"] = cache[0][batch["index"]]
-            batch["teacher_features"] = cache[1][batch["index"]]
+            indices, starts = loader.indices_at(step)
+            batch.update(cache.lookup(indices[loader.host_rows], starts[loader.host_rows]))
         return parallel.to_global(batch)
 
     update = training.update

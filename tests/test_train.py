@@ -138,38 +138,44 @@ def test_interrupted_student_run_resumes_to_identical_metrics(
     assert loss_keys == {"loss_bce", "loss_mkd", "loss_clt"}
 
 
-def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run):
-    """Same batch, deterministic crops: precomputed teacher outputs = in-step teacher forward."""
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run, random_crop):
+    """Same batch: precomputed teacher outputs = in-step teacher forward, for the fixed
+    crops and for random crops drawn from the cache's grid of starts (0.25 s)."""
     parallel = parallel_lib.make_parallelism()
     teacher_model, teacher_vars, _, _, _ = run_dir.load_trained_model(teacher_run, parallel=parallel)
-    config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"data.random_crop": False})
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"data.random_crop": random_crop})
     split = data_lib.open_split(ptbxl_sample_shards, "train")
     loader = input_pipeline.TrainBatches(
-        split, global_batch_size=32, crop_length=250, random_crop=False, seed=0
+        split, global_batch_size=32, crop_length=250, random_crop=random_crop, seed=0,
+        crop_grid=25 if random_crop else None,
     )
-    cache_logits, cache_features = train._teacher_cache(
-        teacher_model, teacher_vars, loader, batch_size=64, parallel=parallel
-    )
+    cache = train.teacher_cache(teacher_model, teacher_vars, loader, batch_size=64, parallel=parallel)
     state, update = lead_i_student_step(
         config, split, teacher_model=teacher_model, teacher_vars=teacher_vars, parallel=parallel
     )
-    batch = loader.batch_at(0)
-    cached = dict(
-        batch, teacher_logits=cache_logits[batch["index"]], teacher_features=cache_features[batch["index"]]
-    )
     rng = jax.random.PRNGKey(3)
-    _, live = update(state, parallel.to_global(batch), rng)
-    _, from_cache = update(state, parallel.to_global(cached), rng)
-    for key in ("loss", "loss_bce", "loss_mkd", "loss_clt"):
-        np.testing.assert_allclose(float(from_cache[key]), float(live[key]), rtol=1e-5, err_msg=key)
+    for step in (0, 5):
+        indices, starts = loader.indices_at(step)
+        if random_crop:
+            assert (starts % 25 == 0).all() and len(set(starts.tolist())) > 1  # random, on the grid
+            assert cache.logits.shape[:2] == (len(split), (1000 - 250) // 25 + 1)
+        batch = loader.batch_at(step)
+        cached = dict(batch, **cache.lookup(indices, starts))
+        _, live = update(state, parallel.to_global(batch), rng)
+        _, from_cache = update(state, parallel.to_global(cached), rng)
+        for key in ("loss", "loss_bce", "loss_mkd", "loss_clt"):
+            np.testing.assert_allclose(float(from_cache[key]), float(live[key]), rtol=1e-5, err_msg=key)
 
 
-def test_teacher_cache_requires_deterministic_crops(ptbxl_sample_shards, teacher_run, tmp_path):
+def test_a_cached_teacher_with_random_crops_needs_a_grid(ptbxl_sample_shards, teacher_run, tmp_path):
     config = tiny(
         student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher_run), teacher_cache=True
     )
-    with pytest.raises(ValueError, match="random_crop=False"):
+    with pytest.raises(ValueError, match="set --config.teacher_cache_stride_seconds"):
         train.train_and_evaluate(config, tmp_path / "s", progress=False)
+    config.teacher_cache_stride_seconds = 0.25
+    assert train.train_and_evaluate(config, tmp_path / "s", progress=False)["finished"]
 
 
 def test_step_changes_student_and_heads_but_never_the_teacher(ptbxl_sample_shards, teacher_run):

@@ -14,7 +14,10 @@ def get_config(arg=None):
     # bce | kd | mkd | clt | mvkt (see mvkt/train.py); bce on all 12 leads trains the teacher.
     config.method = "bce"
     config.teacher_workdir = ""  # a finished teacher run; needed by kd/mkd/clt/mvkt
-    config.teacher_cache = False  # precompute teacher outputs (needs data.random_crop=False)
+    # Precompute the teacher's outputs: for the fixed crops, or (random crops) for a grid of
+    # crop starts every teacher_cache_stride_seconds (e.g. 0.25), from which random crops are drawn.
+    config.teacher_cache = False
+    config.teacher_cache_stride_seconds = 0.0
     config.allow_unfinished_teacher = False  # distil from a teacher that stopped early (warned)
 
     config.data = ml_collections.ConfigDict()
