@@ -73,9 +73,13 @@ def mkd_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
     temperature: float = 1.0,
+    class_weights: jax.Array | None = None,
     reduction: Reduction = "mean",
 ) -> jax.Array:
-    """Multi-label knowledge distillation: T^2 * sum_c KL(teacher_c || student_c).
+    """Multi-label knowledge distillation: T^2 * sum_c w_c KL(teacher_c || student_c).
+
+    ``class_weights`` (C,) (default all 1): distil only where the teacher's knowledge helps,
+    e.g. weight 0 for classes the teacher is not better at on validation.
 
     Every class c defines a binary distribution per network, (sigmoid(z_c / T),
     1 - sigmoid(z_c / T)); the per-example loss is T^2 times the sum over classes of
@@ -97,6 +101,8 @@ def mkd_loss(
     log_p_s, log_q_s = jax.nn.log_sigmoid(s), jax.nn.log_sigmoid(-s)
     # p * (log p - log p_s) with p = exp(log p): a zero-probability outcome gives 0 * finite.
     kl = jnp.exp(log_p_t) * (log_p_t - log_p_s) + jnp.exp(log_q_t) * (log_q_t - log_q_s)
+    if class_weights is not None:
+        kl = kl * jnp.asarray(class_weights, jnp.float32)
     return _reduce(t * t * jnp.sum(kl, axis=-1), reduction)
 
 

@@ -128,6 +128,23 @@ class LossSpec:
 # ----------------------------------------------------------------------------- building blocks
 
 
+def mkd_class_weights(config: ml_collections.ConfigDict, label_names: list[str], num_classes: int) -> np.ndarray | None:
+    """``config.mkd_class_weights`` ("CD:1,HYP:0"; unlisted classes 1) as a (C,) array, or None."""
+    text = str(config.get("mkd_class_weights", "") or "")
+    if not text:
+        return None
+    weights = np.ones(num_classes, np.float32)
+    for item in text.split(","):
+        name, _, value = item.partition(":")
+        if name.strip() not in label_names:
+            raise ValueError(f"config.mkd_class_weights names {name.strip()!r}, not one of the labels {label_names}")
+        try:
+            weights[label_names.index(name.strip())] = float(value)
+        except ValueError:
+            raise ValueError(f"config.mkd_class_weights: {item!r} is not CLASS:WEIGHT") from None
+    return weights
+
+
 def fold_splits(data_config: ml_collections.ConfigDict) -> dict[str, list[int]] | None:
     """{"train": [...], "val": [...], "test": [...]} from ``data.{train,val,test}_folds``, or
     None when none is set (the shards' own splits)."""
@@ -235,6 +252,79 @@ def create_train_state(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Input transforms inside the step, on the 12-lead crop, so that teacher and student see
+    exactly the same input (function matching, Beyer et al. 2022); and lead dropout, for a
+    teacher whose decisions should rest on the leads a student has.
+
+    ``mixup_alpha``: mix records with weight ~ Beta(a, a) (labels mixed too; CLT masks use
+    the dominant record's labels); ``amplitude_scale_std``: per record and lead gain
+    exp(N(0, s)); ``noise_std``: Gaussian noise (standardised units); ``baseline_wander``:
+    amplitude of a random 0.05-0.5 Hz sinusoid per record and lead; ``lead_dropout``:
+    probability of zeroing each lead not in ``keep_leads`` (12-lead positions), per record.
+    """
+
+    mixup_alpha: float = 0.0
+    amplitude_scale_std: float = 0.0
+    noise_std: float = 0.0
+    baseline_wander: float = 0.0
+    lead_dropout: float = 0.0
+    keep_leads: tuple[int, ...] = ()
+    sampling_rate: int = 100
+
+    @property
+    def active(self) -> bool:
+        return any((self.mixup_alpha, self.amplitude_scale_std, self.noise_std, self.baseline_wander,
+                    self.lead_dropout))
+
+    @property
+    def changes_teacher_input(self) -> bool:
+        return self.active
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, sampling_rate: int) -> "Augmentation":
+        aug = config.get("augment") or {}
+        keep = str(aug.get("lead_dropout_keep", "") or "")
+        return cls(
+            mixup_alpha=float(aug.get("mixup_alpha", 0.0)),
+            amplitude_scale_std=float(aug.get("amplitude_scale_std", 0.0)),
+            noise_std=float(aug.get("noise_std", 0.0)),
+            baseline_wander=float(aug.get("baseline_wander", 0.0)),
+            lead_dropout=float(aug.get("lead_dropout", 0.0)),
+            keep_leads=tuple(data_lib.lead_indices(parse_leads(keep))) if keep else (),
+            sampling_rate=int(sampling_rate),
+        )
+
+    def __call__(self, rng: jax.Array, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(x, labels for the losses, labels for CLT's negative masks)."""
+        b, t, leads = x.shape
+        k_mix, k_lam, k_amp, k_noise, k_f, k_phase, k_wander, k_drop = jax.random.split(rng, 8)
+        mask_labels = y
+        if self.mixup_alpha:
+            partner = jax.random.permutation(k_mix, b)
+            lam = jax.random.beta(k_lam, self.mixup_alpha, self.mixup_alpha, (b,))
+            x = lam[:, None, None] * x + (1 - lam[:, None, None]) * x[partner]
+            mask_labels = jnp.where((lam >= 0.5)[:, None], y, y[partner])
+            y = lam[:, None] * y + (1 - lam[:, None]) * y[partner]
+        if self.amplitude_scale_std:
+            x = x * jnp.exp(self.amplitude_scale_std * jax.random.normal(k_amp, (b, 1, leads)))
+        if self.baseline_wander:
+            freq = jax.random.uniform(k_f, (b, 1, leads), minval=0.05, maxval=0.5)
+            phase = jax.random.uniform(k_phase, (b, 1, leads), maxval=2 * jnp.pi)
+            amplitude = self.baseline_wander * jax.random.uniform(k_wander, (b, 1, leads))
+            seconds = jnp.arange(t)[None, :, None] / self.sampling_rate
+            x = x + amplitude * jnp.sin(2 * jnp.pi * freq * seconds + phase)
+        if self.noise_std:
+            x = x + self.noise_std * jax.random.normal(k_noise, x.shape)
+        if self.lead_dropout:
+            kept = jax.random.bernoulli(k_drop, 1.0 - self.lead_dropout, (b, 1, leads))
+            always = np.zeros(leads, bool)
+            always[list(self.keep_leads)] = True
+            x = x * (kept | always).astype(x.dtype)
+        return x, y, mask_labels
+
+
 def make_update_fn(
     *,
     model: nn.Module,
@@ -245,8 +335,15 @@ def make_update_fn(
     loss_spec: LossSpec,
     student_leads: list[int],
     replicated: jax.sharding.Sharding | None = None,
+    teacher_leads: list[int] | None = None,
+    augment: Augmentation | None = None,
+    mkd_class_weights: np.ndarray | None = None,
 ) -> Callable:
     """The pure ``update_fn(state, batch, rng) -> (state, metrics)`` (jit it, donate state).
+
+    ``teacher_leads``: the teacher's input leads in the 12-lead crop (default all 12; fewer
+    for a teacher assistant). ``augment``: transforms of the crop before teacher and student.
+    ``mkd_class_weights``: (C,) per-class weights of the MKD term.
 
     ``rng`` is the run's base key (not part of the donated state); each step folds
     its own step number into it, so a resumed run draws the same randomness.
@@ -257,6 +354,8 @@ def make_update_fn(
     embeddings over the global batch before contrasting them.
     """
     lead_index = np.asarray(student_leads)
+    teacher_index = np.asarray(teacher_leads if teacher_leads is not None else range(len(data_lib.LEADS)))
+    augment = augment if augment is not None and augment.active else None
 
     def gather(x):
         # The whole global batch on every device: each anchor contrasts with all
@@ -266,15 +365,20 @@ def make_update_fn(
     def update_fn(state: TrainState, batch: dict, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
         dropout_rng, clt_rng = jax.random.split(step_rng)
-        labels = batch["y"]
-        x_student = batch["x"][..., lead_index]
+        x, labels, mask_labels = batch["x"], batch["y"], batch["y"]
+        if augment is not None:
+            # Its own stream: dropout and CLT draw what they drew without augmentation.
+            x, labels, mask_labels = augment(jax.random.fold_in(step_rng, 0xA06), x, labels)
+        x_student = x[..., lead_index]
 
         teacher_logits = teacher_features = None
         if loss_spec.needs_teacher:
             if "teacher_logits" in batch:
                 teacher_logits, teacher_features = batch["teacher_logits"], batch["teacher_features"]
             else:
-                teacher_logits, teacher_features = teacher_model.apply(state.teacher, batch["x"], train=False)
+                teacher_logits, teacher_features = teacher_model.apply(
+                    state.teacher, x[..., teacher_index], train=False
+                )
             teacher_logits = jax.lax.stop_gradient(teacher_logits)
             teacher_features = jax.lax.stop_gradient(teacher_features)
 
@@ -291,13 +395,16 @@ def make_update_fn(
             bank = state.memory_bank
             if loss_spec.uses_mkd:
                 terms["mkd"] = losses.mkd_loss(
-                    student_logits=logits, teacher_logits=teacher_logits, temperature=loss_spec.temperature
+                    student_logits=logits,
+                    teacher_logits=teacher_logits,
+                    temperature=loss_spec.temperature,
+                    class_weights=mkd_class_weights,
                 )
                 total = total + loss_spec.alpha * terms["mkd"]
             if loss_spec.uses_clt:
                 student_embed = gather(head.apply({"params": params["heads"]["student"]}, features))
                 teacher_embed = gather(head.apply({"params": params["heads"]["teacher"]}, teacher_features))
-                clt_labels = gather(labels)
+                clt_labels = gather(mask_labels)
                 if loss_spec.clt_variant == "in_batch":
                     terms["clt"] = losses.in_batch_clt_loss(
                         student_embed=student_embed,
@@ -361,6 +468,9 @@ def build_training(
     teacher: tuple[nn.Module, Any] | None = None,
     optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None,
     donate: bool = True,
+    teacher_leads: list[str] | None = None,
+    label_names: list[str] | None = None,
+    sampling_rate: int = 100,
 ) -> Training:
     """The one place a train state and its jitted step are made from a config.
 
@@ -368,6 +478,9 @@ def build_training(
     ``train_labels``: the train split's multi-hot labels (the CLT memory bank keeps them).
     ``optimizer``: ``(tx, schedule)`` instead of the config's (tests use plain SGD).
     ``donate``: donate the state to the step (off when a test reuses a state).
+    ``teacher_leads``: the teacher's leads (default all 12; fewer for a teacher assistant).
+    ``label_names``: needed for ``config.mkd_class_weights``; ``sampling_rate`` for the
+    baseline-wander augmentation.
     """
     loss_spec = LossSpec.from_config(config)
     if loss_spec.needs_teacher and teacher is None:
@@ -377,9 +490,10 @@ def build_training(
     head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
     tx, schedule = optimizer or make_optimizer(config.train, total_steps)
     teacher_model, teacher_variables = teacher if loss_spec.needs_teacher else (None, None)
+    teacher_index = data_lib.lead_indices(teacher_leads or list(data_lib.LEADS))
     teacher_feature_dim = None
     if teacher_model is not None:
-        sample12 = jnp.zeros((1, crop_length, len(data_lib.LEADS)), jnp.float32)
+        sample12 = jnp.zeros((1, crop_length, len(teacher_index)), jnp.float32)
         teacher_feature_dim = jax.eval_shape(
             lambda v: teacher_model.apply(v, sample12, train=False), teacher_variables
         )[1].shape[-1]
@@ -403,6 +517,9 @@ def build_training(
         loss_spec=loss_spec,
         student_leads=student_leads,
         replicated=parallel.replicated,
+        teacher_leads=teacher_index,
+        augment=Augmentation.from_config(config, sampling_rate),
+        mkd_class_weights=mkd_class_weights(config, label_names or [], num_classes),
     )
     return Training(
         model=model,
@@ -462,8 +579,11 @@ def _teacher_for(
             f"teacher in {config.teacher_workdir} was trained on labels {info['label_names']}, "
             f"these shards have {list(label_names)}"
         )
-    if info["leads"] != list(data_lib.LEADS):
-        raise ValueError(f"teacher in {config.teacher_workdir} sees leads {info['leads']}, not all 12")
+    student = set(parse_leads(config.student.leads))
+    if not student <= set(info["leads"]):
+        # A teacher (or a teacher assistant on fewer leads, e.g. I, II, V2) sees what the student sees.
+        raise ValueError(f"teacher in {config.teacher_workdir} sees leads {info['leads']}: a teacher needs all "
+                         f"of the student's leads {sorted(student)}")
     return model, variables, info, meta
 
 
@@ -488,13 +608,16 @@ def teacher_cache(
     *,
     batch_size: int,
     parallel: parallel_lib.Parallelism,
+    teacher_leads: list[int] | None = None,
 ) -> TeacherCache:
-    """Teacher outputs of every crop ``loader`` can draw (its grid, or its fixed crops)."""
+    """Teacher outputs of every crop ``loader`` can draw (its grid, or its fixed crops);
+    ``teacher_leads``: positions of the teacher's leads in the 12-lead crop (default all)."""
+    teacher_leads = list(range(len(data_lib.LEADS))) if teacher_leads is None else teacher_leads
     if loader.random_crop:
         indices, starts = loader.grid_crops()
     else:
         indices, starts = loader.fixed_crops()
-    forward = inference.make_forward_fn(teacher_model, list(range(len(data_lib.LEADS))), parallel)
+    forward = inference.make_forward_fn(teacher_model, teacher_leads, parallel)
     logits, features = inference.predict_windows(
         forward,
         teacher_variables,
@@ -656,6 +779,10 @@ def _train(
             teacher_meta.get("val_macro_auc"),
         )
 
+    augment = Augmentation.from_config(config, train_split.sampling_rate)
+    if config.teacher_cache and loss_spec.needs_teacher and augment.changes_teacher_input:
+        raise ValueError("config.augment changes the teacher's input every step: precomputed teacher outputs "
+                         "cannot follow it; set --config.teacher_cache=False (function matching runs the teacher online)")
     init_rng, rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     training = build_training(
         config,
@@ -666,6 +793,9 @@ def _train(
         rng=init_rng,
         train_labels=train_split.y,
         teacher=teacher,
+        teacher_leads=teacher_info["leads"] if teacher is not None else None,
+        label_names=label_names,
+        sampling_rate=train_split.sampling_rate,
     )
     state, rng = training.state, parallel.replicate(rng)
 
@@ -699,7 +829,8 @@ def _train(
 
     cache = None
     if config.teacher_cache and loss_spec.needs_teacher:
-        cache = teacher_cache(*teacher, loader, batch_size=batch_size, parallel=parallel)
+        cache = teacher_cache(*teacher, loader, batch_size=batch_size, parallel=parallel,
+                              teacher_leads=data_lib.lead_indices(teacher_info["leads"]))
 
     def produce(step):
         batch = loader.batch_at(step)

@@ -52,10 +52,22 @@ def test_bad_reduction_raises():
 # ----------------------------------------------------------------------------- MKD
 
 
-def _mkd_np(student, teacher, temperature):
+def _mkd_np(student, teacher, temperature, class_weights=None):
     p_s, p_t = _sigmoid(student / temperature), _sigmoid(teacher / temperature)
     kl = p_t * np.log(p_t / p_s) + (1 - p_t) * np.log((1 - p_t) / (1 - p_s))
+    if class_weights is not None:
+        kl = kl * np.asarray(class_weights)
     return temperature**2 * kl.sum(axis=1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_mkd_class_weights_match_numpy(reduction):
+    student = np.array([[1.5, -0.5, 2.0, 0.0], [-3.0, 0.2, 0.7, 1.0]])
+    teacher = np.array([[0.5, 1.5, -2.0, 0.3], [-1.0, -0.2, 2.5, 1.0]])
+    weights = [1.0, 0.0, 0.5, 2.0]
+    got = losses.mkd_loss(student_logits=jnp.asarray(student, jnp.float32), teacher_logits=jnp.asarray(teacher, jnp.float32),
+                          temperature=2.0, class_weights=jnp.asarray(weights), reduction=reduction)
+    np.testing.assert_allclose(got, _reduce_np(_mkd_np(student, teacher, 2.0, weights), reduction), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])

@@ -44,6 +44,18 @@ def get_config(arg=None):
     config.mkd_temperature = 1.0
     config.kd_temperature = 4.0
 
+    config.mkd_class_weights = ""  # "CD:1,HYP:0": per-class MKD weights (unlisted classes 1)
+
+    # Transforms of the 12-lead crop inside the step, identical for teacher and student
+    # (function matching; needs the online teacher), and lead dropout for teachers.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.mixup_alpha = 0.0  # > 0: mixup between records, weight ~ Beta(a, a)
+    config.augment.amplitude_scale_std = 0.0  # gain exp(N(0, s)) per record and lead
+    config.augment.noise_std = 0.0  # Gaussian noise, standardised units
+    config.augment.baseline_wander = 0.0  # amplitude of a random 0.05-0.5 Hz sinusoid
+    config.augment.lead_dropout = 0.0  # probability of zeroing each lead not in lead_dropout_keep
+    config.augment.lead_dropout_keep = ""  # leads never dropped, e.g. "I" (the student's)
+
     config.clt = ml_collections.ConfigDict()
     config.clt.variant = "memory_bank"  # memory_bank (CRD, paper) | in_batch (global-batch InfoNCE)
     config.clt.dim = 128

@@ -1,0 +1,112 @@
+"""Transfer recipes as config options, on the embedded PTB-XL sample: function matching
+(augmentations identical for teacher and student), lead-dropout teachers, teacher
+assistants on fewer leads, per-class distillation weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import student as student_config
+from experiments.configs import teacher as teacher_config
+from helpers import tiny
+from mvkt import data as data_lib
+from mvkt import input_pipeline, losses, run_dir, train
+from mvkt import parallel as parallel_lib
+
+
+@pytest.fixture(scope="module")
+def teacher(ptbxl_sample_shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("recipes") / "teacher"
+    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"train.epochs": 1}),
+                             workdir, progress=False)
+    return workdir
+
+
+def test_augmentations_do_what_they_say():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 250, 12))
+    y = jnp.asarray(np.eye(5)[np.arange(8) % 5], jnp.float32)
+    assert not train.Augmentation().active
+    dropped, _, _ = train.Augmentation(lead_dropout=1.0, keep_leads=(0,))(jax.random.PRNGKey(1), x, y)
+    np.testing.assert_array_equal(dropped[..., 0], x[..., 0])
+    assert float(jnp.abs(dropped[..., 1:]).max()) == 0.0
+    mixed_x, mixed_y, mask_y = train.Augmentation(mixup_alpha=0.4)(jax.random.PRNGKey(2), x, y)
+    np.testing.assert_allclose(mixed_y.sum(1), 1.0, rtol=1e-6)  # convex combinations of one-hot rows
+    assert set(np.unique(np.asarray(mask_y))) <= {0.0, 1.0}  # the dominant record's labels
+    assert not np.allclose(mixed_x, x)
+    for kwargs in ({"amplitude_scale_std": 0.1}, {"noise_std": 0.05}, {"baseline_wander": 0.2}):
+        out, out_y, _ = train.Augmentation(**kwargs)(jax.random.PRNGKey(3), x, y)
+        assert out.shape == x.shape and np.isfinite(out).all() and not np.allclose(out, x)
+        np.testing.assert_array_equal(out_y, y)
+
+
+def test_function_matching_feeds_the_teacher_the_students_augmented_input(ptbxl_sample_shards, teacher):
+    """The step's MKD term equals MKD between the student and the teacher on the same
+    augmented crop (recomputed outside the step from the same random streams)."""
+    parallel = parallel_lib.make_parallelism()
+    teacher_model, teacher_vars, _, _, _ = run_dir.load_trained_model(teacher, parallel=parallel)
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, method="mkd",
+                  **{"augment.mixup_alpha": 0.4, "augment.noise_std": 0.05, "augment.amplitude_scale_std": 0.1})
+    split = data_lib.open_split(ptbxl_sample_shards, "train")
+    training = train.build_training(config, num_classes=split.num_classes, crop_length=250, total_steps=10,
+                                    parallel=parallel, rng=jax.random.PRNGKey(0), train_labels=split.y,
+                                    teacher=(teacher_model, teacher_vars), donate=False,
+                                    label_names=split.label_names)
+    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250, random_crop=True, seed=0)
+    batch = loader.batch_at(0)
+    rng = jax.random.PRNGKey(5)
+    _, metrics = training.update(training.state, parallel.to_global(batch), rng)
+
+    step_rng = jax.random.fold_in(rng, 0)
+    augment = train.Augmentation.from_config(config, 100)
+    x, _, _ = augment(jax.random.fold_in(step_rng, 0xA06), jnp.asarray(batch["x"]), jnp.asarray(batch["y"]))
+    state = training.state
+    student_logits = training.model.apply(
+        {"params": state.params["model"], "batch_stats": state.batch_stats}, x[..., :1], train=True,
+        rngs={"dropout": jax.random.split(step_rng)[0]}, mutable=["batch_stats"])[0][0]
+    teacher_logits = teacher_model.apply(teacher_vars, x, train=False)[0]
+    expected = losses.mkd_loss(student_logits=student_logits, teacher_logits=teacher_logits)
+    np.testing.assert_allclose(float(metrics["loss_mkd"]), float(expected), rtol=1e-4)
+
+
+def test_lead_dropout_teacher_and_a_teacher_assistant_train(ptbxl_sample_shards, teacher, tmp_path):
+    dropout_teacher = tmp_path / "dropout_teacher"
+    config = tiny(teacher_config.get_config(), ptbxl_sample_shards,
+                  **{"train.epochs": 1, "augment.lead_dropout": 0.5, "augment.lead_dropout_keep": "I"})
+    assert train.train_and_evaluate(config, dropout_teacher, progress=False)["finished"]
+
+    assistant = tmp_path / "assistant"  # I, II, V2: between the 12-lead teacher and a lead-I student
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher),
+                  **{"train.epochs": 1, "student.leads": "I,II,V2"})
+    assert train.train_and_evaluate(config, assistant, progress=False)["finished"]
+    student = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(assistant),
+                   **{"train.epochs": 1})
+    assert train.train_and_evaluate(student, tmp_path / "student", progress=False)["finished"]
+    wrong = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(assistant),
+                 **{"train.epochs": 1, "student.leads": "V1"})
+    with pytest.raises(ValueError, match=r"a teacher needs all of the student's leads \['V1'\]"):
+        train.train_and_evaluate(wrong, tmp_path / "wrong", progress=False)
+
+
+def test_per_class_distillation_weights(ptbxl_sample_shards, teacher, tmp_path):
+    split = data_lib.open_split(ptbxl_sample_shards, "train")
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, method="mkd")
+    config.mkd_class_weights = "CD:0,HYP:0.5"
+    np.testing.assert_array_equal(train.mkd_class_weights(config, split.label_names, 5), [0, 0.5, 1, 1, 1])
+    config.mkd_class_weights = ",".join(f"{name}:0" for name in split.label_names)
+    config.teacher_workdir = str(teacher)
+    config.train.epochs = 1
+    train.train_and_evaluate(config, tmp_path / "s", progress=False)
+    assert all(r["loss_mkd"] == 0 for r in run_dir.metric_rows(tmp_path / "s") if "loss_mkd" in r)
+    config.mkd_class_weights = "AFIB:0"
+    with pytest.raises(ValueError, match="names 'AFIB', not one of the labels"):
+        train.mkd_class_weights(config, split.label_names, 5)
+
+
+def test_a_cached_teacher_cannot_follow_augmented_inputs(ptbxl_sample_shards, teacher, tmp_path):
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher), teacher_cache=True,
+                  **{"data.random_crop": False, "augment.mixup_alpha": 0.4})
+    with pytest.raises(ValueError, match="precomputed teacher outputs cannot follow it"):
+        train.train_and_evaluate(config, tmp_path / "s", progress=False)
