@@ -210,36 +210,40 @@ def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path
     return path
 
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/crossval", "study folder (data, runs, oof, report)")
-_PTBXL_DIR = flags.DEFINE_string("ptbxl_dir", str(study.SAMPLE_PTBXL), "PTB-XL folder to prepare")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "existing shards (skips data preparation)")
-_TASK = flags.DEFINE_string("task", "superdiagnostic", "PTB-XL task when preparing data")
-_LEADS = flags.DEFINE_string("leads", "I", "student leads")
-_METHODS = flags.DEFINE_list("methods", ["bce", "mvkt"], f"students, from {list(study.TRANSFER_METHODS)} (bce required)")
-_SEEDS = flags.DEFINE_string("seeds", "0", "comma-separated seeds")
-_ROUNDS = flags.DEFINE_string("rounds", "", "comma-separated rounds (0-based; default all)")
-_EPOCHS = flags.DEFINE_integer("epochs", 20, "epochs for every run")
-_ARCH = flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
-_WIDTH = flags.DEFINE_float("width_mult", 1.0, "channel width multiplier")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "0 = 128, or 32 for tiny train splits")
-_RESAMPLES = flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program (importing never clashes)."""
+    flags.DEFINE_string("workdir", "runs/crossval", "study folder (data, runs, oof, report)")
+    flags.DEFINE_string("ptbxl_dir", str(study.SAMPLE_PTBXL), "PTB-XL folder to prepare")
+    flags.DEFINE_string("data_dir", None, "existing shards (skips data preparation)")
+    flags.DEFINE_string("task", "superdiagnostic", "PTB-XL task when preparing data")
+    flags.DEFINE_string("leads", "I", "student leads")
+    flags.DEFINE_list("methods", ["bce", "mvkt"], f"students, from {list(study.TRANSFER_METHODS)} (bce required)")
+    flags.DEFINE_string("seeds", "0", "comma-separated seeds")
+    flags.DEFINE_string("rounds", "", "comma-separated rounds (0-based; default all)")
+    flags.DEFINE_integer("epochs", 20, "epochs for every run")
+    flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
+    flags.DEFINE_float("width_mult", 1.0, "channel width multiplier")
+    flags.DEFINE_integer("batch_size", 0, "0 = 128, or 32 for tiny train splits")
+    flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
 
 
 def main(argv):
     del argv
+    f = flags.FLAGS
     with cli.exit_on_known_errors():
         cli.start()
-        workdir = pathlib.Path(_WORKDIR.value).absolute()
-        data_dir = _DATA_DIR.value or study.prepare_ptbxl(_PTBXL_DIR.value, workdir / "data", task=_TASK.value)
+        workdir = pathlib.Path(f.workdir).absolute()
+        data_dir = f.data_dir or study.prepare_ptbxl(f.ptbxl_dir, workdir / "data", task=f.task)
         path = run_crossval(
-            workdir=workdir, data_dir=data_dir, methods=_METHODS.value, seeds=study.seeds_from(_SEEDS.value),
-            rounds=study.seeds_from(_ROUNDS.value) if _ROUNDS.value else None, epochs=_EPOCHS.value,
-            arch=_ARCH.value, width_mult=_WIDTH.value, batch_size=_BATCH.value,
-            leads=",".join(train_lib.parse_leads(_LEADS.value)), n_resamples=_RESAMPLES.value,
+            workdir=workdir, data_dir=data_dir, methods=f.methods, seeds=study.seeds_from(f.seeds),
+            rounds=study.seeds_from(f.rounds) if f.rounds else None, epochs=f.epochs, arch=f.arch,
+            width_mult=f.width_mult, batch_size=f.batch_size, leads=",".join(train_lib.parse_leads(f.leads)),
+            n_resamples=f.bootstrap_resamples,
             command=" ".join(["python -m experiments.crossval", *map(shlex.quote, sys.argv[1:])]),
         )
         cli.print_report(path)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
