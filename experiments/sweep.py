@@ -80,7 +80,8 @@ def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(overrides)
     for name, value in overrides.items():
         if hyper.field_path(name) in PATH_FIELDS and isinstance(value, str) and value:
-            out[name] = str(pathlib.Path(value).absolute())
+            # teacher_workdir may list an ensemble: A,B,C
+            out[name] = ",".join(str(pathlib.Path(v.strip()).absolute()) for v in value.split(",") if v.strip())
     return out
 
 
@@ -169,8 +170,9 @@ def validate(runs: list[SweepRun]) -> None:
                 raise ValueError(f"{where}: method {config.method!r} needs a trained teacher: pass "
                                  "--config.teacher_workdir=RUN (e.g. python -m experiments.train "
                                  "--config=experiments/configs/teacher.py --workdir=RUN ...)")
-            if not run_dir.is_finished(pathlib.Path(config.teacher_workdir)):
-                raise FileNotFoundError(f"{where}: teacher {config.teacher_workdir} is not a finished run")
+            for teacher in str(config.teacher_workdir).split(","):
+                if not run_dir.is_finished(pathlib.Path(teacher.strip())):
+                    raise FileNotFoundError(f"{where}: teacher {teacher.strip()} is not a finished run")
 
 
 def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool = True,

@@ -409,3 +409,23 @@ def from_config(student_config, num_classes: int) -> nn.Module:
         width_mult=float(student_config.width_mult),
         dtype=jnp.dtype(student_config.dtype),
     )
+
+
+class Ensemble(nn.Module):
+    """Several trained nets as one teacher: the mean of their logits, and the features of the
+    first (feature spaces differ between nets, so they are not averaged). Variables are
+    ``ensemble_variables([...])``."""
+
+    members: Sequence[nn.Module]
+
+    def __call__(self, x, train: bool = False):
+        outputs = [member(x, train=train) for member in self.members]
+        return jnp.mean(jnp.stack([logits for logits, _ in outputs]), axis=0), outputs[0][1]
+
+
+def ensemble_variables(variables: Sequence[dict]) -> dict:
+    """The variables of an ``Ensemble`` from its members' variables, in member order."""
+    return {
+        collection: {f"members_{i}": v[collection] for i, v in enumerate(variables) if collection in v}
+        for collection in ("params", "batch_stats")
+    }

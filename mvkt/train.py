@@ -560,29 +560,45 @@ class _StopRequest:
 def _teacher_for(
     config: ml_collections.ConfigDict, label_names: list[str], parallel: parallel_lib.Parallelism
 ):
+    """(model, variables, info, meta) of ``config.teacher_workdir``; a comma-separated list of
+    run folders is a teacher ensemble (``models.Ensemble``: mean logits, first member's features)."""
     if not config.teacher_workdir:
         raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
-    if not run_dir.is_finished(config.teacher_workdir):
-        done, total = run_dir.trained_steps(config.teacher_workdir)
-        where = f"teacher {config.teacher_workdir} stopped at step {done}/{total}"
+    members = [_one_teacher(config, w.strip(), label_names, parallel)
+               for w in str(config.teacher_workdir).split(",") if w.strip()]
+    if len(members) == 1:
+        return members[0]
+    first_info = members[0][2]
+    for _, _, info, _ in members[1:]:
+        for key in ("leads", "folds", "crop_length"):
+            if info.get(key) != first_info.get(key):
+                raise ValueError(f"the teachers of an ensemble must share their {key}: {first_info.get(key)} "
+                                 f"and {info.get(key)} ({config.teacher_workdir})")
+    model = models.Ensemble(members=tuple(m for m, _, _, _ in members))
+    variables = parallel.replicate(models.ensemble_variables([v for _, v, _, _ in members]))
+    meta = {"step": [m["step"] for *_, m in members], "val_macro_auc": [m.get("val_macro_auc") for *_, m in members]}
+    return model, variables, first_info, meta
+
+
+def _one_teacher(config, workdir: str, label_names: list[str], parallel: parallel_lib.Parallelism):
+    if not run_dir.is_finished(workdir):
+        done, total = run_dir.trained_steps(workdir)
+        where = f"teacher {workdir} stopped at step {done}/{total}"
         if not config.allow_unfinished_teacher:
             raise ValueError(
                 f"{where}: finish it (rerun its training command) or pass "
                 "--config.allow_unfinished_teacher=true to distil from it anyway"
             )
         logging.warning("%s: distilling from it anyway (config.allow_unfinished_teacher)", where)
-    model, variables, teacher_config, info, meta = run_dir.load_trained_model(
-        config.teacher_workdir, which="best", parallel=parallel
-    )
+    model, variables, _, info, meta = run_dir.load_trained_model(workdir, which="best", parallel=parallel)
     if info["label_names"] != list(label_names):
         raise ValueError(
-            f"teacher in {config.teacher_workdir} was trained on labels {info['label_names']}, "
-            f"these shards have {list(label_names)}"
+            f"teacher in {workdir} was trained on labels {info['label_names']}, these shards have {list(label_names)}"
         )
     student = set(parse_leads(config.student.leads))
     if not student <= set(info["leads"]):
         # A teacher (or a teacher assistant on fewer leads, e.g. I, II, V2) sees what the student sees.
-        raise ValueError(f"teacher in {config.teacher_workdir} sees leads {info['leads']}: a teacher needs all "
+        raise ValueError(f"teacher in {workdir} sees leads {info['leads']}: a teacher needs all "
                          f"of the student's leads {sorted(student)}")
     return model, variables, info, meta
 

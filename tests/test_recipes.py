@@ -110,3 +110,29 @@ def test_a_cached_teacher_cannot_follow_augmented_inputs(ptbxl_sample_shards, te
                   **{"data.random_crop": False, "augment.mixup_alpha": 0.4})
     with pytest.raises(ValueError, match="precomputed teacher outputs cannot follow it"):
         train.train_and_evaluate(config, tmp_path / "s", progress=False)
+
+
+def test_a_teacher_ensemble_distils_the_mean_of_its_members(ptbxl_sample_shards, teacher, tmp_path):
+    second = tmp_path / "teacher_seed1"
+    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards, seed=1, **{"train.epochs": 1}),
+                             second, progress=False)
+    parallel = parallel_lib.make_parallelism()
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=f"{teacher},{second}")
+    model, variables, _, _ = train._teacher_for(config, data_lib.open_split(ptbxl_sample_shards, "train").label_names,
+                                                parallel)
+    x = jnp.asarray(data_lib.open_split(ptbxl_sample_shards, "val").crop(np.arange(8), 0, 250))
+    members = [run_dir.load_trained_model(w, parallel=parallel) for w in (teacher, second)]
+    logits, features = model.apply(variables, x, train=False)
+    expected = np.mean([m.apply(v, x, train=False)[0] for m, v, *_ in members], axis=0)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features, members[0][0].apply(members[0][1], x, train=False)[1], rtol=1e-5, atol=1e-6)
+    for cache in (False, True):  # online and with the grid cache
+        run = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=f"{teacher},{second}",
+                   teacher_cache=cache, teacher_cache_stride_seconds=0.25, **{"train.epochs": 1})
+        assert train.train_and_evaluate(run, tmp_path / f"student_{cache}", progress=False)["finished"]
+    assistant = tmp_path / "assistant"
+    train.train_and_evaluate(tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher),
+                                  **{"train.epochs": 1, "student.leads": "I,II"}), assistant, progress=False)
+    mixed = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=f"{teacher},{assistant}")
+    with pytest.raises(ValueError, match="the teachers of an ensemble must share their leads"):
+        train.train_and_evaluate(mixed, tmp_path / "mixed", progress=False)
