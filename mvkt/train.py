@@ -562,10 +562,7 @@ def _teacher_for(
 ):
     """(model, variables, info, meta) of ``config.teacher_workdir``; a comma-separated list of
     run folders is a teacher ensemble (``models.Ensemble``: mean logits, first member's features)."""
-    if not config.teacher_workdir:
-        raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
-    members = [_one_teacher(config, w.strip(), label_names, parallel)
-               for w in str(config.teacher_workdir).split(",") if w.strip()]
+    members = _teachers(config, label_names, parallel)
     if len(members) == 1:
         return members[0]
     first_info = members[0][2]
@@ -578,6 +575,49 @@ def _teacher_for(
     variables = parallel.replicate(models.ensemble_variables([v for _, v, _, _ in members]))
     meta = {"step": [m["step"] for *_, m in members], "val_macro_auc": [m.get("val_macro_auc") for *_, m in members]}
     return model, variables, first_info, meta
+
+
+def _teachers(config: ml_collections.ConfigDict, label_names: list[str], parallel: parallel_lib.Parallelism) -> list:
+    """[(model, variables, info, meta)] of every run folder listed in ``config.teacher_workdir``."""
+    if not config.teacher_workdir:
+        raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
+    return [_one_teacher(config, w.strip(), label_names, parallel)
+            for w in str(config.teacher_workdir).split(",") if w.strip()]
+
+
+def _check_cross_fit(members: list, folds: dict | None, config: ml_collections.ConfigDict) -> list[set[int]]:
+    """Each teacher's training folds; refuses teachers that saw this run's validation or test
+    folds, and training folds that no teacher left out (their records would have no target)."""
+    if not config.teacher_cache or len(members) < 2 or folds is None:
+        raise ValueError("config.teacher_cross_fit needs --config.teacher_cache=True, two or more teachers in "
+                         "--config.teacher_workdir, and explicit data.{train,val,test}_folds")
+    seen = []
+    for _, _, info, _ in members:
+        theirs = info.get("folds") or {}
+        if theirs.get("val") != folds["val"] or theirs.get("test") != folds["test"] or not set(
+                theirs.get("train", [])) <= set(folds["train"]):
+            raise ValueError(f"cross-fitted teacher folds {theirs} do not fit this run's {folds}: same val and test "
+                             "folds, training folds a part of this run's")
+        seen.append(set(theirs["train"]))
+    uncovered = sorted(f for f in folds["train"] if all(f in s for s in seen))
+    if uncovered:
+        raise ValueError(f"every teacher saw fold(s) {uncovered}: their records have no cross-fitted target")
+    return seen
+
+
+def cross_fitted_cache(members: list, seen: list[set[int]], loader: input_pipeline.TrainBatches, *, batch_size: int,
+                       parallel: parallel_lib.Parallelism, teacher_leads: list[int]) -> TeacherCache:
+    """Per record, the mean logits of the teachers that never trained on its fold, and the
+    features of the first of them (cross-fitting: no target comes from a teacher that saw
+    the record)."""
+    caches = [teacher_cache(m, v, loader, batch_size=batch_size, parallel=parallel, teacher_leads=teacher_leads)
+              for m, v, _, _ in members]
+    folds = np.asarray(loader.split.folds)
+    eligible = np.stack([~np.isin(folds, sorted(s)) for s in seen], axis=1).astype(np.float32)  # (N, K)
+    logits = np.einsum("nk,kngc->ngc", eligible, np.stack([c.logits for c in caches])) / eligible.sum(1)[:, None, None]
+    first = eligible.argmax(axis=1)
+    features = np.stack([c.features for c in caches])[first, np.arange(len(folds))]
+    return TeacherCache(logits.astype(caches[0].logits.dtype), features, caches[0].grid)
 
 
 def _one_teacher(config, workdir: str, label_names: list[str], parallel: parallel_lib.Parallelism):
@@ -777,7 +817,13 @@ def _train(
     run_dir.write_config_and_info(workdir, config, info)
 
     teacher = None
-    if loss_spec.needs_teacher:
+    cross_fit = None  # (members, folds each saw) with config.teacher_cross_fit
+    if loss_spec.needs_teacher and config.get("teacher_cross_fit"):
+        members = _teachers(config, label_names, parallel)
+        cross_fit = (members, _check_cross_fit(members, folds, config))
+        teacher_model, teacher_variables, teacher_info, teacher_meta = members[0]  # for shapes only
+        teacher = (teacher_model, teacher_variables)
+    elif loss_spec.needs_teacher:
         teacher_model, teacher_variables, teacher_info, teacher_meta = _teacher_for(
             config, label_names, parallel
         )
@@ -845,8 +891,12 @@ def _train(
 
     cache = None
     if config.teacher_cache and loss_spec.needs_teacher:
-        cache = teacher_cache(*teacher, loader, batch_size=batch_size, parallel=parallel,
-                              teacher_leads=data_lib.lead_indices(teacher_info["leads"]))
+        if cross_fit is not None:
+            cache = cross_fitted_cache(*cross_fit, loader, batch_size=batch_size, parallel=parallel,
+                                       teacher_leads=data_lib.lead_indices(teacher_info["leads"]))
+        else:
+            cache = teacher_cache(*teacher, loader, batch_size=batch_size, parallel=parallel,
+                                  teacher_leads=data_lib.lead_indices(teacher_info["leads"]))
 
     def produce(step):
         batch = loader.batch_at(step)

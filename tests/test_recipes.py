@@ -136,3 +136,44 @@ def test_a_teacher_ensemble_distils_the_mean_of_its_members(ptbxl_sample_shards,
     mixed = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=f"{teacher},{assistant}")
     with pytest.raises(ValueError, match="the teachers of an ensemble must share their leads"):
         train.train_and_evaluate(mixed, tmp_path / "mixed", progress=False)
+
+
+def test_cross_fitted_targets_come_from_the_teacher_that_never_saw_the_record(ptbxl_sample_shards, tmp_path):
+    def with_folds(config, train_folds):
+        config.data.train_folds, config.data.val_folds, config.data.test_folds = train_folds, "9", "10"
+        return config
+
+    halves = {"a": "1,2,3,4", "b": "5,6,7,8"}
+    teachers = {}
+    for name, part in halves.items():
+        teachers[name] = tmp_path / f"teacher_{name}"
+        train.train_and_evaluate(with_folds(tiny(teacher_config.get_config(), ptbxl_sample_shards,
+                                                 **{"train.epochs": 1, "train.batch_size": 16}), part),
+                                 teachers[name], progress=False)
+    config = with_folds(tiny(student_config.get_config(), ptbxl_sample_shards, **{"train.epochs": 1}),
+                        "1,2,3,4,5,6,7,8")
+    config.teacher_workdir = f"{teachers['a']},{teachers['b']}"
+    config.teacher_cross_fit = True
+    with pytest.raises(ValueError, match="teacher_cross_fit needs --config.teacher_cache=True"):
+        train.train_and_evaluate(config, tmp_path / "no_cache", progress=False)
+    config.teacher_cache, config.teacher_cache_stride_seconds = True, 0.25
+
+    parallel = parallel_lib.make_parallelism()
+    folds = train.fold_splits(config.data)
+    split = data_lib.open_split(ptbxl_sample_shards, "train", folds)
+    members = train._teachers(config, split.label_names, parallel)
+    seen = train._check_cross_fit(members, folds, config)
+    loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250, random_crop=True, seed=0,
+                                         crop_grid=25)
+    cache = train.cross_fitted_cache(members, seen, loader, batch_size=64, parallel=parallel,
+                                     teacher_leads=list(range(12)))
+    single = [train.teacher_cache(m, v, loader, batch_size=64, parallel=parallel) for m, v, _, _ in members]
+    for i, fold in enumerate(split.folds):
+        other = single[1] if fold <= 4 else single[0]  # the teacher trained on the other half
+        np.testing.assert_allclose(cache.logits[i], other.logits[i], rtol=1e-6)
+        np.testing.assert_allclose(cache.features[i], other.features[i], rtol=1e-6)
+    assert train.train_and_evaluate(config, tmp_path / "student", progress=False)["finished"]
+
+    config.teacher_workdir = f"{teachers['a']},{teachers['a']}"
+    with pytest.raises(ValueError, match=r"every teacher saw fold\(s\) \[1, 2, 3, 4\]"):
+        train.train_and_evaluate(config, tmp_path / "uncovered", progress=False)

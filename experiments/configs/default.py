@@ -18,6 +18,9 @@ def get_config(arg=None):
     # crop starts every teacher_cache_stride_seconds (e.g. 0.25), from which random crops are drawn.
     config.teacher_cache = False
     config.teacher_cache_stride_seconds = 0.0
+    # Cross-fitted targets: teacher_workdir lists teachers trained on parts of this run's
+    # training folds; each record's targets come from the teachers that never saw its fold.
+    config.teacher_cross_fit = False
     config.allow_unfinished_teacher = False  # distil from a teacher that stopped early (warned)
 
     config.data = ml_collections.ConfigDict()
