@@ -89,7 +89,7 @@ def _round_auc(workdir: pathlib.Path, n_resamples: int) -> tuple[float, float, f
     positives and negatives in that fold (tiny folds)."""
     scores = evaluate_lib.load_scores(workdir, "test")
     y = scores["y"]
-    if not ((y.sum(0) > 0) & (y.sum(0) < len(y))).any():
+    if not metrics_lib.valid_class_mask(y_true=y).any():
         return None
     ci = metrics_lib.bootstrap_ci(y_true=y, y_score=scores["scores"], metric_fn=metrics_lib.macro_auc,
                                   n_resamples=n_resamples)

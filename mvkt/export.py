@@ -217,7 +217,8 @@ class _Converter:
                 names.append(x.name)
             else:
                 names.append(self.to_layout(x, like))
-        return _Tensor(self.node(op, names), out_shape, _stored_perm(len(out_shape)) if len(out_shape) == len(like.shape) else like.perm)
+        # Constants never outrank their tensor (to_layout refuses), so the result keeps its layout.
+        return _Tensor(self.node(op, names), out_shape, like.perm)
 
     def _add(self, inputs, params, out_shape):
         return self._binary("Add", inputs, out_shape)

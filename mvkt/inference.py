@@ -133,10 +133,11 @@ class Preprocessing:
             manifest = data_lib.load_manifest(info["data_dir"])
             prep = run_dir.preprocessing_of(manifest)
         window = int(info["crop_length"])
-        infer = info.get("inference") or {
-            "stride": max(int(window * run_dir.load_config(workdir).data.eval_stride_fraction), 1),
-            "aggregate": run_dir.load_config(workdir).eval.aggregate,
-        }
+        infer = info.get("inference")
+        if infer is None:  # likewise: the run config's evaluation settings
+            config = run_dir.load_config(workdir)
+            infer = {"stride": max(int(window * config.data.eval_stride_fraction), 1),
+                     "aggregate": config.eval.aggregate}
         stats = prep["standardization"]
         return cls(
             leads=list(info["leads"]),

@@ -71,10 +71,17 @@ class TrainBatches:
         crop_rng = np.random.default_rng([self.seed, epoch, position, 1])
         return indices, self.crop_starts(indices, crop_rng)
 
+    def host_crops(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This host's rows of ``indices_at(step)``: record indices and crop starts."""
+        indices, starts = self.indices_at(step)
+        return indices[self.host_rows], starts[self.host_rows]
+
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This host's rows of the global batch at ``step``."""
-        indices, starts = self.indices_at(step)
-        indices, starts = indices[self.host_rows], starts[self.host_rows]
+        return self.batch_of(*self.host_crops(step))
+
+    def batch_of(self, indices: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of these records and crop starts (``host_crops``)."""
         return {
             "x": self.split.crop(indices, starts, self.crop_length),
             "y": self.split.y[indices].astype(np.float32),

@@ -278,10 +278,6 @@ class Augmentation:
         return any((self.mixup_alpha, self.amplitude_scale_std, self.noise_std, self.baseline_wander,
                     self.lead_dropout))
 
-    @property
-    def changes_teacher_input(self) -> bool:
-        return self.active
-
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, sampling_rate: int) -> "Augmentation":
         aug = config.get("augment") or {}
@@ -489,6 +485,10 @@ def build_training(
     model = models.from_config(config.student, num_classes)
     head = models.ProjectionHead(dim=loss_spec.clt_dim) if loss_spec.uses_clt else None
     tx, schedule = optimizer or make_optimizer(config.train, total_steps)
+    augment = Augmentation.from_config(config, sampling_rate)
+    if config.get("teacher_cache") and loss_spec.needs_teacher and augment.active:
+        raise ValueError("config.augment changes the teacher's input every step: precomputed teacher outputs "
+                         "cannot follow it; set --config.teacher_cache=False (function matching runs the teacher online)")
     teacher_model, teacher_variables = teacher if loss_spec.needs_teacher else (None, None)
     teacher_index = data_lib.lead_indices(teacher_leads or list(data_lib.LEADS))
     teacher_feature_dim = None
@@ -518,7 +518,7 @@ def build_training(
         student_leads=student_leads,
         replicated=parallel.replicated,
         teacher_leads=teacher_index,
-        augment=Augmentation.from_config(config, sampling_rate),
+        augment=augment,
         mkd_class_weights=mkd_class_weights(config, label_names or [], num_classes),
     )
     return Training(
@@ -841,10 +841,6 @@ def _train(
             teacher_meta.get("val_macro_auc"),
         )
 
-    augment = Augmentation.from_config(config, train_split.sampling_rate)
-    if config.teacher_cache and loss_spec.needs_teacher and augment.changes_teacher_input:
-        raise ValueError("config.augment changes the teacher's input every step: precomputed teacher outputs "
-                         "cannot follow it; set --config.teacher_cache=False (function matching runs the teacher online)")
     init_rng, rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     training = build_training(
         config,
@@ -899,10 +895,10 @@ def _train(
                                   teacher_leads=data_lib.lead_indices(teacher_info["leads"]))
 
     def produce(step):
-        batch = loader.batch_at(step)
+        indices, starts = loader.host_crops(step)
+        batch = loader.batch_of(indices, starts)
         if cache is not None:
-            indices, starts = loader.indices_at(step)
-            batch.update(cache.lookup(indices[loader.host_rows], starts[loader.host_rows]))
+            batch.update(cache.lookup(indices, starts))
         return parallel.to_global(batch)
 
     update = training.update
@@ -923,7 +919,7 @@ def _train(
             parallel=parallel,
             aggregate=config.eval.aggregate,
         )
-        if not ((val_split.y.sum(0) > 0) & (val_split.y.sum(0) < len(val_split))).any():
+        if not metrics_lib.valid_class_mask(y_true=val_split.y).any():
             return None
         return metrics_lib.macro_auc(y_true=val_split.y, y_score=scores)
 
