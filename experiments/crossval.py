@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import datetime
 import pathlib
-import shlex
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -56,8 +54,19 @@ def shard_folds(data_dir: str | pathlib.Path) -> list[int]:
 def run_crossval(*, workdir: str | pathlib.Path, data_dir: str | pathlib.Path, methods: Sequence[str],
                  seeds: Sequence[int], rounds: Sequence[int] | None, epochs: int, arch: str = "resnet1d_wang",
                  width_mult: float = 1.0, batch_size: int = 0, leads: str = "I", n_resamples: int = 1000,
-                 command: str = "", progress: bool = True) -> pathlib.Path:
-    """Trains and evaluates what is missing, then writes the pooled results; returns report.md."""
+                 split: str = "test", overrides: dict | None = None, teacher_dir: str | None = None,
+                 command: str = "experiments.crossval.run_crossval", progress: bool = True) -> pathlib.Path:
+    """Trains and evaluates what is missing, then writes the pooled results; returns the report.
+
+    ``split="val"`` is the pilot mode: every run is scored on its round's validation fold
+    only and the pooled validation results go to ``crossval_val.json`` / ``report_val.md``
+    (the test folds are never scored), so recipes can be chosen without seeing a test fold.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be test or val, not {split!r}")
+    if teacher_dir:
+        raise ValueError("--teacher_dir cannot be used in cross-validation: every round trains its own teacher "
+                         "on that round's training folds")
     methods = list(methods)
     study.check_methods(methods)
     study_dir = pathlib.Path(workdir).absolute()
@@ -74,20 +83,23 @@ def run_crossval(*, workdir: str | pathlib.Path, data_dir: str | pathlib.Path, m
         runs[seed] = {}
         for r in rounds:
             base = study.base_config(data_dir=pathlib.Path(data_dir).absolute(), arch=arch, epochs=epochs,
-                                     batch_size=batch_size, seed=seed, width_mult=width_mult)
-            split = round_folds(folds, r)
+                                     batch_size=batch_size, seed=seed, width_mult=width_mult, overrides=overrides)
+            round_split = round_folds(folds, r)
             base.data.train_folds, base.data.val_folds, base.data.test_folds = (
-                ",".join(map(str, split[name])) for name in data_lib.SPLITS)
+                ",".join(map(str, round_split[name])) for name in data_lib.SPLITS)
+            base.lock()
             runs[seed][r] = study.train_group(base, study_dir, leads=leads, methods=methods, metrics=False,
-                                              n_resamples=n_resamples, prefix=f"round{r}/", progress=progress)
-    return distributed.on_chief(write_results, study_dir, data_dir=data_dir, runs=runs, methods=methods, folds=folds, rounds=rounds,
-                                leads=leads, n_resamples=n_resamples, command=command)
+                                              n_resamples=n_resamples, prefix=f"round{r}/", progress=progress,
+                                              split=split)
+    return distributed.on_chief(write_results, study_dir, data_dir=data_dir, runs=runs, methods=methods,
+                                folds=folds, rounds=rounds, leads=leads, n_resamples=n_resamples, split=split,
+                                command=command)
 
 
-def _round_auc(workdir: pathlib.Path, n_resamples: int) -> tuple[float, float, float] | None:
-    """(macro-AUC, CI low, CI high) of one round's test fold; None where no class has both
+def _round_auc(workdir: pathlib.Path, n_resamples: int, split: str) -> tuple[float, float, float] | None:
+    """(macro-AUC, CI low, CI high) of one round's ``split`` fold; None where no class has both
     positives and negatives in that fold (tiny folds)."""
-    scores = evaluate_lib.load_scores(workdir, "test")
+    scores = evaluate_lib.load_scores(workdir, split)
     y = scores["y"]
     if not metrics_lib.valid_class_mask(y_true=y).any():
         return None
@@ -96,10 +108,10 @@ def _round_auc(workdir: pathlib.Path, n_resamples: int) -> tuple[float, float, f
     return ci.point, ci.lower, ci.upper
 
 
-def _pool(run_dirs: list[pathlib.Path], out: pathlib.Path) -> int:
-    """Concatenates the test scores of one method's rounds (sorted by record id) into
+def _pool(run_dirs: list[pathlib.Path], out: pathlib.Path, split: str) -> int:
+    """Concatenates the ``split`` scores of one method's rounds (sorted by record id) into
     ``out/scores_oof.npz``; returns the number of records."""
-    loaded = [evaluate_lib.load_scores(d, "test") for d in run_dirs]
+    loaded = [evaluate_lib.load_scores(d, split) for d in run_dirs]
     ids = np.concatenate([s["record_ids"] for s in loaded])
     if len(set(ids.tolist())) != len(ids):
         raise ValueError(f"a record is scored in two rounds of {run_dirs[0].parent}: the folds overlap")
@@ -113,11 +125,15 @@ def _pool(run_dirs: list[pathlib.Path], out: pathlib.Path) -> int:
 
 
 def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs: dict, methods: list[str],
-                  folds: list[int], rounds: list[int], leads: str, n_resamples: int, command: str) -> pathlib.Path:
+                  folds: list[int], rounds: list[int], leads: str, n_resamples: int, command: str,
+                  split: str = "test") -> pathlib.Path:
     seeds = list(runs)
-    groups = ["teacher", *methods]
-    oof = {g: [study_dir / "oof" / f"{g}_seed{s}" for s in seeds] for g in groups}
-    counts = {g: [_pool([runs[s][r][g] for r in rounds], d) for s, d in zip(seeds, oof[g])] for g in groups}
+    # Teachers (the 12-lead one, then any variant a recipe trained), then the students.
+    groups = [g for g in runs[seeds[0]][rounds[0]] if g not in methods] + list(methods)
+    suffix = "" if split == "test" else f"_{split}"
+    oof = {g: [study_dir / f"oof{suffix}" / f"{g}_seed{s}" for s in seeds] for g in groups}
+    counts = {g: [_pool([runs[s][r][g] for r in rounds], d, split) for s, d in zip(seeds, oof[g])]
+              for g in groups}
     manifest = data_lib.load_manifest(data_dir)
     total = sum(int(manifest["splits"][s]["num_records"]) for s in data_lib.SPLITS)
     results = {}
@@ -125,8 +141,9 @@ def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs
         summary = study.method_summary(oof[g], n_resamples=n_resamples, split=OOF_SPLIT)
         per_round = {}
         for r in rounds:
-            cis = [_round_auc(runs[s][r][g], n_resamples) for s in seeds]
+            cis = [_round_auc(runs[s][r][g], n_resamples, split) for s in seeds]
             per_round[str(r)] = {"test_fold": round_folds(folds, r)["test"][0],
+                                 "scored_fold": round_folds(folds, r)[split][0],
                                  "macro_auc_per_seed": [c and c[0] for c in cis],
                                  "ci_per_seed": [c and [c[1], c[2]] for c in cis]}
         results[g] = {
@@ -153,30 +170,40 @@ def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs
         "leads": leads,
         "num_records_in_shards": total,
         "all_rounds": len(rounds) == len(folds),
+        "split": split,
         "methods": results,
-        "selection": "checkpoints on each round's validation fold; test folds only reported",
+        "selection": ("checkpoints on each round's validation fold; test folds only reported" if split == "test"
+                      else "pilot: checkpoints and these scores both on the validation folds (optimistic for "
+                           "every method alike); test folds not scored"),
     }
-    study.write_json(study_dir / "crossval.json", out)
-    return _write_report(study_dir, out, first_run=runs[seeds[0]][rounds[0]]["bce"])
+    study.write_json(study_dir / f"crossval{suffix}.json", out)
+    return _write_report(study_dir, out, first_run=runs[seeds[0]][rounds[0]]["bce"], suffix=suffix)
 
 
-def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path) -> pathlib.Path:
+def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path, suffix: str) -> pathlib.Path:
     results, groups = out["methods"], list(out["methods"])
+    out_methods = [g for g in groups if "share_of_teacher_gap_closed" in results[g] or g == "bce"]
+    fold_kind = "validation" if out["split"] == "val" else "test"
     png = plots.plot_ablation(
-        study_dir / "plots" / "crossval.png", methods=groups,
+        study_dir / "plots" / f"crossval{suffix}.png", methods=groups,
         aucs=[results[g]["pooled_macro_auc"] for g in groups], cis=[results[g]["pooled_ci"] for g in groups],
-        reference="bce", xlabel="Pooled out-of-fold macro-AUC (95% bootstrap CI)",
-        title=f"Cross-validation: {len(out['rounds'])} round(s), {len(out['seeds'])} seed(s), leads {out['leads']}",
+        reference="bce", xlabel=f"Pooled {fold_kind}-fold macro-AUC (95% bootstrap CI)",
+        title=(f"Cross-validation{' pilot' if suffix else ''}: {len(out['rounds'])} round(s), "
+               f"{len(out['seeds'])} seed(s), leads {out['leads']}"),
     )
     data_text, _ = report_lib.data_section(first_run)
     lines = [
-        f"# Cross-validation ({len(out['rounds'])} of {len(out['folds'])} rounds, seeds {out['seeds']})", "",
+        f"# Cross-validation{' pilot on the validation folds' if suffix else ''} "
+        f"({len(out['rounds'])} of {len(out['folds'])} rounds, seeds {out['seeds']})", "",
         f"Generated {out['created']} by:", "", f"```\n{out['command']}\n```", "", "## Data", data_text, "",
         "Round r tests fold r+1 of the folds below, validates on the next fold, trains on the rest "
         "(standardisation re-fitted on the training folds). Checkpoints and thresholds come from "
-        "each round's validation fold; the test folds are only reported.", "",
+        "each round's validation fold; " + ("the test folds are only reported." if not suffix else
+        "this pilot scores the validation folds too (optimistic for every method alike) and never "
+        "the test folds."), "",
         f"- folds: {out['folds']}; rounds run: {out['rounds']}"
-        + ("" if out["all_rounds"] else " (a subset: pooled numbers cover only these rounds' test folds)"), "",
+        + ("" if out["all_rounds"] else f" (a subset: pooled numbers cover only these rounds' {fold_kind} folds)"),
+        "",
         "## Pooled out-of-fold results", "",
         "| method | records scored | pooled macro-AUC [95% CI] | per seed | difference vs BCE [95% CI] | "
         "P(diff <= 0) | share of teacher gap closed |",
@@ -191,40 +218,33 @@ def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path
             d = r["vs_bce"]
             diff = f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
             p = f"{d['p_value']:.3f}"
-        if g not in ("teacher", "bce"):
+        if g in out_methods and g != "bce":
             share = ("n/a (teacher not significantly better)" if r.get("share_of_teacher_gap_closed") is None
                      else f"{r['share_of_teacher_gap_closed']:.0%}")
         seeds = ", ".join(f"{a:.4f}" for a in r["per_seed"])
         lines.append(f"| {g} | {r['num_records_scored']} | {r['pooled_macro_auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
                      f"{seeds} | {diff} | {p} | {share} |")
-    lines += ["", "## Per round (test macro-AUC of each seed)", "",
-              "| round | test fold | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+    lines += ["", f"## Per round ({fold_kind} macro-AUC of each seed)", "",
+              f"| round | {fold_kind} fold | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
     for rnd in out["rounds"]:
         cells = [", ".join("undefined" if a is None else f"{a:.3f}"
                            for a in results[g]["per_round"][str(rnd)]["macro_auc_per_seed"]) for g in groups]
-        lines.append(f"| {rnd} | {results[groups[0]]['per_round'][str(rnd)]['test_fold']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {rnd} | {results[groups[0]]['per_round'][str(rnd)]['scored_fold']} | "
+                     + " | ".join(cells) + " |")
     lines += ["", f"![cross-validation]({study.relative(pathlib.Path(png), study_dir)})", "",
-              "Numbers: `crossval.json`; out-of-fold scores: `oof/<method>_seed<s>/scores_oof.npz`.", ""]
-    path = study_dir / "report.md"
+              f"Numbers: `crossval{suffix}.json`; pooled scores: "
+              f"`oof{suffix}/<method>_seed<s>/scores_oof.npz`.", ""]
+    path = study_dir / f"report{suffix}.md"
     path.write_text("\n".join(lines))
     return path
 
 
 def define_flags() -> None:
-    """The CLI's flags, defined only when run as a program (importing never clashes)."""
-    flags.DEFINE_string("workdir", "runs/crossval", "study folder (data, runs, oof, report)")
-    flags.DEFINE_string("ptbxl_dir", str(study.SAMPLE_PTBXL), "PTB-XL folder to prepare")
-    flags.DEFINE_string("data_dir", None, "existing shards (skips data preparation)")
-    flags.DEFINE_string("task", "superdiagnostic", "PTB-XL task when preparing data")
-    flags.DEFINE_string("leads", "I", "student leads")
-    flags.DEFINE_list("methods", ["bce", "mvkt"], f"students, from {list(study.TRANSFER_METHODS)} (bce required)")
-    flags.DEFINE_string("seeds", "0", "comma-separated seeds")
+    """The shared study flags plus this runner's own, defined only when run as a program."""
+    study.define_flags(workdir="runs/crossval")
     flags.DEFINE_string("rounds", "", "comma-separated rounds (0-based; default all)")
-    flags.DEFINE_integer("epochs", 20, "epochs for every run")
-    flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
-    flags.DEFINE_float("width_mult", 1.0, "channel width multiplier")
-    flags.DEFINE_integer("batch_size", 0, "0 = 128, or 32 for tiny train splits")
-    flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
+    flags.DEFINE_enum("split", "test", ["test", "val"],
+                      "test: the cross-validated result; val: a pilot that scores only the validation folds")
 
 
 def main(argv):
@@ -232,15 +252,9 @@ def main(argv):
     f = flags.FLAGS
     with cli.exit_on_known_errors():
         cli.start()
-        workdir = pathlib.Path(f.workdir).absolute()
-        data_dir = f.data_dir or study.prepare_ptbxl(f.ptbxl_dir, workdir / "data", task=f.task)
-        path = run_crossval(
-            workdir=workdir, data_dir=data_dir, methods=f.methods, seeds=study.seeds_from(f.seeds),
-            rounds=study.seeds_from(f.rounds) if f.rounds else None, epochs=f.epochs, arch=f.arch,
-            width_mult=f.width_mult, batch_size=f.batch_size, leads=",".join(train_lib.parse_leads(f.leads)),
-            n_resamples=f.bootstrap_resamples,
-            command=" ".join(["python -m experiments.crossval", *map(shlex.quote, sys.argv[1:])]),
-        )
+        path = run_crossval(leads=",".join(train_lib.parse_leads(f.leads)), split=f.split,
+                            rounds=study.seeds_from(f.rounds) if f.rounds else None,
+                            **study.flag_values("experiments.crossval"))
         cli.print_report(path)
 
 

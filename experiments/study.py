@@ -13,17 +13,23 @@ bootstraps over the same test records with the same resamples for every seed.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import pathlib
-from typing import Iterable, Sequence
+import shlex
+import sys
+from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+from absl import flags
 
+from experiments import hyper
 from experiments.configs import default as default_config
 from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import metrics as metrics_lib
+from mvkt import data as data_lib
 from mvkt import run_dir
 from mvkt import train as train_lib
 
@@ -71,7 +77,9 @@ def base_config(
     batch_size: int,
     seed: int,
     width_mult: float = 1.0,
+    overrides: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
+    """The default config with the study's settings; ``overrides`` (``--override``) last."""
     config = default_config.get_config()
     config.data.dir = str(data_dir)
     config.student.arch = arch
@@ -79,14 +87,81 @@ def base_config(
     config.train.epochs = epochs
     config.train.batch_size = batch_size
     config.seed = seed
+    if overrides:
+        config = ml_collections.ConfigDict(hyper.apply_overrides(config, overrides, source="--override").to_dict())
     return config
 
 
-def teacher_run(base: ml_collections.ConfigDict) -> Run:
+def existing_teacher(pattern: str, seed: int, data_dir: str | pathlib.Path) -> pathlib.Path:
+    """The finished teacher run ``pattern`` names for ``seed`` (``{seed}`` and globs allowed;
+    a plain folder is used for every seed), checked to be trained on the same shards."""
+    text = pattern.format(seed=seed)
+    matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+    if len(matches) != 1:
+        raise FileNotFoundError(f"--teacher_dir={pattern!r} for seed {seed} matches {len(matches)} "
+                                f"folders ({', '.join(matches[:5])}); it must match exactly one")
+    teacher = pathlib.Path(matches[0]).absolute()
+    if not run_dir.is_finished(teacher):
+        raise FileNotFoundError(f"teacher {teacher} is not a finished training run")
+    info = run_dir.load_info(teacher)
+    # Same files, not the same path: the teacher line must be measured on the students' test records.
+    if data_lib.load_manifest(info["data_dir"])["files"] != data_lib.load_manifest(data_dir)["files"]:
+        raise ValueError(f"teacher {teacher} was trained on {info['data_dir']}, other shards than {data_dir}")
+    return teacher
+
+
+TASKS = ["superdiagnostic", "subdiagnostic", "diagnostic", "form", "rhythm", "all"]
+
+
+def define_flags(*, workdir: str, leads: str = "I", leads_help: str = "student leads, e.g. I or I,II,V2",
+                 methods: Sequence[str] = ("bce", "mvkt")) -> None:
+    """The flags every study runner (pipeline, ablation, lead_sweep, crossval) shares, with
+    one meaning and one default each. Defined only when a runner runs as a program, so that
+    importing several runners (tests) never clashes."""
+    flags.DEFINE_string("workdir", workdir, "study folder (data, runs, report)")
+    flags.DEFINE_string("ptbxl_dir", str(SAMPLE_PTBXL),
+                        "PTB-XL release folder to prepare (default: the embedded 100-record sample)")
+    flags.DEFINE_string("data_dir", None, "existing shards (skips data preparation)")
+    flags.DEFINE_enum("task", "superdiagnostic", TASKS, "PTB-XL benchmark task (with --ptbxl_dir)")
+    flags.DEFINE_string("leads", leads, leads_help)
+    flags.DEFINE_list("methods", list(methods), f"students (bce required), from {list(TRANSFER_METHODS)}")
+    flags.DEFINE_string("seeds", "0", "comma-separated seeds: each trains its own teacher and students")
+    flags.DEFINE_integer("epochs", 20, "epochs for every run")
+    flags.DEFINE_string("arch", "resnet1d_wang", "net for teacher and students")
+    flags.DEFINE_float("width_mult", 1.0, "channel width multiplier")
+    flags.DEFINE_integer("batch_size", 0, "0 = 128, or 32 for tiny train splits")
+    flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
+    flags.DEFINE_string("teacher_dir", None,
+                        "reuse finished 12-lead teachers instead of training them: a run folder, or a "
+                        "pattern with {seed} and globs, e.g. runs/pipeline/runs/teacher_seed{seed}")
+    flags.DEFINE_multi_string("override", [], "config field=value for every run, teachers included, "
+                              "e.g. --override=clt.num_negatives=256 (repeatable)")
+
+
+def flag_values(program: str) -> dict[str, Any]:
+    """The shared flags as keyword arguments of the runners (data prepared if needed)."""
+    f = flags.FLAGS
+    workdir = pathlib.Path(f.workdir).absolute()
+    data_dir = f.data_dir or prepare_ptbxl(f.ptbxl_dir, workdir / "data", task=f.task)
+    return dict(
+        workdir=workdir, data_dir=pathlib.Path(data_dir).absolute(), methods=list(f.methods),
+        seeds=seeds_from(f.seeds), epochs=f.epochs, arch=f.arch, width_mult=f.width_mult,
+        batch_size=f.batch_size, n_resamples=f.bootstrap_resamples, teacher_dir=f.teacher_dir,
+        overrides=dict(hyper.parse_override(default_config.get_config(), text) for text in f.override),
+        command=" ".join([f"python -m {program}", *map(shlex.quote, sys.argv[1:])]),
+    )
+
+
+def teacher_run(base: ml_collections.ConfigDict, *, overrides: Mapping[str, Any] | None = None,
+                name: str = "teacher") -> Run:
+    """The 12-lead BCE teacher of ``base``; ``overrides`` (e.g. lead dropout) make a variant
+    that must be given its own ``name``."""
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = "bce"
     config.student.leads = "all"
-    return Run(f"teacher_seed{config.seed}", config)
+    if overrides:
+        config = hyper.apply_overrides(config, overrides, source=f"teacher {name!r}")
+    return Run(f"{name}_seed{config.seed}", config)
 
 
 def student_run(
@@ -97,6 +172,7 @@ def student_run(
     teacher_dir: pathlib.Path,
     clt_variant: str = "memory_bank",
     name: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Run:
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = method
@@ -104,21 +180,64 @@ def student_run(
     config.clt.variant = clt_variant
     config.teacher_workdir = str(teacher_dir) if method != "bce" else ""
     name = name or f"{method}{'_' + clt_variant if method in ('clt', 'mvkt') else ''}"
+    if overrides:
+        config = hyper.apply_overrides(config, overrides, source=f"recipe {name!r}")
     return Run(f"{name}_leads{leads.replace(',', '-')}_seed{config.seed}", config)
 
 
-# Transfer methods by name -> (config.method, config.clt.variant); "clt" and "mvkt" are the
-# paper's memory-bank variants.
-TRANSFER_METHODS = {
-    "bce": ("bce", "memory_bank"),
-    "kd": ("kd", "memory_bank"),
-    "mkd": ("mkd", "memory_bank"),
-    "clt": ("clt", "memory_bank"),
-    "clt_memory_bank": ("clt", "memory_bank"),
-    "clt_in_batch": ("clt", "in_batch"),
-    "mvkt": ("mvkt", "memory_bank"),
-    "mvkt_memory_bank": ("mvkt", "memory_bank"),
-    "mvkt_in_batch": ("mvkt", "in_batch"),
+LEADS = "{leads}"  # in a recipe's overrides: replaced by the student's leads
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named way to train a student: its method, config overrides for the student and,
+    when the recipe needs its own teacher, overrides of the 12-lead teacher (trained once
+    per seed and round under ``teacher_name``). Values may contain ``LEADS``."""
+
+    method: str
+    clt_variant: str = "memory_bank"
+    student: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    teacher: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    teacher_name: str = "teacher"
+    about: str = ""
+
+    def __post_init__(self):
+        if bool(self.teacher) != (self.teacher_name != "teacher"):
+            raise ValueError("a recipe with teacher overrides names its teacher (teacher_name), and only then")
+
+
+def _with_leads(overrides: Mapping[str, Any], leads: str) -> dict[str, Any]:
+    return {k: v.replace(LEADS, leads) if isinstance(v, str) else v for k, v in overrides.items()}
+
+
+# Students by name. The first block is the paper's methods; the rest are the transfer
+# recipes of docs/EXPERIMENTS.md (each a config option with its own tests).
+_FUNCTION_MATCHING = {"augment.mixup_alpha": 0.4, "augment.amplitude_scale_std": 0.1,
+                      "augment.noise_std": 0.05, "augment.baseline_wander": 0.1}
+_LEAD_DROPOUT_TEACHER = {"augment.lead_dropout": 0.5, "augment.lead_dropout_keep": LEADS}
+TRANSFER_METHODS: dict[str, Recipe] = {
+    "bce": Recipe("bce", about="the student alone (baseline)"),
+    "kd": Recipe("kd", about="Hinton KD, softmax over classes at kd_temperature"),
+    "mkd": Recipe("mkd", about="multi-label KD (per-class sigmoid targets)"),
+    "clt": Recipe("clt", about="CLT, memory bank (CRD) as the paper"),
+    "clt_memory_bank": Recipe("clt"),
+    "clt_in_batch": Recipe("clt", "in_batch"),
+    "mvkt": Recipe("mvkt", about="MKD + CLT as the paper"),
+    "mvkt_memory_bank": Recipe("mvkt"),
+    "mvkt_in_batch": Recipe("mvkt", "in_batch"),
+    "mkd_function_matching": Recipe(
+        "mkd", student=_FUNCTION_MATCHING,
+        about="MKD with mixup, gain, noise and baseline wander applied alike to teacher and student input"),
+    "mvkt_function_matching": Recipe("mvkt", student=_FUNCTION_MATCHING, about="MVKT with the same transforms"),
+    "mkd_lead_dropout_teacher": Recipe(
+        "mkd", teacher=_LEAD_DROPOUT_TEACHER, teacher_name="teacher_lead_dropout",
+        about="MKD from a teacher trained with the student's missing leads zeroed at p=0.5"),
+    "mvkt_lead_dropout_teacher": Recipe(
+        "mvkt", teacher=_LEAD_DROPOUT_TEACHER, teacher_name="teacher_lead_dropout",
+        about="MVKT from the lead-dropout teacher"),
+    "kd_lead_dropout_teacher": Recipe(
+        "kd", teacher=_LEAD_DROPOUT_TEACHER, teacher_name="teacher_lead_dropout",
+        about="KD from the lead-dropout teacher"),
 }
 
 
@@ -139,27 +258,36 @@ def train_group(
     teacher_dir: pathlib.Path | None = None,
     progress: bool = True,
     metrics: bool = True,
+    split: str = "test",
 ) -> dict[str, pathlib.Path]:
-    """One study step: a 12-lead teacher (trained here unless ``teacher_dir``) and one
-    student per method on ``base``, each trained or resumed and evaluated once on test.
+    """One study step: a 12-lead teacher (trained here unless ``teacher_dir``), the variant
+    teachers the recipes need, and one student per method on ``base``, each trained or
+    resumed and evaluated once on ``split``.
 
-    Run folders: ``<study>/runs/<prefix>teacher_seed<s>`` and
-    ``<study>/runs/<prefix><method>_leads<L>_seed<s>``. Returns {"teacher": dir, method: dir}.
-    ``metrics=False`` only scores the test split (``scores_test.npz``), for studies that pool
-    scores over splits too small for metrics of their own (cross-validation folds).
+    Run folders: ``<study>/runs/<prefix><teacher name>_seed<s>`` and
+    ``<study>/runs/<prefix><method>_leads<L>_seed<s>``. Returns {"teacher": dir, method: dir}
+    (variant teachers as ``dirs[<teacher name>]``). ``metrics=False`` only scores ``split``
+    (``scores_<split>.npz``), for studies that pool scores over splits too small for metrics
+    of their own (cross-validation folds).
     """
     def evaluate(workdir):
         if metrics:
-            evaluate_run(workdir, n_resamples=n_resamples)
-        elif not distributed.chief_decides((workdir / evaluate_lib.SCORES_FILE.format(split="test")).exists()):
-            evaluate_lib.score_test(workdir)
+            evaluate_run(workdir, n_resamples=n_resamples, split=split)
+        elif not distributed.chief_decides((workdir / evaluate_lib.SCORES_FILE.format(split=split)).exists()):
+            evaluate_lib.score_only(workdir, split)
 
     teacher = teacher_dir or train_run(_prefixed(teacher_run(base), prefix), study_dir, progress=progress)
     evaluate(teacher)
     dirs = {"teacher": teacher}
     for name in methods:
-        method, variant = TRANSFER_METHODS[name]
-        run = student_run(base, method=method, leads=leads, teacher_dir=teacher, clt_variant=variant, name=name)
+        recipe = TRANSFER_METHODS[name]
+        if recipe.teacher_name not in dirs:
+            run = teacher_run(base, overrides=_with_leads(recipe.teacher, leads), name=recipe.teacher_name)
+            dirs[recipe.teacher_name] = train_run(_prefixed(run, prefix), study_dir, progress=progress)
+            evaluate(dirs[recipe.teacher_name])
+        run = student_run(base, method=recipe.method, leads=leads, teacher_dir=dirs[recipe.teacher_name],
+                          clt_variant=recipe.clt_variant, name=name,
+                          overrides=_with_leads(recipe.student, leads))
         dirs[name] = train_run(_prefixed(run, prefix), study_dir, progress=progress)
         evaluate(dirs[name])
     return dirs

@@ -183,12 +183,14 @@ def score_split(
     return result
 
 
-def score_test(workdir: str | pathlib.Path, *, parallel: parallel_lib.Parallelism | None = None) -> dict:
-    """Only the best checkpoint's test scores (``scores_test.npz``), no metrics: for pooling."""
+def score_only(workdir: str | pathlib.Path, split: str = "test", *,
+               parallel: parallel_lib.Parallelism | None = None) -> dict:
+    """Only the best checkpoint's scores on ``split`` (``scores_<split>.npz``), no metrics:
+    for studies that pool scores over splits too small for metrics of their own."""
     workdir = pathlib.Path(workdir).absolute()
     with run_dir.writer(workdir):
-        result = score_split(workdir, "test", parallel=parallel)
-    distributed.barrier(f"scored:{workdir}:test")
+        result = score_split(workdir, split, parallel=parallel)
+    distributed.barrier(f"scored:{workdir}:{split}")
     return result
 
 

@@ -90,3 +90,30 @@ def test_crossval_pools_out_of_fold_scores_and_reruns_train_nothing(ptbxl_sample
     before = {p: p.read_text() for p in workdir.glob("runs/round*/*/metrics.jsonl")}
     crossval.run_crossval(**kwargs)
     assert {p: p.read_text() for p in workdir.glob("runs/round*/*/metrics.jsonl")} == before
+
+
+def test_pilot_mode_scores_only_validation_folds_and_trains_recipe_teachers_once(ptbxl_sample_shards, tmp_path):
+    """--split=val: recipes compared on validation folds, test folds never scored; a recipe
+    with its own teacher (lead dropout) trains that teacher once per round."""
+    workdir = tmp_path / "pilot"
+    crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "kd_lead_dropout_teacher"],
+                          seeds=[0], rounds=[9, 7], epochs=1, batch_size=16, width_mult=0.25, n_resamples=50,
+                          split="val", progress=False)
+    out = json.loads((workdir / "crossval_val.json").read_text())
+    assert out["split"] == "val" and not (workdir / "crossval.json").exists()
+    assert set(out["methods"]) == {"teacher", "teacher_lead_dropout", "bce", "kd_lead_dropout_teacher"}
+    scored = sum(len(data_lib.open_split(ptbxl_sample_shards, "val", crossval.round_folds(SAMPLE_FOLDS, r)))
+                 for r in (9, 7))
+    for result in out["methods"].values():
+        assert result["num_records_scored"] == scored and np.isfinite(result["pooled_macro_auc"])
+    assert [out["methods"]["bce"]["per_round"][r]["scored_fold"] for r in ("9", "7")] == [1, 9]
+    assert not list(workdir.glob("runs/**/scores_test.npz")) and len(list(workdir.glob("runs/**/scores_val.npz"))) == 8
+    assert "validation" in (workdir / "report_val.md").read_text()
+    student = json.loads((workdir / "runs" / "round9" / "kd_lead_dropout_teacher_leadsI_seed0" / "config.json")
+                         .read_text())
+    assert student["teacher_workdir"].endswith("round9/teacher_lead_dropout_seed0")
+    teacher = json.loads((workdir / "runs" / "round9" / "teacher_lead_dropout_seed0" / "config.json").read_text())
+    assert (teacher["augment"]["lead_dropout"], teacher["augment"]["lead_dropout_keep"]) == (0.5, "I")
+    with pytest.raises(ValueError, match="teacher_dir cannot be used"):
+        crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce"], seeds=[0], rounds=[0],
+                              epochs=1, teacher_dir=str(workdir), progress=False)

@@ -93,16 +93,14 @@ def test_half_finished_pipeline_resumes(ptbxl_sample_shards, tmp_path, monkeypat
     """A pipeline that died in the MVKT stage continues there; earlier runs are not retrained."""
     kwargs = dict(
         workdir=tmp_path,
-        ptbxl_dir="",
         data_dir=str(ptbxl_sample_shards),
-        task="superdiagnostic",
         leads="I",
         epochs=1,
         arch="resnet1d_wang",
         width_mult=0.25,
         seeds=[0],
         batch_size=0,
-        clt_variant="in_batch",
+        methods=["bce", "mvkt_in_batch"],
         n_resamples=50,
         progress=False,
     )

@@ -177,3 +177,36 @@ def test_cross_fitted_targets_come_from_the_teacher_that_never_saw_the_record(pt
     config.teacher_workdir = f"{teachers['a']},{teachers['a']}"
     with pytest.raises(ValueError, match=r"every teacher saw fold\(s\) \[1, 2, 3, 4\]"):
         train.train_and_evaluate(config, tmp_path / "uncovered", progress=False)
+
+
+def test_every_named_recipe_builds_valid_teacher_and_student_configs(tmp_path):
+    """Study recipes (experiments.study.TRANSFER_METHODS) resolve to configs whose overrides
+    exist, with the student's leads filled in; a recipe's own teacher is a 12-lead BCE run."""
+    from experiments import study
+
+    base = study.base_config(data_dir=tmp_path, arch="resnet1d_wang", epochs=1, batch_size=32, seed=3)
+    for name, recipe in study.TRANSFER_METHODS.items():
+        for leads in ("I", "I,II"):
+            teacher = study.teacher_run(base, overrides=study._with_leads(recipe.teacher, leads),
+                                        name=recipe.teacher_name)
+            assert teacher.name == f"{recipe.teacher_name}_seed3"
+            assert (teacher.config.method, teacher.config.student.leads) == ("bce", "all")
+            student = study.student_run(base, method=recipe.method, leads=leads, teacher_dir=tmp_path,
+                                        clt_variant=recipe.clt_variant, name=name,
+                                        overrides=study._with_leads(recipe.student, leads))
+            assert student.name == f"{name}_leads{leads.replace(',', '-')}_seed3"
+            assert student.config.method == recipe.method and student.config.student.leads == leads
+            if recipe.teacher:
+                assert teacher.config.augment.lead_dropout_keep == leads
+            for key, value in recipe.student.items():
+                assert hyper_get(student.config, key) == value
+    with pytest.raises(ValueError, match="names its teacher"):
+        study.Recipe("mkd", teacher={"augment.lead_dropout": 0.5})
+    with pytest.raises(ValueError, match="unknown config field"):
+        study.student_run(base, method="mkd", leads="I", teacher_dir=tmp_path, overrides={"augment.mixup": 1.0})
+
+
+def hyper_get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config

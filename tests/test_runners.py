@@ -118,12 +118,12 @@ def test_run_folders_are_keyed_by_the_full_config_hash():
 def test_lead_sets_from_flags():
     assert lead_sweep.lead_sets("all12") == ["I", "II", "III", "aVR", "aVL", "aVF",
                                              "V1", "V2", "V3", "V4", "V5", "V6"]
-    assert lead_sweep.lead_sets("I, II", "I,II;I,II,V2; ") == ["I", "II", "I,II", "I,II,V2"]
-    assert lead_sweep.lead_sets("", "II,I") == ["II,I"]
+    assert lead_sweep.lead_sets("I; II;I,II;I,II,V2; ;I") == ["I", "II", "I,II", "I,II,V2"]
+    assert lead_sweep.lead_sets("II,I") == ["II,I"]
     with pytest.raises(ValueError, match="unknown lead"):
-        lead_sweep.lead_sets("I,V7")
+        lead_sweep.lead_sets("I;V7")
     with pytest.raises(ValueError, match="no lead sets"):
-        lead_sweep.lead_sets("", "")
+        lead_sweep.lead_sets(" ; ")
 
 
 # ----------------------------------------------------------------------------- lead sweep
@@ -156,21 +156,21 @@ def test_lead_sweep_writes_table_json_and_plot(lead_sweep_dir, ptbxl_sample_shar
     result = json.loads((lead_sweep_dir / "lead_sweep.json").read_text())
     assert [r["leads"] for r in result["rows"]] == ["I", "II"]
     for r in result["rows"]:
-        numbers = [r["bce"]["macro_auc"], *r["bce"]["ci"], r["mvkt"]["macro_auc"], *r["mvkt"]["ci"],
+        numbers = [r["bce"]["macro_auc"], *r["bce"]["ci"], r["method"]["macro_auc"], *r["method"]["ci"],
                    r["gain"]["difference"], *r["gain"]["ci"], r["gain"]["p_value"]]
         assert all(math.isfinite(x) for x in numbers), r
         assert 0.0 <= r["bce"]["macro_auc"] <= 1.0 and 0.0 <= r["gain"]["p_value"] <= 1.0
         assert r["gain"]["n_resamples"] == RESAMPLES
-        assert abs(r["gain"]["difference"] - (r["mvkt"]["macro_auc"] - r["bce"]["macro_auc"])) < 1e-9
+        assert abs(r["gain"]["difference"] - (r["method"]["macro_auc"] - r["bce"]["macro_auc"])) < 1e-9
     assert math.isfinite(result["teacher"]["macro_auc"])
     png = lead_sweep_dir / "plots" / "lead_sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = sorted(p.name for p in (lead_sweep_dir / "runs").iterdir())
-    assert len(runs) == 5 and sum(n.startswith("teacher_seed0-") for n in runs) == 1
-    for name in runs:   # folder = name-<config hash of the run's config>
-        workdir = lead_sweep_dir / "runs" / name
-        assert name.endswith("-" + json.loads((workdir / "run_info.json").read_text())["config_hash"])
-        assert (workdir / "eval_test.json").exists()
+    # Named like every study's runs (study.train_group): one teacher shared by the lead sets.
+    assert runs == ["bce_leadsII_seed0", "bce_leadsI_seed0", "mvkt_leadsII_seed0", "mvkt_leadsI_seed0",
+                    "teacher_seed0"]
+    for name in runs:
+        assert (lead_sweep_dir / "runs" / name / "eval_test.json").exists()
     student = run_dir.load_config(next((lead_sweep_dir / "runs").glob("mvkt_*leadsII_*")))
     assert (student.method, student.student.leads, student.eval.bootstrap_resamples) == ("mvkt", "II", RESAMPLES)
     assert student.teacher_workdir == str(lead_sweep_dir / "runs" / runs[-1])
@@ -182,15 +182,19 @@ def test_lead_sweep_rerun_trains_nothing_and_reuses_teachers(lead_sweep_dir, ptb
     common = dict(lead_sets=["I"], **_lead_sweep_args(ptbxl_sample_shards))
     lead_sweep.run_lead_sweep(workdir=lead_sweep_dir, **common)
     assert _metrics_files(lead_sweep_dir) == before
-    teacher = str(lead_sweep_dir / "runs" / "teacher_seed{seed}-*")
+    teacher = str(lead_sweep_dir / "runs" / "teacher_seed{seed}*")
     with pytest.raises(FileNotFoundError, match="matches 0 folders"):
         lead_sweep.run_lead_sweep(workdir=tmp_path, teacher_dir=teacher.replace("seed{seed}", "seed{seed}x"),
                                   **common)
     # Reusing the teacher trained here gives the students the same teacher_workdir, hence the
-    # same config hashes and folders: nothing to train.
+    # same configs: nothing to train.
     report = lead_sweep.run_lead_sweep(workdir=lead_sweep_dir, teacher_dir=teacher, **common)
     assert _metrics_files(lead_sweep_dir) == before
-    assert "teacher_seed0-" in report.read_text()
+    assert "`runs/teacher_seed0`" in report.read_text()
+    # A changed setting in the same study folder is refused, not silently resumed.
+    with pytest.raises(ValueError, match="train.learning_rate"):
+        lead_sweep.run_lead_sweep(workdir=lead_sweep_dir, **{
+            **common, "overrides": {**common["overrides"], "train.learning_rate": 0.5}})
 
 
 # ----------------------------------------------------------------------------- sweep launcher
@@ -213,7 +217,7 @@ def test_print_mode_command_runs_then_local_sweep_and_rerun_train_nothing(
         lead_sweep_dir, ptbxl_sample_shards, tmp_path):
     spec_file = tmp_path / "sweep_seeds.py"
     spec_file.write_text(SEED_SWEEP)
-    teacher = next((lead_sweep_dir / "runs").glob("teacher_seed0-*"))
+    teacher = lead_sweep_dir / "runs" / "teacher_seed0"
     overrides = {"data.dir": str(ptbxl_sample_shards), "teacher_workdir": str(teacher), **TINY}
     sweep_dir = tmp_path / "sweep"
 
@@ -301,3 +305,32 @@ def test_sweep_print_mode_passes_the_multi_host_flags_on(tmp_path):
         args = shlex.split(line)
         assert args[-3:] == ["--distributed", "--coordinator_address=127.0.0.1:1234", "--num_processes=4"]
         assert not any(a.startswith("--process_id") for a in args)
+
+
+def _study_flags(module: str) -> dict[str, str]:
+    """--flag -> default of the flags ``module`` defines through experiments.study."""
+    out = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+    section = out.split("experiments.study:")[1].split("\n\n")[0]
+    names = {}
+    for line in section.splitlines():
+        if line.startswith("  --"):
+            current = line.split(":")[0].strip().lstrip("-").removeprefix("[no]")
+            names[current] = ""
+        elif "(default:" in line:
+            names[current] = line.split("(default:")[1].split(")")[0].strip()
+    return names
+
+
+def test_every_study_runner_has_the_same_study_flags():
+    """pipeline, ablation, lead_sweep and crossval share one set of study flags (names and
+    defaults); only the study folder, the default lead set(s) and methods differ."""
+    flags_of = {m: _study_flags(f"experiments.{m}") for m in ("pipeline", "ablation", "lead_sweep", "crossval")}
+    names = {m: set(f) for m, f in flags_of.items()}
+    assert all(n == names["pipeline"] for n in names.values()), names
+    assert {"workdir", "data_dir", "leads", "methods", "seeds", "epochs", "teacher_dir", "override"} <= names["pipeline"]
+    own = {"workdir", "leads", "methods"}
+    for m, f in flags_of.items():
+        assert {k: v for k, v in f.items() if k not in own} == {
+            k: v for k, v in flags_of["pipeline"].items() if k not in own}, m
+    assert flags_of["ablation"]["seeds"] == "'0'" and flags_of["lead_sweep"]["leads"] == "'all12'"
