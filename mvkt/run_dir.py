@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import tensorboardX
 from absl import logging
 
 from mvkt import checkpoints as ckpt_lib
@@ -207,16 +208,29 @@ def metric_rows(workdir: str | pathlib.Path) -> list[dict]:
     return rows
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_tag(key: str) -> str:
+    """``metrics.jsonl`` key -> TensorBoard tag: ``val_macro_auc`` -> ``val/macro_auc``,
+    ``val_auc/CD`` -> ``val/auc/CD``, ``loss_clt`` -> ``train/loss_clt``."""
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line; rows past a resumed step are dropped.
+    """``metrics.jsonl`` (the machine-readable record) and TensorBoard event files in
+    ``tensorboard/`` with the same values; rows past a resumed step are dropped from both.
 
     On resume it warns when the log is missing or ends before the checkpoint it resumes
-    from: those rows are lost (the curves have a hole), training itself is unaffected.
+    from: those rows are lost (the curves have a hole), training itself is unaffected. The
+    event files are then rewritten from the kept rows, so a resumed run continues the same
+    curves without points logged twice. Only the chief writes (``enabled``).
     """
 
     def __init__(self, workdir: pathlib.Path, *, resume_step: int, enabled: bool):
         self.path = pathlib.Path(workdir) / METRICS_FILE
         self.enabled = enabled
+        self._events = None
         if not enabled:
             return
         existed = self.path.exists()
@@ -238,14 +252,33 @@ class MetricsLog:
                 last + 1,
                 resume_step,
             )
+        kept = [r for r in rows if r.get("step", 0) <= resume_step]
         if existed:
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
             distributed.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        events = pathlib.Path(workdir) / TENSORBOARD_DIR
+        for old in events.glob("events.out.tfevents.*"):
+            old.unlink()
+        # flush_secs: curves appear in TensorBoard within seconds, not the default 2 minutes.
+        self._events = tensorboardX.SummaryWriter(str(events), flush_secs=10)
+        for row in kept:
+            self._add_events(row)
+
+    def _add_events(self, row: dict) -> None:
+        step = int(row["step"])
+        for key, value in row.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and value is not None:
+                self._events.add_scalar(tensorboard_tag(key), float(value), step)
 
     def write(self, row: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            self._add_events(row)
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 # ----------------------------------------------------------------------------- one writer

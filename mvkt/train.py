@@ -868,10 +868,6 @@ def _train(
         best_auc = best["val_macro_auc"] if best and best.get("val_macro_auc") is not None else -math.inf
         _say(is_chief, f"{workdir.name}: resumed at step {int(state.step)}/{total_steps}")
     start_step = int(state.step)
-    log = run_dir.MetricsLog(workdir, resume_step=start_step, enabled=is_chief)
-    # Nobody reads the run folder's files before the chief has (re)written them.
-    distributed.barrier(f"run-files-written:{workdir}:{start_step}")
-
     if start_step >= total_steps:
         checkpoints.close()
         _say(
@@ -884,6 +880,9 @@ def _train(
             "best_val_macro_auc": best_auc,
             "resumed_finished": True,
         }
+    log = run_dir.MetricsLog(workdir, resume_step=start_step, enabled=is_chief)
+    # Nobody reads the run folder's files before the chief has (re)written them.
+    distributed.barrier(f"run-files-written:{workdir}:{start_step}")
 
     cache = None
     if config.teacher_cache and loss_spec.needs_teacher:
@@ -907,8 +906,9 @@ def _train(
     stride = info["inference"]["stride"]
     stop_at = int(config.train.stop_at_step) if config.train.stop_at_step else None
 
-    def validate() -> float | None:
-        """Validation macro-AUC, None when no class has both positives and negatives there."""
+    def validate() -> tuple[float | None, dict]:
+        """Validation macro-AUC (None when no class has both positives and negatives there)
+        and the per-class AUCs that are defined."""
         scores = inference.predict_records(
             forward,
             {"params": state.params["model"], "batch_stats": state.batch_stats},
@@ -920,8 +920,9 @@ def _train(
             aggregate=config.eval.aggregate,
         )
         if not metrics_lib.valid_class_mask(y_true=val_split.y).any():
-            return None
-        return metrics_lib.macro_auc(y_true=val_split.y, y_score=scores)
+            return None, {}
+        result = metrics_lib.per_class_auc(y_true=val_split.y, y_score=scores, label_names=label_names)
+        return result.macro_auc, {f"val_auc/{k}": v for k, v in result.per_class_auc.items() if v is not None}
 
     def save(step, epoch, val_auc, best):
         meta = {
@@ -985,8 +986,8 @@ def _train(
                     epoch = done // loader.steps_per_epoch
                     val_auc, validated = None, False
                     if epoch % int(config.eval.every_epochs) == 0 or done == total_steps:
-                        val_auc, validated = validate(), True
-                        log.write({"step": done, "epoch": epoch, "val_macro_auc": val_auc})
+                        (val_auc, per_class), validated = validate(), True
+                        log.write({"step": done, "epoch": epoch, "val_macro_auc": val_auc, **per_class})
                         _say(
                             is_chief,
                             f"{workdir.name} epoch {epoch}: loss {means['loss']:.4f} val macro-AUC "
@@ -1015,6 +1016,7 @@ def _train(
                     break
         finally:
             bar.close()
+            log.close()
             checkpoints.wait()
             checkpoints.close()
         # A SIGTERM after the last log point: all processes still leave the same way.

@@ -29,3 +29,23 @@ def tiny(config, shards, **overrides):
 def read_metrics(workdir):
     """metrics.jsonl rows without the timing columns (they differ between identical runs)."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in run_dir.metric_rows(workdir)]
+
+
+def read_events(workdir) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars of a run folder, {tag: [(step, value), ...]} in file order, read
+    with tensorboardX's protos from the TFRecord framing (length, crc, event, crc)."""
+    import pathlib
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(pathlib.Path(workdir).rglob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out

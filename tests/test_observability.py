@@ -1,0 +1,62 @@
+"""Watching runs: TensorBoard event files beside metrics.jsonl (same values, also across a
+resume), on the embedded real PTB-XL sample."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorboardX
+
+from experiments.configs import teacher as teacher_config
+from helpers import read_events, tiny
+from mvkt import run_dir, train
+
+
+def _jsonl_as_tags(workdir) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in run_dir.metric_rows(workdir):
+        for key, value in row.items():
+            if key not in ("step", "epoch") and value is not None:
+                out.setdefault(run_dir.tensorboard_tag(key), []).append((row["step"], value))
+    return out
+
+
+def _assert_same(events, jsonl):
+    assert events.keys() == jsonl.keys()
+    for tag in jsonl:
+        assert [s for s, _ in events[tag]] == [s for s, _ in jsonl[tag]], tag
+        np.testing.assert_allclose([v for _, v in events[tag]], [v for _, v in jsonl[tag]], rtol=1e-6, err_msg=tag)
+
+
+@pytest.fixture(scope="module")
+def config(ptbxl_sample_shards):
+    return lambda **kw: tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"train.epochs": 3, **kw})
+
+
+def test_event_files_hold_the_values_of_metrics_jsonl(config, tmp_path):
+    train.train_and_evaluate(config(), tmp_path, progress=False)
+    events = read_events(tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/samples_per_s",
+            "val/macro_auc"} <= set(events)
+    assert any(tag.startswith("val/auc/") for tag in events)   # per class
+    _assert_same(events, _jsonl_as_tags(tmp_path))
+
+
+def test_a_resumed_run_continues_the_same_curves_without_duplicated_steps(config, tmp_path):
+    train.train_and_evaluate(config(**{"train.stop_at_step": 3}), tmp_path, progress=False)
+    # A crash after a log point past the checkpoint: row and event of step 4 were written,
+    # the checkpoint is at 3. The resume must drop both, then log step 4 again, once.
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "epoch": 2.0, "loss": 123.0}) + "\n")
+    stale = tensorboardX.SummaryWriter(str(tmp_path / "tensorboard"))
+    stale.add_scalar("train/loss", 123.0, 4)
+    stale.close()
+    train.train_and_evaluate(config(), tmp_path, progress=False)
+    events = read_events(tmp_path)
+    steps = [s for s, _ in events["train/loss"]]
+    assert steps == sorted(set(steps)) == list(range(1, 7))
+    assert 123.0 not in [v for _, v in events["train/loss"]]
+    _assert_same(events, _jsonl_as_tags(tmp_path))
