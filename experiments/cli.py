@@ -23,6 +23,7 @@ import traceback
 import jax
 from absl import flags, logging
 
+from experiments import hyper
 from experiments import study
 from mvkt import distributed, run_dir, train
 
@@ -72,14 +73,27 @@ class _BackgroundErrorFilter(std_logging.Filter):
         return not (record.levelno >= std_logging.ERROR and any(s in record.pathname for s in self.SOURCES))
 
 
+class _LibraryInfoFilter(std_logging.Filter):
+    """INFO of mvkt and the entry points, but not of the libraries (orbax logs every file
+    it writes at INFO; jax its compilation cache)."""
+
+    OURS = tuple(f"{os.sep}{package}{os.sep}" for package in ("mvkt", "experiments", "data_prep"))
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or any(s in record.pathname for s in self.OURS)
+
+
 def quiet_library_logs():
-    """WARNING and above unless --verbosity was given: orbax logs every file it writes at INFO.
-    Background-thread errors of orbax and asyncio are dropped unless --verbosity asks for debug."""
+    """Our INFO lines (the start-up echo, progress) and the libraries' warnings; --verbosity
+    lowers ours (-1: warnings only) or, at 1 (debug), shows the libraries' INFO and the
+    background-thread errors of orbax and asyncio too."""
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.INFO)
+    handlers = {logging.get_absl_handler(), *std_logging.getLogger().handlers}
     if logging.get_verbosity() < logging.DEBUG:
-        for handler in {logging.get_absl_handler(), *std_logging.getLogger().handlers}:
+        for handler in handlers:
             handler.addFilter(_BackgroundErrorFilter())
+            handler.addFilter(_LibraryInfoFilter())
         sys.unraisablehook = _quiet_closed_loop_callbacks
 
 
@@ -97,12 +111,14 @@ def _quiet_closed_loop_callbacks(unraisable, _default=sys.unraisablehook):
 
 
 def start() -> None:
-    """Console log level, then (with --distributed) joins the multi-process job."""
+    """Console log level, then (with --distributed) joins the multi-process job; says which
+    devices and processes the job has."""
     quiet_library_logs()
     manual = [f"--{n}" for n in ("coordinator_address", "num_processes", "process_id") if flags.FLAGS[n].present]
     if not _DISTRIBUTED.value:
         if manual:
             raise ValueError(f"{', '.join(manual)} given without --distributed")
+        _log_devices()
         return
     distributed.initialize(
         coordinator_address=_COORDINATOR.value,
@@ -115,6 +131,31 @@ def start() -> None:
         if logging.get_verbosity() > logging.WARNING:
             logging.set_verbosity(logging.WARNING)
         sys.stdout = open(os.devnull, "w")
+    _log_devices()
+
+
+def _log_devices() -> None:
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    logging.info("devices: %d x %s (%s) in %d process(es); this is process %d with %d local device(s)",
+                 len(devices), devices[0].platform, ", ".join(kinds), jax.process_count(), jax.process_index(),
+                 jax.local_device_count())
+
+
+def echo_run(workdir) -> None:
+    """Logs (INFO) which trained run an evaluation, prediction or export uses."""
+    info = run_dir.load_info(workdir)
+    logging.info("run folder %s: %s on leads %s, %s steps, trained on %s (folds %s)", workdir, info.get("method"),
+                 ",".join(info.get("leads", [])), info.get("total_steps"), info.get("data_dir"),
+                 info.get("folds") or "of the shards")
+
+
+def echo_config(config, defaults) -> None:
+    """Logs (INFO) the fields of ``config`` that differ from ``defaults``: what this run changed."""
+    old, new = hyper.flatten(defaults), hyper.flatten(config)
+    changed = {k: v for k, v in new.items() if old.get(k, object()) != v}
+    logging.info("config (fields that differ from the defaults): %s",
+                 ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())) or "none")
 
 
 def multi_host_args() -> list[str]:

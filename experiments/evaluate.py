@@ -39,6 +39,7 @@ def main(argv):
     del argv
     with cli.exit_on_known_errors():
         cli.start()
+        cli.echo_run(_WORKDIR.value)
         result = evaluate.evaluate_run(
             _WORKDIR.value,
             split=_SPLIT.value,

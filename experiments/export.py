@@ -29,6 +29,7 @@ def main(argv):
     del argv
     with cli.exit_on_known_errors():
         cli.start()
+        cli.echo_run(_WORKDIR.value)
         import importlib.util
 
         from mvkt import export

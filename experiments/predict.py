@@ -70,6 +70,7 @@ def main(argv):
     records = argv[1:]
     with cli.exit_on_known_errors():
         cli.start()
+        cli.echo_run(_WORKDIR.value)
         if not records:
             raise ValueError("give one or more records after the flags: python -m experiments.predict "
                              "--workdir=RUN RECORD [RECORD ...]")

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from experiments import hyper
 from experiments.configs import default as default_config
@@ -143,6 +143,12 @@ def flag_values(program: str) -> dict[str, Any]:
     f = flags.FLAGS
     workdir = pathlib.Path(f.workdir).absolute()
     data_dir = f.data_dir or prepare_ptbxl(f.ptbxl_dir, workdir / "data", task=f.task)
+    splits = data_lib.load_manifest(data_dir)["splits"]
+    logging.info("study folder %s; data %s (%s records); seeds %s; methods %s; %d epochs of %s%s", workdir,
+                 pathlib.Path(data_dir).absolute(),
+                 ", ".join(f"{name} {splits[name]['num_records']}" for name in data_lib.SPLITS), f.seeds,
+                 ",".join(f.methods), f.epochs, f.arch,
+                 f"; overrides {', '.join(f.override)}" if f.override else "")
     return dict(
         workdir=workdir, data_dir=pathlib.Path(data_dir).absolute(), methods=list(f.methods),
         seeds=seeds_from(f.seeds), epochs=f.epochs, arch=f.arch, width_mult=f.width_mult,

@@ -15,11 +15,11 @@ Multi-host (TPU pods, several GPU hosts): the same command on every host with
 """
 
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments.configs import default as default_config
 from mvkt import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,7 +32,7 @@ def main(argv):
     del argv
     with cli.exit_on_known_errors():
         cli.start()
-        logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+        cli.echo_config(_CONFIG.value, default_config.get_config())
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
         if distributed.is_chief():
             print(summary)

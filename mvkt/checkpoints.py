@@ -14,6 +14,7 @@ The frozen teacher is never saved here: it lives in its own run directory.
 from __future__ import annotations
 
 import datetime
+import logging as std_logging
 import pathlib
 from typing import Any
 
@@ -37,11 +38,24 @@ def _options(*, name: str, max_to_keep: int | None, read_only: bool) -> ocp.Chec
     # cross-process barriers ("_async_write_complete.<step>", ...) collide and a
     # multi-process run hangs or aborts at its first checkpoint.
     return ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        # Read-only managers get the values orbax would otherwise force with a warning each.
+        max_to_keep=None if read_only else max_to_keep,
+        save_interval_steps=0 if read_only else 1,
         create=not read_only,
         read_only=read_only,
         multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
     )
+
+
+class _DropReadOnlyNotice(std_logging.Filter):
+    """orbax warns 'Given directory is read only=...' for every read-only manager, i.e. at
+    every evaluation, prediction and export: that is what was asked for, not a problem."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+std_logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 
 
 class RunCheckpoints:

@@ -810,6 +810,11 @@ def _train(
         },
         "provenance": run_dir.provenance(),
     }
+    _say(is_chief, f"run folder {workdir}: {config.method} on leads {','.join(leads)}, {total_steps} steps "
+                   f"({int(config.train.epochs)} epochs x {loader.steps_per_epoch}), global batch {batch_size} "
+                   f"on {parallel.num_devices} device(s) in {jax.process_count()} process(es)")
+    _say(is_chief, f"data {info['data_dir']}: {len(train_split)} training and {len(val_split)} validation records"
+                   + (f" (folds {folds['train']} / {folds['val']})" if folds else ""))
     # Every process checks the old config before the chief replaces it.
     if (workdir / run_dir.CHECKPOINTS_DIR).is_dir():
         run_dir.check_resume_config(workdir, config)
@@ -981,6 +986,10 @@ def _train(
                     "samples_per_s": batch_size / seconds_per_step,
                 }
                 log.write(row)
+                if bar.disable:  # no progress bar (not a terminal, or progress=False): a log line instead
+                    terms = ", ".join(f"{k[5:]} {v:.4f}" for k, v in means.items() if k.startswith("loss_"))
+                    _say(is_chief, f"{workdir.name} step {done}/{total_steps}: loss {means['loss']:.4f}"
+                                   + (f" ({terms})" if terms else "") + f", {row['samples_per_s']:.0f} samples/s")
                 bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
                 if epoch_end:
                     epoch = done // loader.steps_per_epoch
@@ -1059,7 +1068,8 @@ def _merge(state: TrainState, model_part: dict, train_part: dict) -> TrainState:
 
 
 def _say(enabled: bool, message: str) -> None:
-    if enabled:
+    """A progress message at INFO (``--verbosity=-1`` hides it), written around the bar."""
+    if enabled and logging.level_info():
         tqdm.tqdm.write(message)
 
 

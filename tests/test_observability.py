@@ -60,3 +60,34 @@ def test_a_resumed_run_continues_the_same_curves_without_duplicated_steps(config
     assert steps == sorted(set(steps)) == list(range(1, 7))
     assert 123.0 not in [v for _, v in events["train/loss"]]
     _assert_same(events, _jsonl_as_tags(tmp_path))
+
+
+def _train_cli(workdir, shards, *extra):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/teacher.py", f"--workdir={workdir}",
+         f"--config.data.dir={shards}", "--config.student.width_mult=0.25", "--config.train.batch_size=32",
+         "--config.train.epochs=1", "--config.eval.batch_size=64", "--config.train.log_every_steps=1", *extra],
+        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True, timeout=600)
+
+
+def test_train_cli_echoes_what_it_runs_and_verbosity_lowers_it(ptbxl_sample_shards, tmp_path):
+    result = _train_cli(tmp_path / "run", ptbxl_sample_shards)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    echo = next(line for line in out.splitlines() if "config (fields that differ from the defaults)" in line)
+    assert "student.width_mult=0.25" in echo and "train.epochs=1" in echo and "clt.dim" not in echo
+    assert "devices: 1 x cpu" in out or "devices:" in out
+    assert f"run folder {tmp_path / 'run'}" in out and "67 training and 16 validation records" in out
+    assert "Given directory is read only" not in out and "read_only=True" not in out
+    # The acceptance interface: event files under the run folder with the loss and validation AUC.
+    assert {"train/loss", "val/macro_auc"} <= set(read_events(tmp_path / "run"))
+
+    quiet = _train_cli(tmp_path / "quiet", ptbxl_sample_shards, "--verbosity=-1")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "config (fields" not in quiet.stderr + quiet.stdout and "run folder" not in quiet.stdout
