@@ -109,6 +109,7 @@ def write_comparison_report(
     class_table, class_means = per_class_table(groups, label_names)
 
     seed0 = {g: dirs[0] for g, dirs in groups.items()}
+    num_seeds = max(len(dirs) for dirs in groups.values())
     scores = {g: evaluate_lib.load_scores(d)["scores"] for g, d in seed0.items()}
     y_test = evaluate_lib.load_scores(seed0[baseline_group])["y"]
     roc = plots.plot_roc_curves(
@@ -116,7 +117,8 @@ def write_comparison_report(
         y_true=y_test,
         scores=scores,
         label_names=label_names,
-        title=f"Test ROC curves per class (seed {_seed_of(seed0[baseline_group])})",
+        title=(f"Test ROC curves per class, seed {_seed_of(seed0[baseline_group])}"
+               + (f" only (of {num_seeds} seeds; the others are not drawn)" if num_seeds > 1 else "")),
     )
     gain = plots.plot_auc_gain(
         plot_dir / "auc_gain.png",
@@ -158,7 +160,8 @@ def write_comparison_report(
         "on the validation split; thresholds (F1, Fmax) also come from validation only.",
     ]
     if teacher_row is not None:
-        lines += ["", "Share of the teacher gap closed = (method - baseline) / (teacher - baseline)."]
+        lines += ["", "Share of the teacher gap closed = (method - baseline) / (teacher - baseline), given only "
+                  "where the teacher beats the baseline with a paired 95% CI above 0."]
     lines += [
         "",
         "## Per-class test AUC (mean over seeds)",

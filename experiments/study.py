@@ -408,8 +408,14 @@ def markdown_table(rows: list[dict], *, baseline: str | None, teacher: dict | No
             if teacher:
                 gap = teacher["macro_auc"] - base_auc if base_auc is not None else float("nan")
                 is_student = "vs_baseline" in r and r is not teacher
-                share = (r["macro_auc"] - base_auc) / gap if gap > 0 and is_student else None
-                line += f" {share:.0%} |" if share is not None else " |"
+                # A share of a gap the teacher does not significantly have is noise (-470% was printed).
+                significant = "vs_baseline" in teacher and teacher["vs_baseline"]["ci"][0] > 0
+                if is_student and not (significant and gap > 0):
+                    line += " n/a (teacher not significantly better) |"
+                elif is_student:
+                    line += f" {(r['macro_auc'] - base_auc) / gap:.0%} |"
+                else:
+                    line += " |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -74,30 +74,42 @@ def plot_roc_curves(
     aucs = {model: metrics.per_class_auc(y_true=y, y_score=s, label_names=names) for model, s in scores.items()}
     num_cols = min(len(names), 3)
     num_rows = math.ceil(len(names) / num_cols)
-    fig, axes = plt.subplots(num_rows, num_cols, figsize=(4.2 * num_cols, 4.0 * num_rows), squeeze=False)
+    # constrained layout makes room for the legends under the panels.
+    fig, axes = plt.subplots(num_rows, num_cols, figsize=(4.2 * num_cols, 5.0 * num_rows), squeeze=False,
+                             layout="constrained")
+    colours = {model: f"C{i}" for i, model in enumerate(scores)}
+    handles = {}
     for c, name in enumerate(names):
         ax = axes[c // num_cols][c % num_cols]
-        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="chance")
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
         num_pos = int(y[:, c].sum())
+        panel_title = f"{name} (n+ = {num_pos} / {len(y)})"
         if 0 < num_pos < len(y):
-            for model, s in scores.items():
+            # Earlier models on top and a little wider: a perfect teacher (AUC 1) runs along the
+            # frame, where a thin line underneath the others would be lost.
+            for k, (model, s) in enumerate(scores.items()):
                 fpr, tpr = _roc_points(y[:, c], np.asarray(s, dtype=np.float64)[:, c])
-                ax.plot(fpr, tpr, linewidth=1.6, label=f"{model} (AUC {aucs[model].per_class_auc[name]:.3f})")
+                (handles[model],) = ax.plot(fpr, tpr, linewidth=2.4 - 0.4 * min(k, 2), color=colours[model],
+                                            zorder=10 - k)
+            # AUCs in the title, models in one legend under the figure: legends inside the
+            # panels covered the curves.
+            panel_title += "\nAUC " + " | ".join(f"{aucs[m].per_class_auc[name]:.3f}" for m in scores)
         else:
             ax.text(0.5, 0.5, "no AUC:\nno positives or no negatives", ha="center", va="center",
                     transform=ax.transAxes, color="firebrick")
-        ax.set_title(f"{name} (n+ = {num_pos} / {len(y)})")
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("False positive rate")
         ax.set_ylabel("True positive rate")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7)
     for k in range(len(names), num_rows * num_cols):
         axes[k // num_cols][k % num_cols].axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 4),
+                   fontsize=9, frameon=False)
+    fig.suptitle(title + "\n(panel AUCs in the order of the legend; dashed: chance)")
     return _save(fig, path)
 
 
@@ -172,35 +184,32 @@ def plot_training_curves(
         xs, ys = zip(*sorted(pairs))
         return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(12, 4.2))
-    plotted_loss = False
-    for key in loss_keys:
+    # One panel per loss term: on a shared axis a CLT term near 16 flattens a BCE term near 0.3.
+    present = [key for key in loss_keys if series(key, "step")[0].size]
+    panels = max(len(present), 1) + 1
+    num_cols = min(panels, 3)
+    num_rows = math.ceil(panels / num_cols)
+    fig, axes = plt.subplots(num_rows, num_cols, figsize=(4.6 * num_cols, 3.6 * num_rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, key in zip(flat, present):
         steps, values = series(key, "step")
-        if steps.size:
-            ax_loss.plot(steps, values, linewidth=1.4 if key == "loss" else 1.0,
-                         color="black" if key == "loss" else None, label=key)
-            plotted_loss = True
+        ax.plot(steps, values, linewidth=1.4, color="black" if key == "loss" else "tab:blue")
+        ax.set_title("total loss" if key == "loss" else f"{key[5:].upper()} term ({key})", fontsize=10)
+        ax.set_xlabel("Step")
+        ax.grid(alpha=0.3)
+    if not present:
+        flat[0].text(0.5, 0.5, "no loss values logged", ha="center", va="center", transform=flat[0].transAxes)
     steps, lr = series("learning_rate", "step")
     if steps.size:
-        ax_lr = ax_loss.twinx()
-        ax_lr.plot(steps, lr, color="0.6", linestyle=":", linewidth=1.0, label="learning_rate")
-        ax_lr.set_ylabel("Learning rate", color="0.4")
+        ax_lr = flat[0].twinx()
+        ax_lr.plot(steps, lr, color="0.6", linestyle=":", linewidth=1.0)
+        ax_lr.set_ylabel("Learning rate (dotted)", color="0.4")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax_loss.set_xlabel("Step")
-    ax_loss.set_ylabel("Loss")
-    ax_loss.set_title("Training loss terms")
-    ax_loss.grid(alpha=0.3)
-    # One legend for both y axes, drawn on the twin axis (on top) so no curve hides it.
-    legend_axes = [ax_loss] + ([ax_lr] if steps.size else [])
-    handles = [h for a in legend_axes for h in a.get_legend_handles_labels()[0]]
-    if handles:
-        legend_axes[-1].legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
-    if not plotted_loss:
-        ax_loss.text(0.5, 0.5, "no loss values logged", ha="center", va="center", transform=ax_loss.transAxes)
 
+    ax_auc = flat[panels - 1]
     epochs, auc = series("val_macro_auc", "epoch")
     if epochs.size:
-        ax_auc.plot(epochs, auc, marker="o", color="tab:blue", label="val macro-AUC")
+        ax_auc.plot(epochs, auc, marker="o", markersize=3, color="tab:blue", label="val macro-AUC")
         best = int(np.argmax(auc))
         ax_auc.scatter([epochs[best]], [auc[best]], s=90, facecolors="none", edgecolors="firebrick",
                        zorder=3, label=f"best {auc[best]:.4f} (epoch {epochs[best]:g})")
@@ -208,9 +217,10 @@ def plot_training_curves(
     else:
         ax_auc.text(0.5, 0.5, "no validation AUC logged", ha="center", va="center", transform=ax_auc.transAxes)
     ax_auc.set_xlabel("Epoch")
-    ax_auc.set_ylabel("Validation macro-AUC")
-    ax_auc.set_title("Validation macro-AUC")
+    ax_auc.set_title("Validation macro-AUC", fontsize=10)
     ax_auc.grid(alpha=0.3)
+    for ax in flat[panels:]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
@@ -265,11 +275,7 @@ def plot_lead_sweep(
     if err_base is not None:
         tops.append(base + err_base[1])
     top = np.max(tops, axis=0)
-    for x, gain, height in zip(positions, method - base, top):
-        ax.text(x, height + 0.004, f"{gain:+.3f}", ha="center", va="bottom", fontsize=8,
-                color="seagreen" if gain >= 0 else "firebrick")
     lows = [base.min(), method.min()]
-    highs = [top.max() + 0.015]
     if err_base is not None:
         lows.append((base - err_base[0]).min())
     if err_method is not None:
@@ -278,9 +284,19 @@ def plot_lead_sweep(
         ax.axhline(teacher_auc, color="firebrick", linestyle="--", linewidth=1.2,
                    label=f"12-lead teacher ({teacher_auc:.3f})")
         lows.append(teacher_auc)
-        highs.append(teacher_auc + 0.01)
     low = max(0.0, min(lows) - 0.03)
-    ax.set_ylim(low, max(highs))
+    if low < 0.55:
+        # Bars near or below chance: draw chance, so "below 0.5" is seen as worse than guessing.
+        low = min(low, 0.45)
+        ax.axhline(0.5, color="0.35", linestyle=":", linewidth=1.2, label="chance (0.5)")
+    span = max(top.max(), teacher_auc or 0.0) - low
+    # Gain labels sit above the whiskers; the top limit leaves them a line of room inside the axes.
+    for x, gain, height in zip(positions, method - base, top):
+        ax.text(x, height + 0.02 * span, f"{gain:+.3f}", ha="center", va="bottom", fontsize=8,
+                color="seagreen" if gain >= 0 else "firebrick", zorder=5,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.0})
+    high = max(top.max() + 0.12 * span, (teacher_auc or 0.0) + 0.05 * span)
+    ax.set_ylim(low, high)
     ax.set_xticks(positions, leads)
     ax.set_xlabel("Input lead of the student")
     ax.set_ylabel("Test macro-AUC" + (f" (axis starts at {low:.2f})" if low > 0 else ""))

@@ -122,3 +122,55 @@ def test_ablation_png(tmp_path):
     path = plots.plot_ablation(tmp_path / "ablation.png", methods=methods, aucs=aucs, cis=cis,
                                reference="BCE baseline")
     _assert_png(path, min_kb=20)
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures the plot functions save, kept open for inspection."""
+    figures = []
+    real_close = plots.plt.close
+
+    def keep(fig=None):
+        figures.append(fig)
+
+    monkeypatch.setattr(plots.plt, "close", keep)
+    yield figures
+    for fig in figures:
+        real_close(fig)
+
+
+def _inside(inner, outer, tolerance=1.0):
+    return (inner.x0 >= outer.x0 - tolerance and inner.x1 <= outer.x1 + tolerance
+            and inner.y0 >= outer.y0 - tolerance and inner.y1 <= outer.y1 + tolerance)
+
+
+def test_lead_sweep_gain_labels_stay_inside_the_axes_and_chance_is_drawn(tmp_path, kept_figures):
+    """Whiskers up to the top of the data once pushed the gain labels into the title; AUCs
+    below 0.5 had no chance line to be read against."""
+    baseline = np.array([0.62, 0.55, 0.48, 0.60, 0.45, 0.52, 0.58, 0.61, 0.66, 0.70, 0.64, 0.59])
+    method = baseline + np.linspace(-0.04, 0.04, 12)
+    plots.plot_lead_sweep(tmp_path / "leads.png", leads=LEADS, auc_baseline=baseline, auc_method=method,
+                          ci_baseline=[[b - 0.08, b + 0.08] for b in baseline],
+                          ci_method=[[m - 0.08, m + 0.08] for m in method], teacher_auc=0.74)
+    fig = kept_figures[-1]
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    gains = [t for t in ax.texts if t.get_text().startswith(("+", "-"))]
+    assert len(gains) == 12
+    for text in gains:
+        assert _inside(text.get_window_extent(renderer), ax.get_window_extent(renderer)), text.get_text()
+    chance = [line for line in ax.get_lines() if line.get_label() == "chance (0.5)"]
+    assert chance and list(chance[0].get_ydata()) == [0.5, 0.5] and ax.get_ylim()[0] < 0.45
+
+
+def test_roc_legend_covers_no_curve_and_training_terms_get_their_own_axes(ptbxl_like_scores, tmp_path,
+                                                                          kept_figures):
+    y, scores = ptbxl_like_scores
+    plots.plot_roc_curves(tmp_path / "roc.png", y_true=y, scores=scores, label_names=PTBXL_SUPERCLASSES)
+    fig = kept_figures[-1]
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert all(ax.get_xlim()[0] < 0 and ax.get_ylim()[1] > 1 for ax in fig.axes if ax.lines)  # AUC 1 visible
+    rows = [{"step": s, "loss": 16.0 + 1 / s, "loss_bce": 0.3 + 1 / s, "loss_clt": 16.0 - 1 / s} for s in range(1, 30)]
+    plots.plot_training_curves(tmp_path / "curves.png", metrics_rows=rows)
+    titles = [ax.get_title() for ax in kept_figures[-1].axes]
+    assert {"total loss", "BCE term (loss_bce)", "CLT term (loss_clt)", "Validation macro-AUC"} <= set(titles)
