@@ -74,6 +74,8 @@ def test_evaluate_cli_writes_eval_json(pipeline_dir):
     result = _run("experiments.evaluate", f"--workdir={run}", "--split=test", "--bootstrap_resamples=50")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "macro-AUC" in result.stdout
+    # orbax's notices about read-only managers (every evaluation uses them) are silenced at their source.
+    assert "read only" not in result.stderr and "read_only" not in result.stderr, result.stderr[-2000:]
     out = json.loads((run / "eval_test.json").read_text())
     lo, hi = out["macro_auc_ci"]
     assert lo <= out["macro_auc"] <= hi
@@ -135,3 +137,20 @@ def test_shared_teacher_pairs_with_every_baseline_seed(pipeline_dir):
     single = evaluate.compare_runs(bce[:1], [runs / "teacher_seed0"], n_resamples=50)
     assert teacher["num_seeds"] == 1
     assert teacher["vs_baseline"]["difference"] == pytest.approx(single["difference"])
+
+
+def test_gap_share_is_not_given_when_the_teacher_is_not_significantly_better():
+    """A share of a gap the teacher does not significantly have is noise (-470% was printed)."""
+    def row(method, auc, ci=None):
+        r = {"method": method, "macro_auc": auc, "ci": [auc - 0.02, auc + 0.02], "per_seed": [auc], "num_seeds": 1}
+        if ci is not None:
+            r["vs_baseline"] = {"difference": auc - 0.84, "ci": ci, "p_value": 0.3}
+        return r
+
+    teacher = row("teacher", 0.842, ci=[-0.01, +0.015])
+    rows = [teacher, row("bce", 0.84), row("mvkt", 0.85, ci=[-0.005, 0.025])]
+    table = study.markdown_table(rows, baseline="bce", teacher=teacher)
+    assert "n/a (teacher not significantly better)" in table and "%" not in table.split("mvkt")[1]
+    teacher = row("teacher", 0.88, ci=[0.01, 0.07])
+    table = study.markdown_table([teacher, rows[1], rows[2]], baseline="bce", teacher=teacher)
+    assert "| 25% |" in table

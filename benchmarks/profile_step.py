@@ -1,0 +1,213 @@
+"""Where the train step's time goes: per-op accounting of mvkt's jitted step on this machine.
+
+    python benchmarks/profile_step.py --archs=resnet1d_wang,xresnet1d50 --configs=teacher_bce \
+        --out=benchmarks/results/profile_step.json
+
+The step is built exactly as in `benchmarks/train_step.py` (``mvkt.train.build_training``,
+same synthetic batches), compiled, warmed up, then ``--steps`` steps run under
+``jax.profiler`` (perfetto trace). XLA:CPU records one trace event per executed thunk
+(a fusion, a convolution, a custom call, a copy); each is matched with its instruction in
+the compiled HLO (``compiled.as_text()``) and put in one category:
+
+| category | what |
+|---|---|
+| `convolution fwd` / `convolution bwd` | convolution thunks of the forward pass / of the gradient (``transpose(jvp(...))`` in their op name) |
+| `transpose/copy` | fusions that only move data (names with ``transpose`` or ``copy``; layout changes around convolutions) |
+| `reduction` | fusions whose root is a reduce: BatchNorm statistics and their gradients, pooling, loss sums |
+| `elementwise` | other loop fusions (BatchNorm apply, ReLU, adds; the optimizer update is here too) |
+| `dot` | matrix multiplies (heads, CLT projections) |
+| `other` | anything else (custom calls, sort, rng) |
+
+The table gives each category's share of the summed thunk time, the top operations by time
+with their shapes, and the step's wall time; the load average is printed before and after
+(a profile taken on a busy machine is marked). The JSON holds every operation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import train_step as bench  # noqa: E402
+
+BUSY_LOAD = 1.5
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?) (\w[\w\-]*)\((.*)$")
+
+
+def hlo_instructions(text: str) -> dict[str, dict]:
+    """name -> {shape, opcode, op_name, root (for fusions: the fused computation's root opcode)}."""
+    computations: dict[str, str] = {}
+    current = None
+    roots: dict[str, str] = {}
+    table: dict[str, dict] = {}
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and "=" not in line.split("{")[0]:
+            current = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        table[name] = {"shape": shape, "opcode": opcode, "op_name": op_name.group(1) if op_name else "",
+                       "calls": calls.group(1) if calls else None, "computation": current}
+        if line.lstrip().startswith("ROOT") and current:
+            roots[current] = opcode
+    for entry in table.values():
+        if entry["calls"]:
+            entry["root"] = roots.get(entry["calls"], "")
+    return table
+
+
+def category(name: str, entry: dict | None) -> str:
+    opcode = entry["opcode"] if entry else ""
+    op_name = entry["op_name"] if entry else ""
+    if opcode == "convolution" or "conv" in name and opcode in ("", "custom-call"):
+        return "convolution bwd" if "transpose(" in op_name else "convolution fwd"
+    if "transpose" in name or "copy" in name or opcode in ("transpose", "copy"):
+        return "transpose/copy"
+    if opcode == "dot" or "dot" in name:
+        return "dot"
+    if opcode == "fusion" and entry and entry.get("root") in ("reduce", "tuple") or "reduce" in name:
+        return "reduction"
+    if opcode == "fusion" or "fusion" in name:
+        return "elementwise"
+    return "other"
+
+
+def profile(arch: str, config: str, *, batch_size: int, crop: int, steps: int, warmup: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.configs import default
+    from mvkt import models, parallel, train
+
+    method, leads, variant, cache = bench.CONFIGS[config]
+    cfg = default.get_config()
+    cfg.method, cfg.student.arch, cfg.student.leads, cfg.train.batch_size = method, arch, leads, batch_size
+    if variant is not None:
+        cfg.clt.variant = variant
+    spec = train.LossSpec.from_config(cfg)
+    par = parallel.make_parallelism()
+    teacher = None
+    if spec.needs_teacher:
+        model = models.create_model(arch, num_classes=bench.NUM_CLASSES)
+        teacher = (model, model.init(jax.random.PRNGKey(1), jnp.zeros((1, crop, bench.NUM_LEADS)), train=False))
+    labels, host_batches = bench.make_data(batch_size=batch_size, crop=crop, num_batches=4)
+    if cache:
+        bench.add_teacher_cache(host_batches, feature_dim=models.feature_dim(arch))
+    training = train.build_training(cfg, num_classes=bench.NUM_CLASSES, crop_length=crop, total_steps=10_000,
+                                    parallel=par, rng=jax.random.PRNGKey(0), train_labels=labels, teacher=teacher)
+    state, rng = training.state, par.replicate(jax.random.PRNGKey(5))
+    batches = [par.to_global(b) for b in host_batches]
+    compiled = training.update.lower(state, batches[0], rng).compile()
+    instructions = hlo_instructions(compiled.as_text())
+    flops = None
+    try:
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        flops = float(analysis.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        pass
+    for i in range(warmup):
+        state, metrics = compiled(state, batches[i % len(batches)], rng)
+    jax.block_until_ready(state)
+
+    trace_dir = tempfile.mkdtemp(prefix="mvkt-profile-")
+    load_start = os.getloadavg()
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, metrics = compiled(state, batches[i % len(batches)], rng)
+    jax.block_until_ready(state)
+    wall = (time.perf_counter() - start) / steps
+    jax.profiler.stop_trace()
+    load_end = os.getloadavg()
+
+    path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and name in instructions:
+            per_op[name] += e.get("dur", 0.0) / 1e3 / steps  # ms per step
+    total = sum(per_op.values())
+    by_category: dict[str, float] = collections.defaultdict(float)
+    ops = []
+    for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1]):
+        entry = instructions.get(name)
+        cat = category(name, entry)
+        by_category[cat] += ms
+        ops.append({"name": name, "ms_per_step": ms, "category": cat, "shape": entry["shape"] if entry else "",
+                    "op_name": (entry["op_name"] if entry else "")[-120:]})
+    return {
+        "arch": arch, "config": config, "batch_size": batch_size, "crop": crop, "steps": steps,
+        "step_wall_ms": wall * 1e3, "summed_thunk_ms": total,
+        "gflop_per_step": flops / 1e9 if flops else None,
+        "gflop_per_s": flops / 1e9 / wall if flops else None,
+        "categories": {k: {"ms_per_step": v, "share": v / total if total else None}
+                       for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "ops": ops, "load_average_start": load_start, "load_average_end": load_end,
+        "busy": max(load_start[0], load_end[0]) > BUSY_LOAD,
+    }
+
+
+def markdown(result: dict, top: int) -> str:
+    mark = " (BUSY: load above 1.5, do not publish)" if result["busy"] else ""
+    lines = [f"### {result['arch']} {result['config']} (batch {result['batch_size']}, crop {result['crop']}){mark}",
+             "",
+             f"step wall {result['step_wall_ms']:.1f} ms, summed op time {result['summed_thunk_ms']:.1f} ms"
+             + (f", {result['gflop_per_step']:.1f} GFLOP/step = {result['gflop_per_s']:.0f} GFLOP/s"
+                if result["gflop_per_step"] else "")
+             + f"; load {result['load_average_start'][0]:.2f} -> {result['load_average_end'][0]:.2f}", "",
+             "| category | ms/step | share |", "|---|---:|---:|"]
+    for name, c in result["categories"].items():
+        lines.append(f"| {name} | {c['ms_per_step']:.1f} | {c['share']:.0%} |")
+    lines += ["", f"Top {top} operations:", "", "| op | category | shape | ms/step |", "|---|---|---|---:|"]
+    for op in result["ops"][:top]:
+        lines.append(f"| `{op['name']}` | {op['category']} | `{op['shape'][:60]}` | {op['ms_per_step']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="resnet1d_wang,xresnet1d50")
+    parser.add_argument("--configs", default="teacher_bce")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--crop", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    results = []
+    for arch in args.archs.split(","):
+        for config in args.configs.split(","):
+            result = profile(arch, config, batch_size=args.batch_size, crop=args.crop, steps=args.steps,
+                             warmup=args.warmup)
+            results.append(result)
+            print(markdown(result, args.top), "\n", flush=True)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps({"results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
