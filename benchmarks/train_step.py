@@ -82,6 +82,7 @@ NUM_CLASSES = 5
 NUM_LEADS = 12
 NUM_RECORDS = 1442  # train split of ptbxl-subset-1819: rows of the CLT memory bank
 MARK = "@@BENCH "
+BUSY_LOAD = 1.5  # rows taken above this 1-minute load average are marked and not published
 TORCH_INSTALL = "pip install torch==2.13.0"
 
 # name -> (method, student leads, CLT variant, teacher cache)
@@ -260,6 +261,13 @@ def jax_worker(args) -> None:
     step = lowered.compile()
     t2 = time.perf_counter()
     rss_after_compile_mb = _rss_mb() - baseline_mb
+    flops = None
+    try:  # XLA's cost model: floating-point operations of one step (forward + backward + update)
+        analysis = step.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        flops = float(analysis.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        pass
     xla_memory = None
     try:  # XLA's own buffer accounting of the step executable
         ma = step.memory_analysis()
@@ -300,6 +308,7 @@ def jax_worker(args) -> None:
     _say({"event": "ready", "trace_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": first_step_s,
           "warmup_metrics": metrics, "params": {"model": n_model, "heads": n_heads, "teacher": n_teacher},
           "device": device.device_kind, "platform": device.platform, "xla_memory_mb": xla_memory,
+          "flops_per_step": flops,
           "rss_before_compile_mb": rss_before_compile_mb, "rss_after_compile_mb": rss_after_compile_mb})
 
     def finish() -> dict:
@@ -712,14 +721,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def bench_config(args, arch: str, config: str, have_torch: bool, jax_env: dict) -> dict:
+def bench_config(args, arch: str, config: str, have_torch: bool, jax_env: dict,
+                 matmul_gflops: float | None = None) -> dict:
     row: dict = {"arch": arch, "config": config, "load_average_start": os.getloadavg()}
     jw = Worker("jax", args, arch, config, env=jax_env)
     tw = None
     try:
         ready = jw.read()
         row["jax"] = {k: ready[k] for k in ("trace_s", "compile_s", "first_step_s", "warmup_metrics", "params",
-                                            "xla_memory_mb", "rss_before_compile_mb", "rss_after_compile_mb")}
+                                            "xla_memory_mb", "rss_before_compile_mb", "rss_after_compile_mb",
+                                            "flops_per_step")}
         row["device"], row["platform"] = ready["device"], ready["platform"]
         if have_torch:
             tw = Worker("torch", args, arch, config)
@@ -748,6 +759,14 @@ def bench_config(args, arch: str, config: str, have_torch: bool, jax_env: dict) 
             row["paired_ratio_median"] = statistics.median(t / j for j, t in zip(jt, tt))
             row["params_match"] = row["jax"]["params"] == row["torch"]["params"]
         row["load_average_end"] = os.getloadavg()
+        row["busy"] = max(row["load_average_start"][0], row["load_average_end"][0]) > BUSY_LOAD
+        flops = row["jax"].get("flops_per_step")
+        if flops:
+            row["jax"]["gflop_per_s"] = flops / row["jax"]["median_step_s"] / 1e9
+            if matmul_gflops:
+                row["jax"]["share_of_peak"] = row["jax"]["gflop_per_s"] / matmul_gflops
+                if tw is not None:  # the same FLOPs in the torch step's time
+                    row["torch"]["share_of_peak"] = flops / row["torch"]["median_step_s"] / 1e9 / matmul_gflops
     finally:
         jw.close()
         if tw is not None:
@@ -759,21 +778,48 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown_table(rows: list[dict], torch_skipped: str | None) -> str:
-    lines = ["| config | JAX samples/s | torch samples/s | ratio | JAX peak MB | torch peak MB | compile s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+def markdown_table(rows: list[dict], torch_skipped: str | None, matmul_gflops: float | None = None) -> str:
+    lines = ["| config | JAX samples/s | torch samples/s | ratio | JAX share of peak | torch share of peak | "
+             "JAX peak MB | torch peak MB | compile s | load before -> after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         label = f"{r['arch']} {r['config']}"
         if r.get("platform", "cpu") != "cpu":
             label += f" [{r['device']}]"
         t = r.get("torch") or {}
+        load = f"{r['load_average_start'][0]:.2f} -> {r['load_average_end'][0]:.2f}" + (" BUSY" if r.get("busy") else "")
         lines.append(
             f"| {label} | {r['jax']['samples_per_s']:.1f} | {_fmt(t.get('samples_per_s'), '.1f')} | "
-            f"{_fmt(r.get('ratio'), '.2f')} | {r['jax']['peak_mb']:.0f} | {_fmt(t.get('peak_mb'), '.0f')} | "
-            f"{r['jax']['trace_s'] + r['jax']['compile_s']:.1f} |")
+            f"{_fmt(r.get('ratio'), '.2f')} | {_fmt(r['jax'].get('share_of_peak'), '.0%')} | "
+            f"{_fmt(t.get('share_of_peak'), '.0%')} | {r['jax']['peak_mb']:.0f} | {_fmt(t.get('peak_mb'), '.0f')} | "
+            f"{r['jax']['trace_s'] + r['jax']['compile_s']:.1f} | {load} |")
+    if matmul_gflops:
+        lines.append(f"\nShare of peak: the step's XLA-counted FLOPs per second over this machine's measured "
+                     f"float32 matrix-multiply rate ({matmul_gflops:.0f} GFLOP/s, jitted 2048x2048 matmul).")
+    if any(r.get("busy") for r in rows):
+        lines.append(f"\nBUSY rows were taken with a 1-minute load average above {BUSY_LOAD}: do not publish them.")
     if torch_skipped:
         lines.append(f"\ntorch columns empty: PyTorch reference skipped ({torch_skipped}).")
     return "\n".join(lines)
+
+
+def matmul_worker(args) -> None:
+    """This machine's float32 matrix-multiply rate through XLA (the yardstick of "share of peak")."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        for _ in range(5):
+            out = f(a)
+        out.block_until_ready()
+        times.append((time.perf_counter() - t) / 5)
+    _say({"event": "matmul", "gflops": 2 * n**3 / statistics.median(times) / 1e9})
 
 
 def parse_args(argv=None):
@@ -794,7 +840,7 @@ def parse_args(argv=None):
     ap.add_argument("--jax_env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for the JAX workers only, e.g. XLA_FLAGS=... (repeatable)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
-    ap.add_argument("--_worker", choices=("jax", "torch", "params"), help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", choices=("jax", "torch", "params", "matmul"), help=argparse.SUPPRESS)
     ap.add_argument("--_arch", help=argparse.SUPPRESS)
     ap.add_argument("--_config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -816,6 +862,9 @@ def main(argv=None) -> int:
         return 0
     if args._worker == "params":
         params_worker(args)
+        return 0
+    if args._worker == "matmul":
+        matmul_worker(args)
         return 0
 
     archs = [a for a in args.archs.split(",") if a]
@@ -855,18 +904,25 @@ def main(argv=None) -> int:
     if mismatch:
         raise SystemExit("the PyTorch reference does not match the Flax nets; refusing to compare them")
 
+    mcmd = [sys.executable, "-u", str(pathlib.Path(__file__).resolve()), "--_worker", "matmul"]
+    mout = subprocess.run(mcmd, capture_output=True, text=True, cwd=str(ROOT), env={**os.environ, **jax_env})
+    matmul_lines = [ln for ln in mout.stdout.splitlines() if ln.startswith(MARK)]
+    matmul_gflops = json.loads(matmul_lines[-1][len(MARK):])["gflops"] if matmul_lines else None
+    print(f"float32 matrix-multiply rate: {_fmt(matmul_gflops, '.0f')} GFLOP/s (load {os.getloadavg()[0]:.2f})")
+
     rows = []
     for arch in archs:
         for config in configs:
             t0 = time.perf_counter()
-            row = bench_config(args, arch, config, have_torch, jax_env)
+            row = bench_config(args, arch, config, have_torch, jax_env, matmul_gflops)
             rows.append(row)
             t = row.get("torch")
             print(f"[{time.perf_counter() - started:6.0f}s] {arch} {config}: JAX {row['jax']['samples_per_s']:.1f}/s"
                   + (f", torch {t['samples_per_s']:.1f}/s, ratio {row['ratio']:.2f}" if t else "")
-                  + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+                  + f" ({time.perf_counter() - t0:.0f}s; load {row['load_average_start'][0]:.2f} -> "
+                  f"{row['load_average_end'][0]:.2f}{', BUSY: do not publish' if row['busy'] else ''})", flush=True)
 
-    table = markdown_table(rows, why)
+    table = markdown_table(rows, why, matmul_gflops)
     print()
     print(table)
     import jax  # only for the environment record (after all workers are done)
@@ -882,6 +938,7 @@ def main(argv=None) -> int:
     settings.update({"num_classes": NUM_CLASSES, "num_leads": NUM_LEADS, "memory_bank_records": NUM_RECORDS,
                      "command": " ".join([os.path.basename(sys.executable)] + sys.argv)})
     result = {"environment": env, "settings": settings, "param_counts": counts, "rows": rows,
+              "matmul_gflops": matmul_gflops, "busy_load": BUSY_LOAD,
               "markdown": table, "total_seconds": time.perf_counter() - started}
     out = pathlib.Path(args.out)
     if not out.is_absolute():

@@ -1,0 +1,35 @@
+"""The benchmark scripts' own logic (no timing is asserted anywhere: timings live in benchmarks/)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import profile_step, train_step
+
+
+def test_profile_classifies_the_compiled_ops_of_a_conv_gradient():
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1,), [(2, 2)], dimension_numbers=("NWC", "WIO", "NWC"))
+        return jnp.sum(jax.nn.relu(y) ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((5, 4, 8)), jnp.ones((2, 50, 4))).compile()
+    table = profile_step.hlo_instructions(compiled.as_text())
+    kinds = {name: profile_step.category(name, entry) for name, entry in table.items()}
+    convs = [n for n, e in table.items() if e["opcode"] == "convolution"]
+    assert convs and all(kinds[n].startswith("convolution") for n in convs)
+    assert profile_step.category("transpose_copy_fusion.3", {"opcode": "fusion", "op_name": "", "root": "copy"}) \
+        == "transpose/copy"
+    assert profile_step.category("reduce_fusion", {"opcode": "fusion", "op_name": "", "root": "reduce"}) == "reduction"
+    assert profile_step.category("conv.1", {"opcode": "convolution", "op_name": "jit(f)/transpose(jvp(f))/conv"}) \
+        == "convolution bwd"
+
+
+def test_benchmark_table_marks_busy_rows_and_gives_the_share_of_peak():
+    row = {"arch": "resnet1d_wang", "config": "teacher_bce", "platform": "cpu", "busy": True,
+           "load_average_start": (3.2, 1, 1), "load_average_end": (3.4, 1, 1), "ratio": 0.9,
+           "jax": {"samples_per_s": 450.0, "share_of_peak": 0.81, "peak_mb": 600.0, "trace_s": 1.0, "compile_s": 2.0},
+           "torch": {"samples_per_s": 500.0, "share_of_peak": 0.9, "peak_mb": 700.0}}
+    table = train_step.markdown_table([row], None, matmul_gflops=170.0)
+    assert "3.20 -> 3.40 BUSY" in table and "| 81% | 90% |" in table and "170 GFLOP/s" in table
+    assert "do not publish" in table
