@@ -11,8 +11,8 @@ the compiled HLO (``compiled.as_text()``) and put in one category:
 
 | category | what |
 |---|---|
-| `convolution fwd` / `convolution bwd` | convolution thunks of the forward pass / of the gradient (``transpose(jvp(...))`` in their op name) |
-| `transpose/copy` | fusions that only move data (names with ``transpose`` or ``copy``; layout changes around convolutions) |
+| `convolution fwd` / `convolution bwd` | convolution thunks of the forward pass / of the gradient (``transpose(jvp(...))`` in their op name, or no JAX op name: the weight-gradient convolutions XLA rewrites) |
+| `transpose/copy` | fusions that only move data (names with ``transpose`` or ``copy``; e.g. the activations and gradients XLA transposes to [channels, time, batch] for the weight-gradient convolutions) |
 | `reduction` | fusions whose root is a reduce: BatchNorm statistics and their gradients, pooling, loss sums |
 | `elementwise` | other loop fusions (BatchNorm apply, ReLU, adds; the optimizer update is here too) |
 | `dot` | matrix multiplies (heads, CLT projections) |
@@ -78,7 +78,8 @@ def category(name: str, entry: dict | None) -> str:
     opcode = entry["opcode"] if entry else ""
     op_name = entry["op_name"] if entry else ""
     if opcode == "convolution" or "conv" in name and opcode in ("", "custom-call"):
-        return "convolution bwd" if "transpose(" in op_name else "convolution fwd"
+        # XLA rewrites weight-gradient convolutions into new instructions without a JAX op name.
+        return "convolution bwd" if "transpose(" in op_name or not op_name else "convolution fwd"
     if "transpose" in name or "copy" in name or opcode in ("transpose", "copy"):
         return "transpose/copy"
     if opcode == "dot" or "dot" in name:
