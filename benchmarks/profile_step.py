@@ -16,6 +16,7 @@ the compiled HLO (``compiled.as_text()``) and put in one category:
 | `reduction` | fusions whose root is a reduce: BatchNorm statistics and their gradients, pooling, loss sums |
 | `elementwise` | other loop fusions (BatchNorm apply, ReLU, adds; the optimizer update is here too) |
 | `dot` | matrix multiplies (heads, CLT projections) |
+| `ynn/xnn fusion` | subgraphs XLA hands to YNNPACK/XNNPACK: 1x1 and other convolutions or dots with what was fused into them, BatchNorm reductions |
 | `other` | anything else (custom calls, sort, rng) |
 
 The table gives each category's share of the summed thunk time, the top operations by time
@@ -80,6 +81,8 @@ def category(name: str, entry: dict | None) -> str:
     if opcode == "convolution" or "conv" in name and opcode in ("", "custom-call"):
         # XLA rewrites weight-gradient convolutions into new instructions without a JAX op name.
         return "convolution bwd" if "transpose(" in op_name or not op_name else "convolution fwd"
+    if name.startswith(("ynn_fusion", "xnn_fusion")):
+        return "ynn/xnn fusion"
     if "transpose" in name or "copy" in name or opcode in ("transpose", "copy"):
         return "transpose/copy"
     if opcode == "dot" or "dot" in name:
