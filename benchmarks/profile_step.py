@@ -21,7 +21,8 @@ the compiled HLO (``compiled.as_text()``) and put in one category:
 
 The table gives each category's share of the summed thunk time, the top operations by time
 with their shapes, and the step's wall time; the load average is printed before and after
-(a profile taken on a busy machine is marked). The JSON holds every operation.
+(a profile taken on a busy machine is marked). The JSON holds the categories and the
+``--json_ops`` heaviest operations.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--json_ops", type=int, default=40, help="operations per profile kept in --out")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     results = []
@@ -208,8 +210,10 @@ def main(argv=None) -> int:
             results.append(result)
             print(markdown(result, args.top), "\n", flush=True)
     if args.out:
+        # The JSON keeps the heaviest operations (a step has hundreds; the categories sum all of them).
+        kept = [{**r, "ops": r["ops"][:args.json_ops]} for r in results]
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps({"results": results}, indent=1))
+        pathlib.Path(args.out).write_text(json.dumps({"results": kept}, indent=1))
     return 0
 
 
