@@ -307,10 +307,8 @@ def test_sweep_print_mode_passes_the_multi_host_flags_on(tmp_path):
         assert not any(a.startswith("--process_id") for a in args)
 
 
-def _study_flags(module: str) -> dict[str, str]:
-    """--flag -> default of the flags ``module`` defines through experiments.study."""
-    out = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+def _study_flags(out: str) -> dict[str, str]:
+    """--flag -> default of the flags defined through experiments.study, from --helpfull output."""
     section = out.split("experiments.study:")[1].split("\n\n")[0]
     names = {}
     for line in section.splitlines():
@@ -325,7 +323,11 @@ def _study_flags(module: str) -> dict[str, str]:
 def test_every_study_runner_has_the_same_study_flags():
     """pipeline, ablation, lead_sweep and crossval share one set of study flags (names and
     defaults); only the study folder, the default lead set(s) and methods differ."""
-    flags_of = {m: _study_flags(f"experiments.{m}") for m in ("pipeline", "ablation", "lead_sweep", "crossval")}
+    runners = ("pipeline", "ablation", "lead_sweep", "crossval")
+    procs = {m: subprocess.Popen([sys.executable, "-m", f"experiments.{m}", "--helpfull"], cwd=REPO, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 env=dict(os.environ, PYTHONPATH=str(REPO))) for m in runners}
+    flags_of = {m: _study_flags(p.communicate(timeout=120)[0]) for m, p in procs.items()}
     names = {m: set(f) for m, f in flags_of.items()}
     assert all(n == names["pipeline"] for n in names.values()), names
     assert {"workdir", "data_dir", "leads", "methods", "seeds", "epochs", "teacher_dir", "override"} <= names["pipeline"]
