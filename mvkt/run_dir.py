@@ -29,7 +29,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import tensorboardX
 from absl import logging
 
 from mvkt import checkpoints as ckpt_lib
@@ -258,6 +257,10 @@ class MetricsLog:
         events = pathlib.Path(workdir) / TENSORBOARD_DIR
         for old in events.glob("events.out.tfevents.*"):
             old.unlink()
+        # Imported here, by the chief of a training run only: it takes about a second, which
+        # every other entry point (predict, export, evaluate) importing run_dir would pay.
+        import tensorboardX  # noqa: PLC0415
+
         # flush_secs: curves appear in TensorBoard within seconds, not the default 2 minutes.
         self._events = tensorboardX.SummaryWriter(str(events), flush_secs=10)
         for row in kept:
@@ -266,7 +269,7 @@ class MetricsLog:
     def _add_events(self, row: dict) -> None:
         step = int(row["step"])
         for key, value in row.items():
-            if key not in ("step", "epoch") and isinstance(value, (int, float)) and value is not None:
+            if key not in ("step", "epoch") and isinstance(value, (int, float)):
                 self._events.add_scalar(tensorboard_tag(key), float(value), step)
 
     def write(self, row: dict) -> None:
