@@ -317,6 +317,8 @@ class RunLock:
 
     # A lock file still empty after this long was left by a process killed while creating it.
     EMPTY_GRACE_S = 10.0
+    # How long a second process waits for a just-created lock file to be written.
+    WRITE_WAIT_S = 2.0
 
     def __init__(self, workdir: str | pathlib.Path):
         self.workdir = pathlib.Path(workdir).absolute()
@@ -357,6 +359,12 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
+                # The holder writes its lock file right after creating it: give it a moment, so
+                # the refusal can name it rather than "a lock file being written".
+                deadline = time.monotonic() + self.WRITE_WAIT_S
+                while holder is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    holder = self._holder()
                 if holder == {}:  # released meanwhile
                     continue
                 if self._stale(holder):
