@@ -89,9 +89,8 @@ def quiet_library_logs():
     background-thread errors of orbax and asyncio too."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.INFO)
-    handlers = {logging.get_absl_handler(), *std_logging.getLogger().handlers}
     if logging.get_verbosity() < logging.DEBUG:
-        for handler in handlers:
+        for handler in {logging.get_absl_handler(), *std_logging.getLogger().handlers}:
             handler.addFilter(_BackgroundErrorFilter())
             handler.addFilter(_LibraryInfoFilter())
         sys.unraisablehook = _quiet_closed_loop_callbacks

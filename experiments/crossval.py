@@ -156,11 +156,11 @@ def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs
         if g != "bce":
             results[g]["vs_bce"] = evaluate_lib.compare_runs(oof["bce"], oof[g], split=OOF_SPLIT,
                                                              n_resamples=n_resamples)
-    gap = results["teacher"]["pooled_macro_auc"] - results["bce"]["pooled_macro_auc"]
+    base_auc = results["bce"]["pooled_macro_auc"]
     for m in [m for m in methods if m != "bce"]:
-        closed = results[m]["pooled_macro_auc"] - results["bce"]["pooled_macro_auc"]
-        significant = results["teacher"]["vs_bce"]["ci"][0] > 0
-        results[m]["share_of_teacher_gap_closed"] = closed / gap if significant and gap > 0 else None
+        results[m]["share_of_teacher_gap_closed"] = study.teacher_gap_share(
+            difference=results[m]["pooled_macro_auc"] - base_auc,
+            gap=results["teacher"]["pooled_macro_auc"] - base_auc, teacher_ci=results["teacher"]["vs_bce"]["ci"])
     out = {
         "command": command,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -182,7 +182,6 @@ def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs
 
 def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path, suffix: str) -> pathlib.Path:
     results, groups = out["methods"], list(out["methods"])
-    out_methods = [g for g in groups if "share_of_teacher_gap_closed" in results[g] or g == "bce"]
     fold_kind = "validation" if out["split"] == "val" else "test"
     png = plots.plot_ablation(
         study_dir / "plots" / f"crossval{suffix}.png", methods=groups,
@@ -218,9 +217,8 @@ def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path
             d = r["vs_bce"]
             diff = f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
             p = f"{d['p_value']:.3f}"
-        if g in out_methods and g != "bce":
-            share = ("n/a (teacher not significantly better)" if r.get("share_of_teacher_gap_closed") is None
-                     else f"{r['share_of_teacher_gap_closed']:.0%}")
+        if "share_of_teacher_gap_closed" in r:
+            share = study.format_gap_share(r["share_of_teacher_gap_closed"])
         seeds = ", ".join(f"{a:.4f}" for a in r["per_seed"])
         lines.append(f"| {g} | {r['num_records_scored']} | {r['pooled_macro_auc']:.4f} [{lo:.4f}, {hi:.4f}] | "
                      f"{seeds} | {diff} | {p} | {share} |")

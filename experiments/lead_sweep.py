@@ -59,10 +59,7 @@ def run_lead_sweep(*, workdir: str | pathlib.Path, data_dir: str | pathlib.Path,
     with the first lead set, or the finished one ``teacher_dir`` names). ``methods``: bce and
     the one method it is compared with. ``overrides`` apply to every run, the teacher included.
     """
-    study.check_methods(methods)
-    if len(methods) != 2:
-        raise ValueError(f"the lead sweep compares bce with one method; got --methods={','.join(methods)}")
-    method = next(m for m in methods if m != "bce")
+    method = study.compared_method(methods, runner="lead sweep")
     study_dir = pathlib.Path(workdir).absolute()
     if distributed.is_chief():
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -106,10 +103,8 @@ def write_report(study_dir: pathlib.Path, *, teachers: list[pathlib.Path],
         m = study.method_summary(transfer[leads], n_resamples=n_resamples)
         gain = evaluate_lib.compare_runs(bce[leads], transfer[leads], n_resamples=n_resamples)
         teacher_vs_bce = evaluate_lib.compare_runs(bce[leads], teachers, n_resamples=n_resamples)
-        gap = teacher["macro_auc"] - b["macro_auc"]
-        # A share of a gap that is not there is noise (-470% was once printed): only where the
-        # teacher beats this BCE student with a paired CI above 0.
-        closed = gain["difference"] / gap if gap > 0 and teacher_vs_bce["ci"][0] > 0 else None
+        closed = study.teacher_gap_share(difference=gain["difference"], gap=teacher["macro_auc"] - b["macro_auc"],
+                                         teacher_ci=teacher_vs_bce["ci"])
         rows.append({"leads": leads, "bce": b, "method": m, "gain": gain, "teacher_vs_bce": teacher_vs_bce,
                      "teacher_gap_closed": closed,
                      "runs": {"bce": [str(d) for d in bce[leads]], method: [str(d) for d in transfer[leads]]}})
@@ -147,8 +142,7 @@ def write_report(study_dir: pathlib.Path, *, teachers: list[pathlib.Path],
     ]
     for r in rows:
         b, m, g = r["bce"], r["method"], r["gain"]
-        share = ("n/a (teacher not significantly better)" if r["teacher_gap_closed"] is None
-                 else f"{r['teacher_gap_closed']:.0%}")
+        share = study.format_gap_share(r["teacher_gap_closed"])
         lines.append(
             f"| {r['leads']} | {b['macro_auc']:.4f} [{b['ci'][0]:.4f}, {b['ci'][1]:.4f}] | "
             f"{m['macro_auc']:.4f} [{m['ci'][0]:.4f}, {m['ci'][1]:.4f}] | "

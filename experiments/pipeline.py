@@ -49,11 +49,7 @@ def run_pipeline(
 ) -> pathlib.Path:
     """Runs (or continues) every stage; returns the report path. ``methods``: the BCE
     student and the one method it is compared with (default MVKT)."""
-    study.check_methods(methods)
-    if len(methods) != 2:
-        raise ValueError(f"the pipeline compares bce with one method; got --methods={','.join(methods)} "
-                         "(use experiments.ablation for several)")
-    method = next(m for m in methods if m != "bce")
+    method = study.compared_method(methods, runner="pipeline")
     workdir = pathlib.Path(workdir).absolute()
     if distributed.is_chief():
         workdir.mkdir(parents=True, exist_ok=True)

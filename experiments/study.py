@@ -253,6 +253,26 @@ def check_methods(methods: Sequence[str]) -> None:
         raise ValueError(f"methods must include bce and come from {list(TRANSFER_METHODS)}; unknown: {unknown}")
 
 
+def compared_method(methods: Sequence[str], *, runner: str) -> str:
+    """The one method a two-student runner (pipeline, lead sweep) compares with bce."""
+    check_methods(methods)
+    if len(set(methods)) != 2:
+        raise ValueError(f"the {runner} compares bce with one method; got --methods={','.join(methods)}"
+                         + (" (use experiments.ablation for several)" if len(set(methods)) > 2 else ""))
+    return next(m for m in methods if m != "bce")
+
+
+def teacher_gap_share(*, difference: float, gap: float, teacher_ci: Sequence[float]) -> float | None:
+    """Share of the teacher - baseline ``gap`` that a method's ``difference`` to the baseline
+    closes; None unless the teacher beats the baseline with a paired CI above 0 (a share of
+    a gap that is not there is noise: -470% was once printed)."""
+    return difference / gap if gap > 0 and teacher_ci[0] > 0 else None
+
+
+def format_gap_share(share: float | None) -> str:
+    return "n/a (teacher not significantly better)" if share is None else f"{share:.0%}"
+
+
 def train_group(
     base: ml_collections.ConfigDict,
     study_dir: pathlib.Path,
@@ -406,14 +426,11 @@ def markdown_table(rows: list[dict], *, baseline: str | None, teacher: dict | No
             else:
                 line += " (baseline) | |"
             if teacher:
-                gap = teacher["macro_auc"] - base_auc if base_auc is not None else float("nan")
-                is_student = "vs_baseline" in r and r is not teacher
-                # A share of a gap the teacher does not significantly have is noise (-470% was printed).
-                significant = "vs_baseline" in teacher and teacher["vs_baseline"]["ci"][0] > 0
-                if is_student and not (significant and gap > 0):
-                    line += " n/a (teacher not significantly better) |"
-                elif is_student:
-                    line += f" {(r['macro_auc'] - base_auc) / gap:.0%} |"
+                if "vs_baseline" in r and r is not teacher:
+                    share = teacher_gap_share(
+                        difference=r["macro_auc"] - base_auc, gap=teacher["macro_auc"] - base_auc,
+                        teacher_ci=teacher.get("vs_baseline", {}).get("ci", [0.0, 0.0]))
+                    line += f" {format_gap_share(share)} |"
                 else:
                     line += " |"
         lines.append(line)

@@ -170,9 +170,9 @@ def validate(runs: list[SweepRun]) -> None:
                 raise ValueError(f"{where}: method {config.method!r} needs a trained teacher: pass "
                                  "--config.teacher_workdir=RUN (e.g. python -m experiments.train "
                                  "--config=experiments/configs/teacher.py --workdir=RUN ...)")
-            for teacher in str(config.teacher_workdir).split(","):
-                if not run_dir.is_finished(pathlib.Path(teacher.strip())):
-                    raise FileNotFoundError(f"{where}: teacher {teacher.strip()} is not a finished run")
+            for teacher in train_lib.teacher_workdirs(config):
+                if not run_dir.is_finished(pathlib.Path(teacher)):
+                    raise FileNotFoundError(f"{where}: teacher {teacher} is not a finished run")
 
 
 def run_local(runs: list[SweepRun], sweep_dir: pathlib.Path, *, progress: bool = True,

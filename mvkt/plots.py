@@ -74,7 +74,7 @@ def plot_roc_curves(
     aucs = {model: metrics.per_class_auc(y_true=y, y_score=s, label_names=names) for model, s in scores.items()}
     num_cols = min(len(names), 3)
     num_rows = math.ceil(len(names) / num_cols)
-    # constrained layout makes room for the legends under the panels.
+    # constrained layout makes room for the figure legend under the panels.
     fig, axes = plt.subplots(num_rows, num_cols, figsize=(4.2 * num_cols, 5.0 * num_rows), squeeze=False,
                              layout="constrained")
     colours = {model: f"C{i}" for i, model in enumerate(scores)}
@@ -185,14 +185,15 @@ def plot_training_curves(
         return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
     # One panel per loss term: on a shared axis a CLT term near 16 flattens a BCE term near 0.3.
-    present = [key for key in loss_keys if series(key, "step")[0].size]
+    loss_series = {key: series(key, "step") for key in loss_keys}
+    present = [key for key, (steps, _) in loss_series.items() if steps.size]
     panels = max(len(present), 1) + 1
     num_cols = min(panels, 3)
     num_rows = math.ceil(panels / num_cols)
     fig, axes = plt.subplots(num_rows, num_cols, figsize=(4.6 * num_cols, 3.6 * num_rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax, key in zip(flat, present):
-        steps, values = series(key, "step")
+        steps, values = loss_series[key]
         ax.plot(steps, values, linewidth=1.4, color="black" if key == "loss" else "tab:blue")
         ax.set_title("total loss" if key == "loss" else f"{key[5:].upper()} term ({key})", fontsize=10)
         ax.set_xlabel("Step")

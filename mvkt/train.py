@@ -577,12 +577,16 @@ def _teacher_for(
     return model, variables, first_info, meta
 
 
+def teacher_workdirs(config: ml_collections.ConfigDict) -> list[str]:
+    """The run folders ``config.teacher_workdir`` lists (one teacher, or an ensemble ``A,B,C``)."""
+    return [w.strip() for w in str(config.teacher_workdir).split(",") if w.strip()]
+
+
 def _teachers(config: ml_collections.ConfigDict, label_names: list[str], parallel: parallel_lib.Parallelism) -> list:
     """[(model, variables, info, meta)] of every run folder listed in ``config.teacher_workdir``."""
     if not config.teacher_workdir:
         raise ValueError(f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir")
-    return [_one_teacher(config, w.strip(), label_names, parallel)
-            for w in str(config.teacher_workdir).split(",") if w.strip()]
+    return [_one_teacher(config, w, label_names, parallel) for w in teacher_workdirs(config)]
 
 
 def _check_cross_fit(members: list, folds: dict | None, config: ml_collections.ConfigDict) -> list[set[int]]:

@@ -336,3 +336,16 @@ def test_every_study_runner_has_the_same_study_flags():
         assert {k: v for k, v in f.items() if k not in own} == {
             k: v for k, v in flags_of["pipeline"].items() if k not in own}, m
     assert flags_of["ablation"]["seeds"] == "'0'" and flags_of["lead_sweep"]["leads"] == "'all12'"
+
+
+def test_two_student_runners_take_bce_and_exactly_one_method():
+    from experiments import study
+
+    assert study.compared_method(["bce", "mvkt_in_batch"], runner="pipeline") == "mvkt_in_batch"
+    with pytest.raises(ValueError, match="compares bce with one method.*ablation for several"):
+        study.compared_method(["bce", "kd", "mkd"], runner="pipeline")
+    with pytest.raises(ValueError, match="compares bce with one method"):
+        study.compared_method(["bce", "bce"], runner="lead sweep")
+    assert study.teacher_gap_share(difference=0.01, gap=0.04, teacher_ci=[0.01, 0.07]) == 0.25
+    assert study.teacher_gap_share(difference=0.01, gap=0.002, teacher_ci=[-0.01, 0.015]) is None
+    assert study.format_gap_share(None) == "n/a (teacher not significantly better)"
