@@ -327,7 +327,12 @@ def test_every_study_runner_has_the_same_study_flags():
     procs = {m: subprocess.Popen([sys.executable, "-m", f"experiments.{m}", "--helpfull"], cwd=REPO, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  env=dict(os.environ, PYTHONPATH=str(REPO))) for m in runners}
-    flags_of = {m: _study_flags(p.communicate(timeout=120)[0]) for m, p in procs.items()}
+    try:
+        flags_of = {m: _study_flags(p.communicate(timeout=120)[0]) for m, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
     names = {m: set(f) for m, f in flags_of.items()}
     assert all(n == names["pipeline"] for n in names.values()), names
     assert {"workdir", "data_dir", "leads", "methods", "seeds", "epochs", "teacher_dir", "override"} <= names["pipeline"]
