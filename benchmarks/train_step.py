@@ -82,7 +82,9 @@ NUM_CLASSES = 5
 NUM_LEADS = 12
 NUM_RECORDS = 1442  # train split of ptbxl-subset-1819: rows of the CLT memory bank
 MARK = "@@BENCH "
-BUSY_LOAD = 1.5  # rows starting above this 1-minute load average are marked and not published
+# Rows starting above this 1-minute load average per core (1.5 on the 2-core CI machine) are marked
+# and not published; on a GPU machine the JAX worker's host thread alone adds about 1.
+BUSY_LOAD_PER_CORE = 0.75
 BUSY_OTHER_CORES = 0.25  # ... and rows during which other processes used more than this many cores
 TORCH_INSTALL = "pip install torch==2.13.0"
 
@@ -217,6 +219,22 @@ def _flax_param_shapes(params) -> list[tuple[int, ...]]:
     return sorted(shapes)
 
 
+def step_flops(lowered, compiled) -> float | None:
+    """Floating-point operations of one step by XLA's cost model, read from the HLO before backend
+    passes where possible: on GPU the compiled module hides the convolutions in cuDNN custom calls,
+    which its cost analysis does not count (it gave 4% of the step's FLOPs on an H100)."""
+    for source in (lowered, compiled):
+        try:
+            analysis = source.cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, list) else analysis
+            flops = float(analysis.get("flops", 0.0))
+        except Exception:  # noqa: BLE001 - not every backend reports it
+            continue
+        if flops:
+            return flops
+    return None
+
+
 def jax_worker(args) -> None:
     import jax
     import jax.numpy as jnp
@@ -234,6 +252,7 @@ def jax_worker(args) -> None:
     cfg.student.arch = args.arch
     cfg.student.leads = leads
     cfg.train.batch_size = args.batch_size
+    cfg.student.dtype = args.precision  # bfloat16: the opt-in mixed precision (float32 parameters)
     if variant is not None:
         cfg.clt.variant = variant
     spec = train.LossSpec.from_config(cfg)
@@ -242,7 +261,7 @@ def jax_worker(args) -> None:
     teacher = None
     feature_dim = models.feature_dim(args.arch)
     if spec.needs_teacher:
-        teacher_model = models.create_model(args.arch, num_classes=NUM_CLASSES)
+        teacher_model = models.create_model(args.arch, num_classes=NUM_CLASSES, dtype=jnp.dtype(args.precision))
         teacher = (teacher_model,
                    teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, args.crop, NUM_LEADS)), train=False))
     labels, host_batches = make_data(batch_size=args.batch_size, crop=args.crop, num_batches=args.num_batches)
@@ -262,13 +281,7 @@ def jax_worker(args) -> None:
     step = lowered.compile()
     t2 = time.perf_counter()
     rss_after_compile_mb = _rss_mb() - baseline_mb
-    flops = None
-    try:  # XLA's cost model: floating-point operations of one step (forward + backward + update)
-        analysis = step.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis
-        flops = float(analysis.get("flops", 0.0)) or None
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        pass
+    flops = step_flops(lowered, step)
     xla_memory = None
     try:  # XLA's own buffer accounting of the step executable
         ma = step.memory_analysis()
@@ -308,7 +321,8 @@ def jax_worker(args) -> None:
                  if teacher is not None else 0)
     _say({"event": "ready", "trace_s": t1 - t0, "compile_s": t2 - t1, "first_step_s": first_step_s,
           "warmup_metrics": metrics, "params": {"model": n_model, "heads": n_heads, "teacher": n_teacher},
-          "device": device.device_kind, "platform": device.platform, "xla_memory_mb": xla_memory,
+          "device": device.device_kind, "platform": device.platform, "num_devices": jax.device_count(),
+          "xla_memory_mb": xla_memory,
           "flops_per_step": flops,
           "rss_before_compile_mb": rss_before_compile_mb, "rss_after_compile_mb": rss_after_compile_mb})
 
@@ -469,7 +483,7 @@ def torch_losses():
 
     def in_batch(se, te, labels, temperature):
         sim = se @ te.T / temperature
-        keep = differs(labels, labels) | torch.eye(sim.shape[0], dtype=torch.bool)
+        keep = differs(labels, labels) | torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
         pos = sim.diagonal()
 
         def direction(logits):
@@ -483,8 +497,10 @@ def torch_losses():
         def __init__(self, labels, dim, generator):
             n = labels.shape[0]
             stdv = 1.0 / math.sqrt(dim / 3)
-            self.student = torch.rand(n, dim, generator=generator) * 2 * stdv - stdv
-            self.teacher = torch.rand(n, dim, generator=generator) * 2 * stdv - stdv
+            device = generator.device  # memories, labels and the negative sampling live where the step runs
+            self.student = torch.rand(n, dim, generator=generator, device=device) * 2 * stdv - stdv
+            self.teacher = torch.rand(n, dim, generator=generator, device=device) * 2 * stdv - stdv
+            labels = labels.to(device)
             self.labels = labels.bool()
             self.z_student = self.z_teacher = None
             self.generator = generator
@@ -496,7 +512,8 @@ def torch_losses():
             allowed = allowed | ~has[:, None]
             cum = allowed.long().cumsum(dim=1)
             n_allowed = cum[:, -1:]
-            ranks = (torch.rand(labels.shape[0], num_negatives, generator=self.generator) * n_allowed).long()
+            ranks = (torch.rand(labels.shape[0], num_negatives, generator=self.generator,
+                                device=self.generator.device) * n_allowed).long()
             negatives = torch.searchsorted(cum, torch.minimum(ranks, n_allowed - 1) + 1)
             cand = torch.cat([indices[:, None], negatives], dim=1)  # (B, 1+K)
             log_s = torch.bmm(self.teacher[cand], se[:, :, None]).squeeze(2) / temperature
@@ -531,9 +548,15 @@ def torch_worker(args) -> None:
     import torch.nn.functional as F
 
     torch.set_num_threads(_num_cores())
+    device = torch.device(args.torch_device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:  # XLA's default float32 precision on GPU lets dots and convolutions use TF32: the same here
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest algorithms once
     baseline_mb = _rss_mb()
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     from experiments.configs import default
 
@@ -543,16 +566,16 @@ def torch_worker(args) -> None:
     uses_mkd = uses_clt = method == "mvkt"
     mkd, in_batch, Bank = torch_losses()
 
-    model = build_torch_model(args.arch, n_in, NUM_CLASSES).train()
+    model = build_torch_model(args.arch, n_in, NUM_CLASSES).to(device).train()
     feature_dim = model.head.layers[0].num_features  # BatchNorm over the concat-pooled features
     trainable = list(model.parameters())
     teacher = heads = bank = None
     if uses_mkd or uses_clt:
-        teacher = build_torch_model(args.arch, NUM_LEADS, NUM_CLASSES).eval()
+        teacher = build_torch_model(args.arch, NUM_LEADS, NUM_CLASSES).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     if uses_clt:
-        heads = [TorchProjectionHead.build(feature_dim, cfg.clt.dim) for _ in range(2)]
+        heads = [TorchProjectionHead.build(feature_dim, cfg.clt.dim).to(device) for _ in range(2)]
         trainable += [p for h in heads for p in h.parameters()]
     labels, host_batches = make_data(batch_size=args.batch_size, crop=args.crop, num_batches=args.num_batches)
     if cache:
@@ -566,15 +589,28 @@ def torch_worker(args) -> None:
         if cache:
             tb["teacher_logits"] = torch.from_numpy(b["teacher_logits"])
             tb["teacher_features"] = torch.from_numpy(b["teacher_features"])
-        batches.append(tb)
+        batches.append({k: v.to(device) for k, v in tb.items()})
 
     opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.learning_rate, total_steps=args.total_steps,
                                                 pct_start=0.3, div_factor=25.0, final_div_factor=1e4,
                                                 cycle_momentum=False)
     last = {}
+    # bfloat16: PyTorch's mixed precision (autocast around the forward pass and the losses; float32
+    # parameters, gradients and optimizer), the counterpart of mvkt's `student.dtype=bfloat16`.
+    bf16 = args.precision == "bfloat16"
 
     def step(b):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward_loss(b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip_norm)
+        opt.step()
+        sched.step()
+        last["loss"] = loss.detach()
+
+    def forward_loss(b):
         x = b["x"] if n_in == NUM_LEADS else b["x"][:, :1]
         if teacher is not None:
             if "teacher_logits" in b:
@@ -594,12 +630,7 @@ def torch_worker(args) -> None:
                 clt = bank.loss(se, te, b["index"], b["y"], num_negatives=cfg.clt.num_negatives,
                                 temperature=cfg.clt.temperature, momentum=cfg.clt.momentum)
             loss = loss + cfg.beta * clt
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip_norm)
-        opt.step()
-        sched.step()
-        last["loss"] = loss.detach()
+        return loss
 
     counter = {"i": 0}
 
@@ -608,20 +639,31 @@ def torch_worker(args) -> None:
         for _ in range(n):
             step(batches[counter["i"] % len(batches)])
             counter["i"] += 1
+        if on_gpu:  # kernels run asynchronously: wait for them, as JAX's block_until_ready
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     first_step_s = run_steps(1)
     run_steps(max(args.warmup - 1, 0))
-    peak_with_warmup_mb = _hwm_mb() - baseline_mb
+    peak_with_warmup_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu
+                           else _hwm_mb() - baseline_mb)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     peak_reset = _reset_peak()
     n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     _say({"event": "ready", "first_step_s": first_step_s, "warmup_loss": float(last["loss"]),
           "params": {"model": sum(p.numel() for p in model.parameters()),
                      "heads": sum(p.numel() for h in (heads or []) for p in h.parameters()),
                      "teacher": n_teacher},
-          "threads": torch.get_num_threads()})
+          "threads": torch.get_num_threads(), "torch_device": str(device),
+          "tf32": bool(on_gpu and torch.backends.cudnn.allow_tf32)})
 
     def finish() -> dict:
+        if on_gpu:
+            return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                    "peak_with_compile_mb": peak_with_warmup_mb, "baseline_rss_mb": baseline_mb,
+                    "final_loss": float(last["loss"]),
+                    "peak_method": "torch.cuda.max_memory_allocated during the timed steps (device memory)"}
         return {"peak_mb": _hwm_mb() - baseline_mb, "peak_with_compile_mb": peak_with_warmup_mb,
                 "baseline_rss_mb": baseline_mb, "final_loss": float(last["loss"]),
                 "peak_method": ("process peak RSS (VmHWM) during timed steps minus RSS after imports"
@@ -669,7 +711,8 @@ class Worker:
         cmd = [sys.executable, "-u", str(pathlib.Path(__file__).resolve()), "--_worker", kind, "--_arch", arch,
                "--_config", config, "--batch_size", str(args.batch_size), "--crop", str(args.crop),
                "--warmup", str(args.warmup), "--num_batches", str(args.num_batches),
-               "--total_steps", str(args.total_steps)]
+               "--total_steps", str(args.total_steps), "--torch_device", args.torch_device,
+               "--precision", args.precision]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, cwd=str(ROOT), env={**os.environ, **(env or {})})
 
@@ -738,17 +781,22 @@ def _own_cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
 
-def _wait_for_quiet(limit_s: float = 90.0) -> None:
+def _busy_load() -> float:
+    return BUSY_LOAD_PER_CORE * _num_cores()
+
+
+def _wait_for_quiet(limit_s: float) -> None:
     """Lets the 1-minute load average fall after the previous row (its own load) before a row starts."""
     deadline = time.perf_counter() + limit_s
-    while os.getloadavg()[0] > 1.0 and time.perf_counter() < deadline:
+    while os.getloadavg()[0] > _busy_load() / 1.5 and time.perf_counter() < deadline:
         time.sleep(5)
 
 
 def bench_config(args, arch: str, config: str, have_torch: bool, jax_env: dict,
                  matmul_gflops: float | None = None) -> dict:
-    _wait_for_quiet()
-    row: dict = {"arch": arch, "config": config, "load_average_start": os.getloadavg()}
+    _wait_for_quiet(args.settle_s)
+    row: dict = {"arch": arch, "config": config, "precision": args.precision,
+                 "load_average_start": os.getloadavg()}
     started, machine0, own0 = time.perf_counter(), _machine_busy_seconds(), _own_cpu_seconds()
     jw = Worker("jax", args, arch, config, env=jax_env)
     tw = None
@@ -757,11 +805,12 @@ def bench_config(args, arch: str, config: str, have_torch: bool, jax_env: dict,
         row["jax"] = {k: ready[k] for k in ("trace_s", "compile_s", "first_step_s", "warmup_metrics", "params",
                                             "xla_memory_mb", "rss_before_compile_mb", "rss_after_compile_mb",
                                             "flops_per_step")}
-        row["device"], row["platform"] = ready["device"], ready["platform"]
+        row["device"], row["platform"], row["num_devices"] = ready["device"], ready["platform"], ready["num_devices"]
         if have_torch:
             tw = Worker("torch", args, arch, config)
             tready = tw.read()
-            row["torch"] = {k: tready[k] for k in ("first_step_s", "warmup_loss", "params", "threads")}
+            row["torch"] = {k: tready[k] for k in ("first_step_s", "warmup_loss", "params", "threads",
+                                                   "torch_device", "tf32")}
         jt, tt = [], []
         for r in range(args.repeats):
             order = [(jw, jt), (tw, tt)] if r % 2 == 0 else [(tw, tt), (jw, jt)]
@@ -789,7 +838,7 @@ def bench_config(args, arch: str, config: str, have_torch: bool, jax_env: dict,
         # row's start is the load test; during the row, the CPU time of every other process is.
         row["other_processes_cpu_cores"] = max(
             0.0, (_machine_busy_seconds() - machine0 - (_own_cpu_seconds() - own0)) / (time.perf_counter() - started))
-        row["busy"] = row["load_average_start"][0] > BUSY_LOAD or row["other_processes_cpu_cores"] > BUSY_OTHER_CORES
+        row["busy"] = row["load_average_start"][0] > _busy_load() or row["other_processes_cpu_cores"] > BUSY_OTHER_CORES
         flops = row["jax"].get("flops_per_step")
         if flops:
             row["jax"]["gflop_per_s"] = flops / row["jax"]["median_step_s"] / 1e9
@@ -808,12 +857,15 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown_table(rows: list[dict], torch_skipped: str | None, matmul_gflops: float | None = None) -> str:
+def markdown_table(rows: list[dict], torch_skipped: str | None, matmul_gflops: float | None = None,
+                   matmul_n: int = 2048) -> str:
     lines = ["| config | JAX samples/s | torch samples/s | ratio | JAX share of peak | torch share of peak | "
              "JAX peak MB | torch peak MB | compile s | load before -> after |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         label = f"{r['arch']} {r['config']}"
+        if r.get("precision", "float32") != "float32":
+            label += f" ({r['precision']})"
         if r.get("platform", "cpu") != "cpu":
             label += f" [{r['device']}]"
         t = r.get("torch") or {}
@@ -828,9 +880,10 @@ def markdown_table(rows: list[dict], torch_skipped: str | None, matmul_gflops: f
             f"{r['jax']['trace_s'] + r['jax']['compile_s']:.1f} | {load} |")
     if matmul_gflops:
         lines.append(f"\nShare of peak: the step's XLA-counted FLOPs per second over this machine's measured "
-                     f"float32 matrix-multiply rate ({matmul_gflops:.0f} GFLOP/s, jitted 2048x2048 matmul).")
+                     f"float32 matrix-multiply rate ({matmul_gflops:.0f} GFLOP/s, jitted {matmul_n}x{matmul_n} matmul"
+                     f"{'' if matmul_n == 2048 else ', XLA default precision (TF32 on GPU)'}).")
     if any(r.get("busy") for r in rows):
-        lines.append(f"\nBUSY rows started at a 1-minute load average above {BUSY_LOAD} or other processes used more "
+        lines.append(f"\nBUSY rows started at a 1-minute load average above {_busy_load():g} or other processes used more "
                      f"than {BUSY_OTHER_CORES} cores during them: do not publish them.")
     if torch_skipped:
         lines.append(f"\ntorch columns empty: PyTorch reference skipped ({torch_skipped}).")
@@ -842,7 +895,7 @@ def matmul_worker(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    n = 2048
+    n = 2048 if jax.devices()[0].platform == "cpu" else 8192  # big enough to reach a GPU's rate
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -853,7 +906,7 @@ def matmul_worker(args) -> None:
             out = f(a)
         out.block_until_ready()
         times.append((time.perf_counter() - t) / 5)
-    _say({"event": "matmul", "gflops": 2 * n**3 / statistics.median(times) / 1e9})
+    _say({"event": "matmul", "gflops": 2 * n**3 / statistics.median(times) / 1e9, "n": n})
 
 
 def parse_args(argv=None):
@@ -873,6 +926,14 @@ def parse_args(argv=None):
     ap.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument("--jax_env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for the JAX workers only, e.g. XLA_FLAGS=... (repeatable)")
+    ap.add_argument("--torch_device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where the PyTorch reference runs; auto: cuda when torch sees a GPU, else cpu")
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype of both frameworks; bfloat16 changes the numerics (opt-in: "
+                         "`student.dtype=bfloat16` in mvkt, autocast in PyTorch), so its rows are reported apart")
+    ap.add_argument("--settle_s", type=float, default=90.0,
+                    help="longest wait before a row for the 1-minute load average to fall below 1 "
+                         "(0 on a GPU machine, where the step does not compete for the CPU cores)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     ap.add_argument("--_worker", choices=("jax", "torch", "params", "matmul"), help=argparse.SUPPRESS)
     ap.add_argument("--_arch", help=argparse.SUPPRESS)
@@ -915,6 +976,13 @@ def main(argv=None) -> int:
         print(f"PyTorch reference skipped ({why}): torch columns will be empty.", flush=True)
     elif torch_version.split("+")[0] != "2.13.0":
         print(f"note: torch {torch_version} installed; the reference numbers in docs/BENCHMARKS.md use 2.13.0")
+    if args.torch_device == "auto":
+        args.torch_device = "cpu"
+        if have_torch:
+            import torch
+            args.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if have_torch:
+        print(f"PyTorch reference on {args.torch_device}", flush=True)
 
     started = time.perf_counter()
     # Parameter check (fresh process, so the coordinator stays light).
@@ -941,8 +1009,34 @@ def main(argv=None) -> int:
     mcmd = [sys.executable, "-u", str(pathlib.Path(__file__).resolve()), "--_worker", "matmul"]
     mout = subprocess.run(mcmd, capture_output=True, text=True, cwd=str(ROOT), env={**os.environ, **jax_env})
     matmul_lines = [ln for ln in mout.stdout.splitlines() if ln.startswith(MARK)]
-    matmul_gflops = json.loads(matmul_lines[-1][len(MARK):])["gflops"] if matmul_lines else None
+    matmul = json.loads(matmul_lines[-1][len(MARK):]) if matmul_lines else {}
+    matmul_gflops, matmul_n = matmul.get("gflops"), matmul.get("n", 2048)
     print(f"float32 matrix-multiply rate: {_fmt(matmul_gflops, '.0f')} GFLOP/s (load {os.getloadavg()[0]:.2f})")
+
+    settings = {k: getattr(args, k) for k in ("archs", "configs", "steps", "repeats", "warmup", "batch_size",
+                                              "crop", "num_batches", "total_steps", "quick", "torch_device",
+                                              "settle_s", "precision")}
+    settings.update({"num_classes": NUM_CLASSES, "num_leads": NUM_LEADS, "memory_bank_records": NUM_RECORDS,
+                     "command": " ".join([os.path.basename(sys.executable)] + sys.argv)})
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "versions": _versions(), "python": platform.python_version(), "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "cpu_affinity": _num_cores(), "cpu_model": _cpu_model(),
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS"), "jax_env": jax_env}
+    out = pathlib.Path(args.out)
+    if not out.is_absolute():
+        out = ROOT / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: list[dict], table: str | None) -> None:
+        # Rewritten after every row, so that a run cut short (a time limit on a lent GPU) keeps its rows.
+        result = {"environment": {**env, "load_average": os.getloadavg()}, "settings": settings,
+                  "param_counts": counts, "rows": rows, "complete": table is not None,
+                  "matmul_gflops": matmul_gflops, "matmul_n": matmul_n, "busy_load": _busy_load(),
+                  "markdown": table, "total_seconds": time.perf_counter() - started}
+        if rows:
+            result["environment"].update(device=rows[0]["device"], device_platform=rows[0]["platform"],
+                                         num_devices=rows[0]["num_devices"])
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
     rows = []
     for arch in archs:
@@ -950,6 +1044,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             row = bench_config(args, arch, config, have_torch, jax_env, matmul_gflops)
             rows.append(row)
+            write(rows, None)
             t = row.get("torch")
             print(f"[{time.perf_counter() - started:6.0f}s] {arch} {config}: JAX {row['jax']['samples_per_s']:.1f}/s"
                   + (f", torch {t['samples_per_s']:.1f}/s, ratio {row['ratio']:.2f}" if t else "")
@@ -957,29 +1052,10 @@ def main(argv=None) -> int:
                   f"{row['load_average_end'][0]:.2f}, others {row['other_processes_cpu_cores']:.2f} cores"
                   f"{', BUSY: do not publish' if row['busy'] else ''})", flush=True)
 
-    table = markdown_table(rows, why, matmul_gflops)
+    table = markdown_table(rows, why, matmul_gflops, matmul_n)
     print()
     print(table)
-    import jax  # only for the environment record (after all workers are done)
-
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "versions": _versions(), "python": platform.python_version(), "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "cpu_affinity": _num_cores(), "cpu_model": _cpu_model(),
-           "device": jax.devices()[0].device_kind, "device_platform": jax.devices()[0].platform,
-           "num_devices": jax.device_count(), "XLA_FLAGS": os.environ.get("XLA_FLAGS"), "jax_env": jax_env,
-           "load_average": os.getloadavg()}
-    settings = {k: getattr(args, k) for k in ("archs", "configs", "steps", "repeats", "warmup", "batch_size",
-                                              "crop", "num_batches", "total_steps", "quick")}
-    settings.update({"num_classes": NUM_CLASSES, "num_leads": NUM_LEADS, "memory_bank_records": NUM_RECORDS,
-                     "command": " ".join([os.path.basename(sys.executable)] + sys.argv)})
-    result = {"environment": env, "settings": settings, "param_counts": counts, "rows": rows,
-              "matmul_gflops": matmul_gflops, "busy_load": BUSY_LOAD,
-              "markdown": table, "total_seconds": time.perf_counter() - started}
-    out = pathlib.Path(args.out)
-    if not out.is_absolute():
-        out = ROOT / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write(rows, table)
     print(f"\nwrote {out} ({time.perf_counter() - started:.0f}s)")
     return 0
 

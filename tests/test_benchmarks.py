@@ -34,3 +34,21 @@ def test_benchmark_table_marks_busy_rows_and_gives_the_share_of_peak():
     table = train_step.markdown_table([row], None, matmul_gflops=170.0)
     assert "3.20 -> 3.40, others 1.10 cores BUSY" in table and "| 81% | 90% |" in table and "170 GFLOP/s" in table
     assert "do not publish" in table
+
+
+def test_step_flops_count_the_convolutions_of_forward_and_weight_gradient():
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        return jnp.sum(y ** 2)
+
+    lowered = jax.jit(jax.grad(loss)).lower(jnp.ones((5, 16, 32)), jnp.ones((8, 100, 16)))
+    forward = 2 * 8 * 100 * 16 * 32 * 5  # multiply-adds of one convolution
+    flops = train_step.step_flops(lowered, lowered.compile())
+    assert flops is not None and abs(flops / (2 * forward) - 1) < 0.05  # forward + weight gradient
+
+
+def test_busy_load_scales_with_the_cores(monkeypatch):
+    monkeypatch.setattr(train_step, "_num_cores", lambda: 2)
+    assert train_step._busy_load() == 1.5  # the 2-core CI machine: the threshold
+    monkeypatch.setattr(train_step, "_num_cores", lambda: 16)
+    assert train_step._busy_load() == 12.0
