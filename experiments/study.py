@@ -244,6 +244,17 @@ TRANSFER_METHODS: dict[str, Recipe] = {
     "kd_lead_dropout_teacher": Recipe(
         "kd", teacher=_LEAD_DROPOUT_TEACHER, teacher_name="teacher_lead_dropout",
         about="KD from the lead-dropout teacher"),
+    # A teacher assistant (Mirzadeh et al. 2020) on the leads between 12 and lead I. Here it is
+    # trained by BCE, not itself distilled, so that it costs one teacher run per round.
+    "kd_teacher_assistant": Recipe(
+        "kd", teacher={"student.leads": "I,II,V2"}, teacher_name="teacher_assistant_I-II-V2",
+        about="Hinton KD from a BCE teacher assistant on leads I, II, V2 (students on a subset of them)"),
+    # Distil only the classes where the teacher's validation AUC beats the lead-I BCE student's by
+    # more than 0.05 in both pilot rounds (docs/RESULTS.md): CD, MI, NORM; not HYP (-0.006 and
+    # +0.039) or STTC (+0.021, +0.035).
+    "mkd_cd_mi_norm": Recipe(
+        "mkd", student={"mkd_class_weights": "HYP:0,STTC:0"},
+        about="MKD on CD, MI and NORM only (per-class distillation weights)"),
 }
 
 
