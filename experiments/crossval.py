@@ -190,7 +190,8 @@ def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path
         title=(f"Cross-validation{' pilot' if suffix else ''}: {len(out['rounds'])} round(s), "
                f"{len(out['seeds'])} seed(s), leads {out['leads']}"),
     )
-    data_text, _ = report_lib.data_section(first_run)
+    data_text, _ = report_lib.data_section(
+        first_run, records_scored=min(r["num_records_scored"] for r in results.values()))
     lines = [
         f"# Cross-validation{' pilot on the validation folds' if suffix else ''} "
         f"({len(out['rounds'])} of {len(out['folds'])} rounds, seeds {out['seeds']})", "",

@@ -23,7 +23,9 @@ from mvkt import run_dir
 SMALL_TEST_SPLIT = 500
 
 
-def data_section(workdir: pathlib.Path) -> tuple[str, dict]:
+def data_section(workdir: pathlib.Path, *, records_scored: int | None = None) -> tuple[str, dict]:
+    """The data lines of a report. ``records_scored``: how many records its numbers rest on, where
+    that is not the shards' test split (cross-validation scores every record of its folds)."""
     info = run_dir.load_info(workdir)
     manifest = data_lib.load_manifest(info["data_dir"])
     splits = manifest["splits"]
@@ -31,13 +33,16 @@ def data_section(workdir: pathlib.Path) -> tuple[str, dict]:
         f"- data: `{info['data_dir']}` ({manifest.get('dataset')}, task `{manifest.get('task')}`, "
         f"{manifest['sampling_rate']} Hz, source `{manifest.get('source')}`)",
         "- records: "
-        + ", ".join(f"{name} {splits[name]['num_records']}" for name in ("train", "val", "test")),
+        + ", ".join(f"{name} {splits[name]['num_records']}" for name in ("train", "val", "test"))
+        + ("" if records_scored is None else
+           f" (the shards' split; the folds below re-split them and score {records_scored} records once per seed)"),
         f"- labels: {', '.join(manifest['label_names'])}",
     ]
-    num_test = int(splits["test"]["num_records"])
-    if num_test < SMALL_TEST_SPLIT:
+    num_scored = int(splits["test"]["num_records"]) if records_scored is None else records_scored
+    if num_scored < SMALL_TEST_SPLIT:
+        what = "test records" if records_scored is None else "records scored"
         lines.append(
-            f"\n> **Warning: only {num_test} test records.** Numbers this small give no meaningful "
+            f"\n> **Warning: only {num_scored} {what}.** Numbers this small give no meaningful "
             "accuracy estimate (CIs are wide, classes may be missing); this run shows that the "
             "pipeline works end to end, nothing more. Use the full PTB-XL (`--ptbxl_dir`) for results."
         )

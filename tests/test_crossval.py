@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import crossval
+from experiments import report as report_lib
 from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
 from helpers import tiny
@@ -87,6 +88,10 @@ def test_crossval_pools_out_of_fold_scores_and_reruns_train_nothing(ptbxl_sample
     assert len(set(ids.tolist())) == len(ids)
     assert set(out["methods"]["mvkt"]["vs_bce"]) >= {"difference", "ci", "p_value"}
     assert report.exists() and "subset" in report.read_text() and (workdir / "plots" / "crossval.png").exists()
+    # The size warning counts the records the pooled numbers rest on, not the shards' test split.
+    assert f"only {sum(scored.values())} records scored" in report.read_text()
+    first_run = workdir / "runs" / "round0" / "bce_leadsI_seed0"
+    assert "Warning" not in report_lib.data_section(first_run, records_scored=1819)[0]
     before = {p: p.read_text() for p in workdir.glob("runs/round*/*/metrics.jsonl")}
     crossval.run_crossval(**kwargs)
     assert {p: p.read_text() for p in workdir.glob("runs/round*/*/metrics.jsonl")} == before
