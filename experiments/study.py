@@ -175,11 +175,12 @@ def student_run(
     *,
     method: str,
     leads: str,
-    teacher_dir: pathlib.Path,
+    teacher_dir: pathlib.Path | str,
     clt_variant: str = "memory_bank",
     name: str | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Run:
+    """``teacher_dir``: a finished teacher run, or several joined by commas (an ensemble)."""
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = method
     config.student.leads = leads
@@ -198,18 +199,23 @@ LEADS = "{leads}"  # in a recipe's overrides: replaced by the student's leads
 class Recipe:
     """A named way to train a student: its method, config overrides for the student and,
     when the recipe needs its own teacher, overrides of the 12-lead teacher (trained once
-    per seed and round under ``teacher_name``). Values may contain ``LEADS``."""
+    per seed and round under ``teacher_name``). Values may contain ``LEADS``. ``ensemble``:
+    how many of that teacher's seeds (the student's seed and the next ones) form a teacher
+    ensemble (mean logits); the other seeds' teachers are the ones those seeds train anyway."""
 
     method: str
     clt_variant: str = "memory_bank"
     student: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     teacher: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     teacher_name: str = "teacher"
+    ensemble: int = 1
     about: str = ""
 
     def __post_init__(self):
         if bool(self.teacher) != (self.teacher_name != "teacher"):
             raise ValueError("a recipe with teacher overrides names its teacher (teacher_name), and only then")
+        if self.ensemble < 1:
+            raise ValueError(f"a recipe's ensemble is a number of teachers, at least 1; got {self.ensemble}")
 
 
 def _with_leads(overrides: Mapping[str, Any], leads: str) -> dict[str, Any]:
@@ -252,6 +258,8 @@ TRANSFER_METHODS: dict[str, Recipe] = {
     # Distil only the classes where the teacher's validation AUC beats the lead-I BCE student's by
     # more than 0.05 in both pilot rounds (docs/RESULTS.md): CD, MI, NORM; not HYP (-0.006 and
     # +0.039) or STTC (+0.021, +0.035).
+    "kd_ensemble2": Recipe("kd", ensemble=2, about="Hinton KD from the mean logits of two teachers (two seeds)"),
+    "mkd_ensemble2": Recipe("mkd", ensemble=2, about="MKD from the mean logits of two teachers (two seeds)"),
     "mkd_cd_mi_norm": Recipe(
         "mkd", student={"mkd_class_weights": "HYP:0,STTC:0"},
         about="MKD on CD, MI and NORM only (per-class distillation weights)"),
@@ -316,13 +324,23 @@ def train_group(
     teacher = teacher_dir or train_run(_prefixed(teacher_run(base), prefix), study_dir, progress=progress)
     evaluate(teacher)
     dirs = {"teacher": teacher}
+    extra_teachers: dict[tuple[str, int], pathlib.Path] = {}
     for name in methods:
         recipe = TRANSFER_METHODS[name]
-        if recipe.teacher_name not in dirs:
-            run = teacher_run(base, overrides=_with_leads(recipe.teacher, leads), name=recipe.teacher_name)
-            dirs[recipe.teacher_name] = train_run(_prefixed(run, prefix), study_dir, progress=progress)
-            evaluate(dirs[recipe.teacher_name])
-        run = student_run(base, method=recipe.method, leads=leads, teacher_dir=dirs[recipe.teacher_name],
+        teachers = []
+        for k in range(recipe.ensemble):
+            # Members beyond the first are the next seeds' teachers: not returned, so that every seed
+            # of a study has the same groups.
+            known = dirs if k == 0 else extra_teachers
+            key = recipe.teacher_name if k == 0 else (recipe.teacher_name, base.seed + k)
+            if key not in known:
+                member = ml_collections.ConfigDict(base.to_dict())
+                member.seed = base.seed + k
+                run = teacher_run(member, overrides=_with_leads(recipe.teacher, leads), name=recipe.teacher_name)
+                known[key] = train_run(_prefixed(run, prefix), study_dir, progress=progress)
+                evaluate(known[key])
+            teachers.append(known[key])
+        run = student_run(base, method=recipe.method, leads=leads, teacher_dir=",".join(map(str, teachers)),
                           clt_variant=recipe.clt_variant, name=name,
                           overrides=_with_leads(recipe.student, leads))
         dirs[name] = train_run(_prefixed(run, prefix), study_dir, progress=progress)

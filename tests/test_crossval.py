@@ -13,6 +13,7 @@ import pytest
 
 from experiments import crossval
 from experiments import report as report_lib
+from experiments import study
 from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
 from helpers import tiny
@@ -122,3 +123,22 @@ def test_pilot_mode_scores_only_validation_folds_and_trains_recipe_teachers_once
     with pytest.raises(ValueError, match="teacher_dir cannot be used"):
         crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce"], seeds=[0], rounds=[0],
                               epochs=1, teacher_dir=str(workdir), progress=False)
+
+
+def test_an_ensemble_recipe_uses_the_next_seeds_teacher_and_keeps_the_groups_of_every_seed(
+        ptbxl_sample_shards, tmp_path):
+    """kd_ensemble2: the student of seed s distils the mean of the teachers of seeds s and s+1;
+    seed 0 reuses the teacher that seed 1 trains anyway, and no seed adds a group of its own."""
+    workdir = tmp_path / "ensemble"
+    crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "kd_ensemble2"],
+                          seeds=[0, 1], rounds=[9], epochs=1, batch_size=16, width_mult=0.25, n_resamples=20,
+                          split="val", progress=False)
+    out = json.loads((workdir / "crossval_val.json").read_text())
+    assert set(out["methods"]) == {"teacher", "bce", "kd_ensemble2"}
+    round9 = workdir / "runs" / "round9"
+    assert sorted(p.name for p in round9.glob("teacher_seed*")) == ["teacher_seed0", "teacher_seed1", "teacher_seed2"]
+    for seed in (0, 1):
+        student = json.loads((round9 / f"kd_ensemble2_leadsI_seed{seed}" / "config.json").read_text())
+        assert student["teacher_workdir"] == f"{round9 / f'teacher_seed{seed}'},{round9 / f'teacher_seed{seed + 1}'}"
+    with pytest.raises(ValueError, match="at least 1"):
+        study.Recipe("kd", ensemble=0)
