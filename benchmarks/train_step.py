@@ -660,14 +660,14 @@ def torch_worker(args) -> None:
 
     def finish() -> dict:
         if on_gpu:
-            return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                    "peak_with_compile_mb": peak_with_warmup_mb, "baseline_rss_mb": baseline_mb,
-                    "final_loss": float(last["loss"]),
-                    "peak_method": "torch.cuda.max_memory_allocated during the timed steps (device memory)"}
-        return {"peak_mb": _hwm_mb() - baseline_mb, "peak_with_compile_mb": peak_with_warmup_mb,
-                "baseline_rss_mb": baseline_mb, "final_loss": float(last["loss"]),
-                "peak_method": ("process peak RSS (VmHWM) during timed steps minus RSS after imports"
-                                if peak_reset else "process peak RSS (incl. warm-up) minus RSS after imports")}
+            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+            method = "torch.cuda.max_memory_allocated during the timed steps (device memory)"
+        else:
+            peak_mb = _hwm_mb() - baseline_mb
+            method = ("process peak RSS (VmHWM) during timed steps minus RSS after imports"
+                      if peak_reset else "process peak RSS (incl. warm-up) minus RSS after imports")
+        return {"peak_mb": peak_mb, "peak_with_compile_mb": peak_with_warmup_mb, "baseline_rss_mb": baseline_mb,
+                "final_loss": float(last["loss"]), "peak_method": method}
 
     _serve(run_steps, finish)
 
@@ -932,7 +932,7 @@ def parse_args(argv=None):
                     help="compute dtype of both frameworks; bfloat16 changes the numerics (opt-in: "
                          "`student.dtype=bfloat16` in mvkt, autocast in PyTorch), so its rows are reported apart")
     ap.add_argument("--settle_s", type=float, default=90.0,
-                    help="longest wait before a row for the 1-minute load average to fall below 1 "
+                    help="longest wait before a row for the 1-minute load average to fall below 0.5 per core "
                          "(0 on a GPU machine, where the step does not compete for the CPU cores)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     ap.add_argument("--_worker", choices=("jax", "torch", "params", "matmul"), help=argparse.SUPPRESS)

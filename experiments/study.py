@@ -255,11 +255,11 @@ TRANSFER_METHODS: dict[str, Recipe] = {
     "kd_teacher_assistant": Recipe(
         "kd", teacher={"student.leads": "I,II,V2"}, teacher_name="teacher_assistant_I-II-V2",
         about="Hinton KD from a BCE teacher assistant on leads I, II, V2 (students on a subset of them)"),
+    "kd_ensemble2": Recipe("kd", ensemble=2, about="Hinton KD from the mean logits of two teachers (two seeds)"),
+    "mkd_ensemble2": Recipe("mkd", ensemble=2, about="MKD from the mean logits of two teachers (two seeds)"),
     # Distil only the classes where the teacher's validation AUC beats the lead-I BCE student's by
     # more than 0.05 in both pilot rounds (docs/RESULTS.md): CD, MI, NORM; not HYP (-0.006 and
     # +0.039) or STTC (+0.021, +0.035).
-    "kd_ensemble2": Recipe("kd", ensemble=2, about="Hinton KD from the mean logits of two teachers (two seeds)"),
-    "mkd_ensemble2": Recipe("mkd", ensemble=2, about="MKD from the mean logits of two teachers (two seeds)"),
     "mkd_cd_mi_norm": Recipe(
         "mkd", student={"mkd_class_weights": "HYP:0,STTC:0"},
         about="MKD on CD, MI and NORM only (per-class distillation weights)"),
@@ -324,22 +324,22 @@ def train_group(
     teacher = teacher_dir or train_run(_prefixed(teacher_run(base), prefix), study_dir, progress=progress)
     evaluate(teacher)
     dirs = {"teacher": teacher}
-    extra_teachers: dict[tuple[str, int], pathlib.Path] = {}
+    teachers_by_seed = {("teacher", base.seed): teacher}
     for name in methods:
         recipe = TRANSFER_METHODS[name]
         teachers = []
-        for k in range(recipe.ensemble):
-            # Members beyond the first are the next seeds' teachers: not returned, so that every seed
-            # of a study has the same groups.
-            known = dirs if k == 0 else extra_teachers
-            key = recipe.teacher_name if k == 0 else (recipe.teacher_name, base.seed + k)
-            if key not in known:
+        for seed in range(base.seed, base.seed + recipe.ensemble):
+            if (recipe.teacher_name, seed) not in teachers_by_seed:
                 member = ml_collections.ConfigDict(base.to_dict())
-                member.seed = base.seed + k
+                member.seed = seed
                 run = teacher_run(member, overrides=_with_leads(recipe.teacher, leads), name=recipe.teacher_name)
-                known[key] = train_run(_prefixed(run, prefix), study_dir, progress=progress)
-                evaluate(known[key])
-            teachers.append(known[key])
+                teachers_by_seed[recipe.teacher_name, seed] = train_run(_prefixed(run, prefix), study_dir,
+                                                                        progress=progress)
+                evaluate(teachers_by_seed[recipe.teacher_name, seed])
+            teachers.append(teachers_by_seed[recipe.teacher_name, seed])
+        # Only this seed's teachers are returned (ensemble members of later seeds are not), so that
+        # every seed of a study reports the same groups.
+        dirs.setdefault(recipe.teacher_name, teachers[0])
         run = student_run(base, method=recipe.method, leads=leads, teacher_dir=",".join(map(str, teachers)),
                           clt_variant=recipe.clt_variant, name=name,
                           overrides=_with_leads(recipe.student, leads))
