@@ -324,6 +324,42 @@ def open_fold_split(out_dir: str | os.PathLike, split: str, folds: dict[str, Seq
                  folds=take("folds"))
 
 
+class Restandardized:
+    """A split seen through another standardisation (a run's, a teacher's): its own scaler
+    undone (x * std_own + mean_own), the other applied ((x - mean) / std)."""
+
+    def __init__(self, split: Split, stats: dict):
+        own = split.manifest["preprocessing"]["standardization"]
+        mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+        self.split = split
+        self.scale = (np.asarray(own["std"]) / std).astype(np.float32)
+        self.shift = ((np.asarray(own["mean"]) - mean) / std).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getattr__(self, name):
+        return getattr(self.split, name)
+
+    def crop(self, indices, starts, length):
+        index = self.split.lead_idx
+        return self.split.crop(indices, starts, length) * self.scale[index] + self.shift[index]
+
+
+def as_standardized(split: Split, stats: dict | None):
+    """``split`` standardised with ``stats`` (``preprocessing.standardization`` of a manifest or
+    run: mean and std in source units); the split itself when they are its own or None."""
+    own = split.manifest["preprocessing"]["standardization"]
+    if stats is None or (own["mean"] == stats["mean"] and own["std"] == stats["std"]):
+        return split
+    return Restandardized(split, stats)
+
+
+def as_run_data(split: Split, info: dict):
+    """``split`` standardised as the run whose ``run_info.json`` is ``info`` saw its training data."""
+    return as_standardized(split, (info.get("preprocessing") or {}).get("standardization"))
+
+
 def open_split(out_dir: str | os.PathLike, split: str, folds: dict[str, Sequence[int]] | None = None) -> Split:
     """Memory-map one split; validates the manifest and file shapes (not hashes: see verify_shards).
 

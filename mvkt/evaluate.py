@@ -71,37 +71,6 @@ class _Scorer:
         )
 
 
-class _Restandardized:
-    """A split of other shards seen through the run's standardisation: their own scaler
-    undone (x * std_other + mean_other), the run's applied ((x - mean_run) / std_run)."""
-
-    def __init__(self, split: data_lib.Split, run_stats: dict):
-        own = split.manifest["preprocessing"]["standardization"]
-        run_mean, run_std = np.asarray(run_stats["mean"], np.float64), np.asarray(run_stats["std"], np.float64)
-        self.split = split
-        self.scale = (np.asarray(own["std"]) / run_std).astype(np.float32)
-        self.shift = ((np.asarray(own["mean"]) - run_mean) / run_std).astype(np.float32)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getattr__(self, name):
-        return getattr(self.split, name)
-
-    def crop(self, indices, starts, length):
-        index = self.split.lead_idx
-        return self.split.crop(indices, starts, length) * self.scale[index] + self.shift[index]
-
-
-def _as_run_data(split: data_lib.Split, info: dict):
-    """``split`` standardised as the run's training data was (a no-op for its own shards)."""
-    prep = info.get("preprocessing")
-    own = split.manifest["preprocessing"]["standardization"]
-    if prep is None or (own["mean"] == prep["standardization"]["mean"] and own["std"] == prep["standardization"]["std"]):
-        return split
-    return _Restandardized(split, prep["standardization"])
-
-
 def read_label_map(path: str | pathlib.Path, *, source_labels: Sequence[str], run_labels: Sequence[str]) -> dict:
     """``source_label,target_label`` CSV (many-to-one) -> {source: target}, checked against both label sets."""
     path = pathlib.Path(path)
@@ -164,7 +133,7 @@ def score_split(
             f"{workdir} was trained on labels {info['label_names']}, the {split} split of {info['data_dir']} "
             f"has {data.label_names}"
         )
-    scores = scorer.scores(_as_run_data(data, info))
+    scores = scorer.scores(data_lib.as_run_data(data, info))
     result = {
         "scores": scores,
         "y": np.asarray(data.y),
@@ -305,7 +274,7 @@ def _evaluate_external(workdir: pathlib.Path, scorer: _Scorer, *, data_dir: str,
     else:
         raise ValueError(f"{data_dir} has labels {source_labels}, the run {run_labels}: give --label_map=FILE "
                          "(source_label,target_label rows; maps ship in data_prep/mappings/)")
-    scores = np.concatenate([scorer.scores(_as_run_data(s, info)) for s in splits])
+    scores = np.concatenate([scorer.scores(data_lib.as_run_data(s, info)) for s in splits])
     y = np.concatenate([_mapped_labels(np.asarray(s.y), source_labels, mapping, run_labels) for s in splits])
     record_ids = np.concatenate([np.asarray(s.record_ids) for s in splits])
     covered = [k for k, label in enumerate(run_labels) if label in mapping.values()]

@@ -613,9 +613,10 @@ def cross_fitted_cache(members: list, seen: list[set[int]], loader: input_pipeli
                        parallel: parallel_lib.Parallelism, teacher_leads: list[int]) -> TeacherCache:
     """Per record, the mean logits of the teachers that never trained on its fold, and the
     features of the first of them (cross-fitting: no target comes from a teacher that saw
-    the record)."""
-    caches = [teacher_cache(m, v, loader, batch_size=batch_size, parallel=parallel, teacher_leads=teacher_leads)
-              for m, v, _, _ in members]
+    the record). Each teacher sees the crops standardised as its own training folds were."""
+    caches = [teacher_cache(m, v, loader, batch_size=batch_size, parallel=parallel, teacher_leads=teacher_leads,
+                            standardization=info["preprocessing"]["standardization"])
+              for m, v, info, _ in members]
     folds = np.asarray(loader.split.folds)
     eligible = np.stack([~np.isin(folds, sorted(s)) for s in seen], axis=1).astype(np.float32)  # (N, K)
     logits = np.einsum("nk,kngc->ngc", eligible, np.stack([c.logits for c in caches])) / eligible.sum(1)[:, None, None]
@@ -669,9 +670,12 @@ def teacher_cache(
     batch_size: int,
     parallel: parallel_lib.Parallelism,
     teacher_leads: list[int] | None = None,
+    standardization: dict | None = None,
 ) -> TeacherCache:
     """Teacher outputs of every crop ``loader`` can draw (its grid, or its fixed crops);
-    ``teacher_leads``: positions of the teacher's leads in the 12-lead crop (default all)."""
+    ``teacher_leads``: positions of the teacher's leads in the 12-lead crop (default all);
+    ``standardization``: the teacher's, when it was fitted on other records than the
+    student's (a cross-fitted teacher trained on a part of the training folds)."""
     teacher_leads = list(range(len(data_lib.LEADS))) if teacher_leads is None else teacher_leads
     if loader.random_crop:
         indices, starts = loader.grid_crops()
@@ -681,7 +685,7 @@ def teacher_cache(
     logits, features = inference.predict_windows(
         forward,
         teacher_variables,
-        loader.split,
+        data_lib.as_standardized(loader.split, standardization),
         record_index=indices,
         starts=starts,
         window=loader.crop_length,

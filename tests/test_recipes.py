@@ -167,7 +167,17 @@ def test_cross_fitted_targets_come_from_the_teacher_that_never_saw_the_record(pt
                                          crop_grid=25)
     cache = train.cross_fitted_cache(members, seen, loader, batch_size=64, parallel=parallel,
                                      teacher_leads=list(range(12)))
-    single = [train.teacher_cache(m, v, loader, batch_size=64, parallel=parallel) for m, v, _, _ in members]
+    stats = [info["preprocessing"]["standardization"] for _, _, info, _ in members]
+    # Each teacher's standardisation is fitted on its half, not on the student's eight folds.
+    assert stats[0]["mean"] != split.manifest["preprocessing"]["standardization"]["mean"]
+    single = [train.teacher_cache(m, v, loader, batch_size=64, parallel=parallel, standardization=st)
+              for (m, v, _, _), st in zip(members, stats)]
+    # ...and it sees its own training records exactly as it saw them in training.
+    own = data_lib.open_split(ptbxl_sample_shards, "train", {**folds, "train": [1, 2, 3, 4]})
+    theirs = np.flatnonzero(split.folds <= 4)
+    np.testing.assert_array_equal(split.record_ids[theirs], own.record_ids)
+    np.testing.assert_allclose(data_lib.as_standardized(split, stats[0]).crop(theirs, 0, 250),
+                               own.crop(np.arange(len(own)), 0, 250), rtol=1e-4, atol=1e-4)
     for i, fold in enumerate(split.folds):
         other = single[1] if fold <= 4 else single[0]  # the teacher trained on the other half
         np.testing.assert_allclose(cache.logits[i], other.logits[i], rtol=1e-6)
@@ -186,13 +196,26 @@ def test_every_named_recipe_builds_valid_teacher_and_student_configs(tmp_path):
     from experiments import study
 
     base = study.base_config(data_dir=tmp_path, arch="resnet1d_wang", epochs=1, batch_size=32, seed=3)
+    base.data.train_folds, base.data.val_folds, base.data.test_folds = "1,2,3,4,5,6,7,8", "9", "10"
     for name, recipe in study.TRANSFER_METHODS.items():
         for leads in ("I", "I,II"):
-            teacher = study.teacher_run(base, overrides=study._with_leads(recipe.teacher, leads),
-                                        name=recipe.teacher_name)
-            assert teacher.name == f"{recipe.teacher_name}_seed3"
+            runs = recipe.teacher_runs(base, leads)
+            assert len(runs) == recipe.ensemble * max(recipe.cross_fit, 1)
+            assert [r.config.seed for _, r in runs] == [s for s in range(3, 3 + recipe.ensemble)
+                                                         for _ in range(max(recipe.cross_fit, 1))]
+            group, teacher = runs[0]
+            assert teacher.name == f"{group}_seed3"
             assert teacher.config.method == "bce"
             assert teacher.config.student.leads == recipe.teacher.get("student.leads", "all")
+            if recipe.cross_fit:
+                parts = [r.config.data.train_folds.split(",") for _, r in runs]
+                assert sorted(sum(parts, [])) == sorted(base.data.train_folds.split(","))  # disjoint, complete
+                assert [g for g, _ in runs] == [f"teacher_part{k}of{recipe.cross_fit}"
+                                                 for k in range(1, recipe.cross_fit + 1)]
+                assert all(r.config.data.val_folds == "9" and r.config.data.test_folds == "10" for _, r in runs)
+            else:
+                assert group == recipe.teacher_name
+                assert all(r.config.data.train_folds == base.data.train_folds for _, r in runs)
             student = study.student_run(base, method=recipe.method, leads=leads, teacher_dir=tmp_path,
                                         clt_variant=recipe.clt_variant, name=name,
                                         overrides=study._with_leads(recipe.student, leads))
@@ -204,6 +227,11 @@ def test_every_named_recipe_builds_valid_teacher_and_student_configs(tmp_path):
                 assert hyper_get(student.config, key) == value
     with pytest.raises(ValueError, match="names its teacher"):
         study.Recipe("mkd", teacher={"augment.lead_dropout": 0.5})
+    with pytest.raises(ValueError, match="at least 2"):
+        study.Recipe("kd", cross_fit=1)
+    base.data.train_folds = ""
+    with pytest.raises(ValueError, match="cross-fitted teachers need explicit training folds"):
+        study.TRANSFER_METHODS["kd_cross_fit2"].teacher_runs(base, "I")
     with pytest.raises(ValueError, match="unknown config field"):
         study.student_run(base, method="mkd", leads="I", teacher_dir=tmp_path, overrides={"augment.mixup": 1.0})
 
