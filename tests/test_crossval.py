@@ -142,3 +142,26 @@ def test_an_ensemble_recipe_uses_the_next_seeds_teacher_and_keeps_the_groups_of_
         assert student["teacher_workdir"] == f"{round9 / f'teacher_seed{seed}'},{round9 / f'teacher_seed{seed + 1}'}"
     with pytest.raises(ValueError, match="at least 1"):
         study.Recipe("kd", ensemble=0)
+
+
+def test_a_cross_fit_recipe_trains_teachers_on_disjoint_halves_of_the_round(ptbxl_sample_shards, tmp_path):
+    """kd_cross_fit2: each round trains two teachers on alternate training folds (same
+    validation and test folds), reports them as groups, and the student distils from both
+    through the grid cache, each record's targets from the teacher that never saw it."""
+    workdir = tmp_path / "cross_fit"
+    crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "kd_cross_fit2"],
+                          seeds=[0], rounds=[9], epochs=1, batch_size=16, width_mult=0.25, n_resamples=20,
+                          split="val", progress=False)
+    out = json.loads((workdir / "crossval_val.json").read_text())
+    assert list(out["methods"]) == ["teacher", "teacher_part1of2", "teacher_part2of2", "bce", "kd_cross_fit2"]
+    round9 = workdir / "runs" / "round9"
+    main = json.loads((round9 / "teacher_seed0" / "config.json").read_text())["data"]
+    parts = [json.loads((round9 / f"teacher_part{k}of2_seed0" / "config.json").read_text())["data"]
+             for k in (1, 2)]
+    halves = [set(p["train_folds"].split(",")) for p in parts]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(main["train_folds"].split(","))
+    assert all((p["val_folds"], p["test_folds"]) == (main["val_folds"], main["test_folds"]) for p in parts)
+    student = json.loads((round9 / "kd_cross_fit2_leadsI_seed0" / "config.json").read_text())
+    assert student["teacher_workdir"] == f"{round9 / 'teacher_part1of2_seed0'},{round9 / 'teacher_part2of2_seed0'}"
+    assert student["teacher_cross_fit"] and student["teacher_cache"]
+    assert out["methods"]["kd_cross_fit2"]["num_records_scored"] == out["methods"]["bce"]["num_records_scored"]
