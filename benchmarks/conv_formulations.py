@@ -10,6 +10,11 @@ XLA adds around weight-gradient convolutions (see benchmarks/profile_step.py).
 | `im2col` | one matmul over the 5 shifted copies concatenated | XLA's (of the matmul) |
 | `shifted_dots` | a sum of one matmul per kernel tap | XLA's (of the matmuls) |
 | `dot_weight_grad` | `lax` | custom VJP: one dot over (batch x time) per tap |
+| `flat_weight_grad` | `lax` | custom VJP: records padded and laid end to end, so that each tap is a contiguous row slice and its weight gradient one (rows x C)^T (rows x F) matmul (stride 1; stride 2 as `lax`) |
+
+A second table times the pointwise (kernel 1) convolutions that dominate xresnet1d50 as
+`lax.conv_general_dilated` against the same product written as a dot over channels, at
+xresnet1d50's shapes.
 
 Each formulation's gradients are checked against `lax` first. The timing rounds alternate the
 formulations (order reversed every other round); the table gives the median step and the
@@ -77,8 +82,62 @@ def _bwd(stride, residuals, dy):
 
 conv_dot_weight_grad.defvjp(_fwd, _bwd)
 
+
+def _flat_weight_grad(x, dy, k):
+    """dW[j] = sum over (b, t) of xpad[b, t + j]^T dy[b, t], stride 1: with every record padded
+    to T + k - 1 rows and dy padded with zeros after each record, the rows of all records in
+    one (B * (T + k - 1), C) matrix line up, and tap j is the row slice starting at j."""
+    pad = (k - 1) // 2
+    b, t, c = x.shape
+    rows = b * (t + k - 1)
+    xf = jnp.pad(x, ((0, 0), (pad, k - 1 - pad), (0, 0))).reshape(rows, c)
+    dyf = jnp.pad(dy, ((0, 0), (0, k - 1), (0, 0))).reshape(rows, dy.shape[-1])
+    n = rows - (k - 1)
+    return jnp.stack([jax.lax.dot_general(xf[j:j + n], dyf[:n], (((0,), (0,)), ((), ()))) for j in range(k)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_flat_weight_grad(x, w, stride=1):
+    return conv_lax(x, w, stride)
+
+
+def _flat_bwd(stride, residuals, dy):
+    x, w = residuals
+    (dx,) = jax.vjp(lambda x_: conv_lax(x_, w, stride), x)[1](dy)
+    if stride != 1:
+        (dw,) = jax.vjp(lambda w_: conv_lax(x, w_, stride), w)[1](dy)
+        return dx, dw
+    return dx, _flat_weight_grad(x, dy, w.shape[0])
+
+
+conv_flat_weight_grad.defvjp(_fwd, _flat_bwd)
+
 FORMULATIONS = {"lax": conv_lax, "im2col": conv_im2col, "shifted_dots": conv_shifted_dots,
-                "dot_weight_grad": conv_dot_weight_grad}
+                "dot_weight_grad": conv_dot_weight_grad, "flat_weight_grad": conv_flat_weight_grad}
+
+# xresnet1d50's pointwise convolutions at batch 128 and 250-sample crops: (time, C in, C out).
+POINTWISE_SHAPES = [(125, 64, 256), (125, 256, 64), (63, 512, 128), (32, 1024, 256)]
+
+
+def pointwise_dot(x, w):
+    return jax.lax.dot_general(x, w[0], (((2,), (0,)), ((), ())))
+
+
+def pointwise_step(conv):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(conv(x, w))), argnums=(0, 1)))
+
+
+def _alternating(fns: dict, args: tuple, *, repeats: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, the order reversed every other round."""
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, f in (fns.items() if r % 2 == 0 else reversed(list(fns.items()))):
+            jax.block_until_ready(f(*args))
+            start = time.perf_counter()
+            for _ in range(steps):
+                jax.block_until_ready(f(*args))
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
 
 
 def step_fn(conv):
@@ -112,13 +171,7 @@ def main(argv=None) -> int:
         if errors[name] > 1e-2:  # float32 sums in another order, through 4 layers
             raise SystemExit(f"{name}: gradients differ from lax by {errors[name]:.2e} (relative)")
     load_start = os.getloadavg()
-    times = {name: [] for name in steps}
-    for r in range(args.repeats):
-        for name, f in (steps.items() if r % 2 == 0 else reversed(list(steps.items()))):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                jax.block_until_ready(f(ws, x))
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = _alternating(steps, (ws, x), repeats=args.repeats, steps=args.steps)
     load_end = os.getloadavg()
     median = {name: statistics.median(t) for name, t in times.items()}
     lines = [f"load {load_start[0]:.2f} -> {load_end[0]:.2f}", "",
@@ -126,13 +179,30 @@ def main(argv=None) -> int:
     for name in steps:
         lines.append(f"| {name} | {1e3 * median[name]:.1f} | {median[name] / median['lax']:.2f}x | "
                      f"{errors[name]:.1e} |")
+
+    pointwise = []
+    lines += ["", "| pointwise shape (batch 128) | conv ms | dot ms | dot vs conv | load before -> after |",
+              "|---|---:|---:|---:|---|"]
+    for t, c_in, c_out in POINTWISE_SHAPES:
+        px = jnp.asarray(rng.standard_normal((args.batch_size, t, c_in)), jnp.float32)
+        pw = jnp.asarray(rng.standard_normal((1, c_in, c_out)) * 0.05, jnp.float32)
+        fns = {"conv": pointwise_step(conv_lax), "dot": pointwise_step(pointwise_dot)}
+        before = os.getloadavg()
+        shape_times = _alternating(fns, (px, pw), repeats=args.repeats, steps=args.steps)
+        after = os.getloadavg()
+        conv_s, dot_s = (statistics.median(shape_times[n]) for n in ("conv", "dot"))
+        pointwise.append({"shape": [args.batch_size, t, c_in, c_out], "step_times_s": shape_times,
+                          "median_step_s": {"conv": conv_s, "dot": dot_s},
+                          "load_average_start": before, "load_average_end": after})
+        lines.append(f"| ({t}, {c_in} -> {c_out}) | {1e3 * conv_s:.1f} | {1e3 * dot_s:.1f} | "
+                     f"{dot_s / conv_s:.2f}x | {before[0]:.2f} -> {after[0]:.2f} |")
     print("\n".join(lines))
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(
             {"settings": vars(args), "load_average_start": load_start, "load_average_end": load_end,
              "step_times_s": times, "median_step_s": median, "max_relative_gradient_error": errors,
-             "jax": jax.__version__}, indent=1))
+             "pointwise": pointwise, "jax": jax.__version__}, indent=1))
     return 0
 
 

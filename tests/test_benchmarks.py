@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from benchmarks import profile_step, train_step
+import numpy as np
+
+from benchmarks import conv_formulations, profile_step, train_step
 
 
 def test_profile_classifies_the_compiled_ops_of_a_conv_gradient():
@@ -52,3 +54,23 @@ def test_busy_load_scales_with_the_cores(monkeypatch):
     assert train_step._busy_load() == 1.5  # the 2-core CI machine: the issue's threshold
     monkeypatch.setattr(train_step, "_num_cores", lambda: 16)
     assert train_step._busy_load() == 12.0
+
+
+def test_every_conv_formulation_has_the_gradients_of_xla_convolution():
+    """The formulations the benchmark times compute the same forward and gradients as
+    lax.conv_general_dilated, for odd kernels, stride 2 and kernel 1 (as a dot)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 20, 4)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((k, 4, 4)) * 0.3, jnp.float32) for k in (7, 5, 3, 1)]
+    reference = conv_formulations.step_fn(conv_formulations.conv_lax)(ws, x)
+    for name, conv in conv_formulations.FORMULATIONS.items():
+        value, grads = conv_formulations.step_fn(conv)(ws, x)
+        np.testing.assert_allclose(value, reference[0], rtol=1e-5, err_msg=name)
+        for g, r in zip(grads, reference[1]):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(r))), err_msg=name)
+    pw = jnp.asarray(rng.standard_normal((1, 4, 6)), jnp.float32)
+    conv = conv_formulations.pointwise_step(conv_formulations.conv_lax)(x, pw)
+    dot = conv_formulations.pointwise_step(conv_formulations.pointwise_dot)(x, pw)
+    np.testing.assert_allclose(dot[0], conv[0], rtol=1e-5)
+    for g, r in zip(dot[1], conv[1]):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
