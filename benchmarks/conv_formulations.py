@@ -14,7 +14,9 @@ XLA adds around weight-gradient convolutions (see benchmarks/profile_step.py).
 
 A second table times the pointwise (kernel 1) convolutions that dominate xresnet1d50 as
 `lax.conv_general_dilated` against the same product written as a dot over channels, at
-xresnet1d50's shapes.
+xresnet1d50's shapes. A third gives the rate of the kernels a weight gradient can be built
+from, at resnet1d_wang's activation size: XLA's weight-gradient convolution (its transposes
+included) and the matmuls that contract over batch x time.
 
 Each formulation's gradients are checked against `lax` first. The timing rounds alternate the
 formulations (order reversed every other round); the table gives the median step and the
@@ -127,17 +129,43 @@ def pointwise_step(conv):
     return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(conv(x, w))), argnums=(0, 1)))
 
 
-def _alternating(fns: dict, args: tuple, *, repeats: int, steps: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, the order reversed every other round."""
+def _alternating(fns: dict, args: tuple | dict, *, repeats: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per call of each function (``args``: shared, or per function), the order
+    reversed every other round."""
     times = {name: [] for name in fns}
     for r in range(repeats):
         for name, f in (fns.items() if r % 2 == 0 else reversed(list(fns.items()))):
-            jax.block_until_ready(f(*args))
+            call_args = args[name] if isinstance(args, dict) else args
+            jax.block_until_ready(f(*call_args))
             start = time.perf_counter()
             for _ in range(steps):
-                jax.block_until_ready(f(*args))
+                jax.block_until_ready(f(*call_args))
             times[name].append((time.perf_counter() - start) / steps)
     return times
+
+
+def weight_gradient_kernels(x: jax.Array, dy: jax.Array) -> tuple[dict, dict, dict]:
+    """(functions, their arguments, FLOPs) of the kernels a weight gradient of ``x`` (B, T, C)
+    against ``dy`` (B, T, F) can use: XLA's weight-gradient convolution for kernels 5 and 1,
+    and one tap's (B*T x C)^T (B*T x F) matmul with the contraction on rows (as XLA gets it
+    from `flat_weight_grad`) or, pre-transposed, on columns."""
+    b, t, c = x.shape
+    rows = x.reshape(b * t, c)
+    grads = {k: jnp.zeros((k, c, dy.shape[-1]), jnp.float32) for k in (5, 1)}
+
+    def xla_weight_grad(k):
+        return jax.jit(lambda x_, dy_: jax.vjp(lambda w: conv_lax(x_, w), grads[k])[1](dy_)[0])
+
+    fns = {"XLA weight-gradient convolution, kernel 5": xla_weight_grad(5),
+           "XLA weight-gradient convolution, kernel 1": xla_weight_grad(1),
+           "one tap: rows^T @ dy rows (contraction on rows)": jax.jit(
+               lambda a, g: jax.lax.dot_general(a, g, (((0,), (0,)), ((), ())))),
+           "one tap, pre-transposed: (C x rows) @ dy rows": jax.jit(lambda a, g: a @ g)}
+    args = dict(zip(fns, [(x, dy), (x, dy), (rows, dy.reshape(b * t, -1)),
+                          (jnp.asarray(np.ascontiguousarray(np.asarray(rows).T)), dy.reshape(b * t, -1))]))
+    one_tap = 2.0 * b * t * c * dy.shape[-1]
+    flops = dict(zip(fns, [5 * one_tap, one_tap, one_tap, one_tap]))
+    return fns, args, flops
 
 
 def step_fn(conv):
@@ -196,13 +224,27 @@ def main(argv=None) -> int:
                           "load_average_start": before, "load_average_end": after})
         lines.append(f"| ({t}, {c_in} -> {c_out}) | {1e3 * conv_s:.1f} | {1e3 * dot_s:.1f} | "
                      f"{dot_s / conv_s:.2f}x | {before[0]:.2f} -> {after[0]:.2f} |")
+    kernels, kernel_args, kernel_flops = weight_gradient_kernels(
+        x, jnp.asarray(rng.standard_normal(x.shape), jnp.float32))
+    before = os.getloadavg()
+    kernel_times = _alternating(kernels, kernel_args, repeats=args.repeats, steps=args.steps)
+    after = os.getloadavg()
+    kernel_median = {name: statistics.median(t) for name, t in kernel_times.items()}
+    lines += ["", f"| weight-gradient kernel, x {tuple(x.shape)} | ms | GFLOP/s | load {before[0]:.2f} -> "
+              f"{after[0]:.2f} |", "|---|---:|---:|---|"]
+    for name, m in kernel_median.items():
+        lines.append(f"| {name} | {1e3 * m:.2f} | {kernel_flops[name] / m / 1e9:.0f} | |")
     print("\n".join(lines))
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(
             {"settings": vars(args), "load_average_start": load_start, "load_average_end": load_end,
              "step_times_s": times, "median_step_s": median, "max_relative_gradient_error": errors,
-             "pointwise": pointwise, "jax": jax.__version__}, indent=1))
+             "pointwise": pointwise,
+             "weight_gradient_kernels": {"step_times_s": kernel_times, "median_step_s": kernel_median,
+                                         "flops": kernel_flops, "load_average_start": before,
+                                         "load_average_end": after},
+             "jax": jax.__version__}, indent=1))
     return 0
 
 

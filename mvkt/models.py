@@ -63,6 +63,49 @@ def scaled_width(channels: int, width_mult: float) -> int:
     return max(1, int(round(channels * width_mult)))
 
 
+_ROWS = (((0,), (0,)), ((), ()))  # dot_general: contract the rows of two (rows, channels) matrices
+
+
+@jax.custom_vjp
+def _pointwise(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Kernel-1 convolution of ``x`` (B, T, C) by ``w`` (1, C, F), stride 1: XLA's own."""
+    return jax.lax.conv_general_dilated(x, w, (1,), ((0, 0),), dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+def _pointwise_fwd(x, w):
+    return _pointwise(x, w), (x, w)
+
+
+def _pointwise_bwd(residuals, dy):
+    # XLA:CPU turns a weight-gradient convolution into a convolution over [channels, time,
+    # batch] copies of both operands; for kernel 1 the weight gradient is the matmul
+    # x_rows^T @ dy_rows, which reads them where they are (docs/BENCHMARKS.md: xresnet1d50's
+    # forward + backward 1.3x faster). Same float32 sums in another order.
+    x, w = residuals
+    rows = x.shape[0] * x.shape[1]
+    dw = jax.lax.dot_general(x.reshape(rows, x.shape[2]), dy.reshape(rows, dy.shape[2]), _ROWS,
+                             preferred_element_type=jnp.float32)
+    dx = jax.lax.dot_general(dy, w[0], (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw[None].astype(w.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def _pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``nn.Conv``'s convolution for kernel 1 (unpadded, undilated, one group, channels-last).
+    Strided ones (two downsampling shortcuts of resnet1d_wang) stay XLA's: a strided slice
+    first would cost a copy and is not in the ONNX export's primitives."""
+    if (rhs.shape[0] != 1 or tuple(map(tuple, padding)) != ((0, 0),) or feature_group_count != 1
+            or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation))):
+        raise ValueError("the pointwise convolution takes kernel 1 without padding, dilation or groups")
+    if tuple(window_strides) != (1,):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    return _pointwise(lhs, rhs)
+
+
 def _conv(
     features: int, kernel_size: int, *, stride: int = 1, dtype: Dtype, name: str | None = None
 ) -> nn.Conv:
@@ -78,6 +121,7 @@ def _conv(
         param_dtype=jnp.float32,
         kernel_init=kaiming_normal,
         name=name,
+        **({"conv_general_dilated": _pointwise_conv_general_dilated} if kernel_size == 1 else {}),
     )
 
 

@@ -74,3 +74,14 @@ def test_every_conv_formulation_has_the_gradients_of_xla_convolution():
     np.testing.assert_allclose(dot[0], conv[0], rtol=1e-5)
     for g, r in zip(dot[1], conv[1]):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_gradient_kernels_compute_the_same_kernel_one_gradient():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 10, 4)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((3, 10, 6)), jnp.float32)
+    fns, args, flops = conv_formulations.weight_gradient_kernels(x, dy)
+    results = [fns[name](*args[name]) for name in fns]
+    np.testing.assert_allclose(results[1][0], results[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[3], results[2], rtol=1e-5, atol=1e-5)
+    assert results[0].shape == (5, 4, 6) and list(flops.values())[0] == 5 * list(flops.values())[1]

@@ -284,3 +284,60 @@ def test_projection_head_unit_norm_and_zero_safe():
     assert np.all(np.isfinite(zeros))
     grads = jax.grad(lambda p: jnp.sum(head.apply(p, features)[:, 0]))(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("stride,length", [(1, 250), (2, 250), (2, 63)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pointwise_convolution_has_xlas_outputs_and_gradients(stride, length, dtype):
+    """Kernel-1 convolutions compute their gradients as matmuls (a custom VJP, for speed on
+    XLA:CPU; strided ones are XLA's): same forward, input and weight gradients as
+    lax.conv_general_dilated."""
+    rng = np.random.default_rng(stride + length)
+    x = jnp.asarray(rng.standard_normal((4, length, 8)), dtype)
+    w = jnp.asarray(rng.standard_normal((1, 8, 6)) * 0.3, dtype)
+    dn = ("NWC", "WIO", "NWC")
+
+    def loss(conv):
+        return lambda x_, w_: jnp.sum(jnp.tanh(conv(x_, w_).astype(jnp.float32)))
+
+    xla = jax.value_and_grad(loss(lambda a, b: jax.lax.conv_general_dilated(a, b, (stride,), ((0, 0),),
+                                                                            dimension_numbers=dn)), argnums=(0, 1))
+    ours = jax.value_and_grad(loss(lambda a, b: models._pointwise_conv_general_dilated(
+        a, b, (stride,), ((0, 0),), dimension_numbers=dn)), argnums=(0, 1))
+    (value, grads), (ref_value, ref_grads) = ours(x, w), xla(x, w)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(value, ref_value, rtol=tol)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
+    with pytest.raises(ValueError, match="kernel 1 without padding"):
+        models._pointwise_conv_general_dilated(x, jnp.ones((3, 8, 6), dtype), (1,), ((1, 1),))
+
+
+def test_kernel_one_convolutions_of_the_nets_use_the_pointwise_gradient():
+    conv = models._conv(4, 1, dtype=jnp.float32)
+    assert conv.conv_general_dilated is models._pointwise_conv_general_dilated
+    assert models._conv(4, 3, dtype=jnp.float32).conv_general_dilated in (None, jax.lax.conv_general_dilated)  # XLA's
+
+
+def test_a_bottleneck_nets_gradients_equal_those_with_xlas_convolutions(monkeypatch):
+    """xresnet1d50 (pointwise convolutions in every block): the whole net's loss and
+    gradients are those of the same net on XLA's convolutions."""
+    model = models.create_model("xresnet1d50", num_classes=5, width_mult=0.25)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 100, 12)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.PRNGKey(1)})
+        return jnp.mean(jnp.square(out[0] if isinstance(out, tuple) else out))
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    monkeypatch.setattr(models, "_pointwise_conv_general_dilated", jax.lax.conv_general_dilated)
+    assert "custom_vjp" not in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))  # really the reference
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(r))) + 1e-7)
