@@ -94,13 +94,15 @@ _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 def _pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                                     dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``nn.Conv``'s convolution for kernel 1 (unpadded, undilated, one group, channels-last).
-    Strided ones (two downsampling shortcuts of resnet1d_wang) stay XLA's: a strided slice
-    first would cost a copy and is not in the ONNX export's primitives."""
+    """``nn.Conv``'s convolution for kernel 1 (unpadded, undilated, one group, channels-last):
+    ``_pointwise`` in float32 on CPU, where it was measured faster; XLA's own elsewhere. That
+    covers bfloat16, where the matmul gradients measured slower on CPU, and GPUs, which were not
+    measured with it. Strided ones (two downsampling shortcuts of resnet1d_wang) stay XLA's: a
+    strided slice first would cost a copy and is not in the ONNX export's primitives."""
     if (rhs.shape[0] != 1 or tuple(map(tuple, padding)) != ((0, 0),) or feature_group_count != 1
             or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation))):
         raise ValueError("the pointwise convolution takes kernel 1 without padding, dilation or groups")
-    if tuple(window_strides) != (1,):
+    if tuple(window_strides) != (1,) or lhs.dtype != jnp.float32 or jax.default_backend() != "cpu":
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision, **kwargs)
     return _pointwise(lhs, rhs)

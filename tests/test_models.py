@@ -290,8 +290,8 @@ def test_projection_head_unit_norm_and_zero_safe():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pointwise_convolution_has_xlas_outputs_and_gradients(stride, length, dtype):
     """Kernel-1 convolutions compute their gradients as matmuls (a custom VJP, for speed on
-    XLA:CPU; strided ones are XLA's): same forward, input and weight gradients as
-    lax.conv_general_dilated."""
+    XLA:CPU in float32; strided and bfloat16 ones are XLA's): same forward, input and weight
+    gradients as lax.conv_general_dilated."""
     rng = np.random.default_rng(stride + length)
     x = jnp.asarray(rng.standard_normal((4, length, 8)), dtype)
     w = jnp.asarray(rng.standard_normal((1, 8, 6)) * 0.3, dtype)
@@ -304,6 +304,9 @@ def test_pointwise_convolution_has_xlas_outputs_and_gradients(stride, length, dt
                                                                             dimension_numbers=dn)), argnums=(0, 1))
     ours = jax.value_and_grad(loss(lambda a, b: models._pointwise_conv_general_dilated(
         a, b, (stride,), ((0, 0),), dimension_numbers=dn)), argnums=(0, 1))
+    custom = "custom_vjp" in str(jax.make_jaxpr(jax.grad(loss(lambda a, b: models._pointwise_conv_general_dilated(
+        a, b, (stride,), ((0, 0),), dimension_numbers=dn))))(x, w))
+    assert custom == (stride == 1 and dtype == jnp.float32)  # XLA's for strided and bfloat16 convolutions
     (value, grads), (ref_value, ref_grads) = ours(x, w), xla(x, w)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(value, ref_value, rtol=tol)
