@@ -228,12 +228,12 @@ class Recipe:
         overrides = _with_leads(self.teacher, leads)
         parts: list[tuple[str, dict]] = [(self.teacher_name, overrides)]
         if self.cross_fit:
-            folds = [f.strip() for f in str(base.data.train_folds).split(",") if f.strip()]
+            folds = train_lib.fold_splits(base.data)["train"] if base.data.train_folds else []
             if len(folds) < self.cross_fit:
                 raise ValueError(f"cross-fitted teachers need explicit training folds, at least {self.cross_fit} "
                                  f"(data.train_folds={base.data.train_folds!r}): run them in experiments.crossval")
             parts = [(f"{self.teacher_name}_part{k + 1}of{self.cross_fit}",
-                      {**overrides, "data.train_folds": ",".join(folds[k::self.cross_fit])})
+                      {**overrides, "data.train_folds": ",".join(map(str, folds[k::self.cross_fit]))})
                      for k in range(self.cross_fit)]
         runs = []
         for seed in range(base.seed, base.seed + self.ensemble):
