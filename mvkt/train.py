@@ -873,9 +873,15 @@ def _train(
     checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
     best_auc = -math.inf
     if checkpoints.latest_step() is not None:
-        model_part, train_part, meta = checkpoints.restore_latest(
-            model=_model_part(state), train=_train_part(state, rng)
-        )
+        try:
+            model_part, train_part, meta = checkpoints.restore_latest(
+                model=_model_part(state), train=_train_part(state, rng)
+            )
+        except BaseException:
+            # Release the managers (and orbax's pending reads of the damaged steps) here, as the
+            # training loop's `finally` does, not at interpreter exit after the error is printed.
+            checkpoints.close()
+            raise
         state, rng = _merge(state, model_part, train_part), train_part["rng"]
         best = checkpoints.best_meta()
         best_auc = best["val_macro_auc"] if best and best.get("val_macro_auc") is not None else -math.inf
