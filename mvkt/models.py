@@ -38,6 +38,7 @@ batch statistics are already global (see docs/DESIGN.md).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -61,6 +62,11 @@ HEAD_DROPOUT = 0.5  # fastai_model default ps_head; the hidden layer gets half o
 def scaled_width(channels: int, width_mult: float) -> int:
     """Channel count scaled by `width_mult` (at least one channel)."""
     return max(1, int(round(channels * width_mult)))
+
+
+def _cpu_float32(x: jax.Array) -> bool:
+    """Where the custom convolution gradients below were measured faster: float32 on XLA:CPU."""
+    return x.dtype == jnp.float32 and jax.default_backend() == "cpu"
 
 
 _ROWS = (((0,), (0,)), ((), ()))  # dot_general: contract the rows of two (rows, channels) matrices
@@ -102,10 +108,73 @@ def _pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilat
     if (rhs.shape[0] != 1 or tuple(map(tuple, padding)) != ((0, 0),) or feature_group_count != 1
             or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation))):
         raise ValueError("the pointwise convolution takes kernel 1 without padding, dilation or groups")
-    if tuple(window_strides) != (1,) or lhs.dtype != jnp.float32 or jax.default_backend() != "cpu":
+    if tuple(window_strides) != (1,) or not _cpu_float32(lhs):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision, **kwargs)
     return _pointwise(lhs, rhs)
+
+
+_NWC = ("NWC", "WIO", "NWC")
+
+
+def _xla_conv(x: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int]) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, (stride,), (padding,), dimension_numbers=_NWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided(x: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int]) -> jax.Array:
+    """Strided convolution of ``x`` (B, T, C) by ``w`` (k, C, F): XLA's own forward."""
+    return _xla_conv(x, w, stride, padding)
+
+
+def _strided_fwd(x, w, stride, padding):
+    return _xla_conv(x, w, stride, padding), (x, w)
+
+
+def _strided_input_gradient(dy: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int],
+                            length: int) -> jax.Array:
+    """Input gradient of a stride-s convolution as one stride-1 convolution (polyphase).
+
+    XLA:CPU computes it as a convolution over dy dilated with s - 1 zeros, which ran at a
+    third of the speed of the other convolutions (docs/BENCHMARKS.md). Padded-input sample
+    s*u + p receives sum_m w[s*m + p] dy[u - m]: for each phase p that is a stride-1
+    convolution of dy by the taps p, p + s, ...; stacking the s phases as s*C output
+    channels makes it one convolution, whose output reshapes (row-major, free) to
+    consecutive samples. Taps past k are zero, so it does ceil(k/s)*s/k times the
+    multiply-adds (6/5 for kernel 5, stride 2); the sums are the same, in another order.
+    """
+    k, channels, features = w.shape
+    s, (lo, _) = stride, padding
+    taps = -(-k // s)  # ceil(k / s)
+    w = jnp.pad(w, ((0, taps * s - k), (0, 0), (0, 0))).reshape(taps, s, channels, features)
+    w = jnp.transpose(w[::-1], (0, 3, 1, 2)).reshape(taps, features, s * channels)
+    phases = _xla_conv(dy, w, 1, (taps - 1, taps - 1))  # (B, To + taps - 1, s * C)
+    dx = phases.reshape(dy.shape[0], -1, channels)[:, lo:lo + length]
+    return jnp.pad(dx, ((0, 0), (0, length - dx.shape[1]), (0, 0)))  # samples no output reads: zero
+
+
+def _strided_bwd(stride, padding, residuals, dy):
+    x, w = residuals
+    _, weight_vjp = jax.vjp(lambda w_: _xla_conv(x, w_, stride, padding), w)
+    (dw,) = weight_vjp(dy)
+    return _strided_input_gradient(dy, w, stride, padding, x.shape[1]).astype(x.dtype), dw
+
+
+_strided.defvjp(_strided_fwd, _strided_bwd)
+
+
+def _strided_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                  dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``nn.Conv``'s convolution for kernels above 1 with a stride (channels-last, one group):
+    ``_strided`` in float32 on CPU, XLA's own elsewhere (GPUs and bfloat16 were not measured
+    with it)."""
+    if (feature_group_count != 1 or len(window_strides) != 1
+            or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation))):
+        raise ValueError("the strided convolution takes a 1-d window without dilation or groups")
+    if window_strides[0] == 1 or not _cpu_float32(lhs):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    return _strided(lhs, rhs, int(window_strides[0]), tuple(int(p) for p in padding[0]))
 
 
 def _conv(
@@ -113,6 +182,8 @@ def _conv(
 ) -> nn.Conv:
     """Bias-free 1-d convolution with PyTorch's symmetric padding (k - 1) // 2."""
     pad = (kernel_size - 1) // 2
+    custom = (_pointwise_conv_general_dilated if kernel_size == 1
+              else _strided_conv_general_dilated if stride > 1 else None)  # else XLA's own
     return nn.Conv(
         features,
         kernel_size=(kernel_size,),
@@ -123,7 +194,7 @@ def _conv(
         param_dtype=jnp.float32,
         kernel_init=kaiming_normal,
         name=name,
-        **({"conv_general_dilated": _pointwise_conv_general_dilated} if kernel_size == 1 else {}),
+        **({"conv_general_dilated": custom} if custom else {}),
     )
 
 

@@ -325,6 +325,74 @@ def test_kernel_one_convolutions_of_the_nets_use_the_pointwise_gradient():
     assert models._conv(4, 3, dtype=jnp.float32).conv_general_dilated in (None, jax.lax.conv_general_dilated)  # XLA's
 
 
+def _dilated_input_gradient(jaxpr) -> bool:
+    """Whether a gradient's jaxpr holds XLA's input gradient of a strided convolution with a
+    kernel above 1: a convolution over the output gradient dilated with zeros (lhs_dilation
+    above 1). Strided kernel-1 convolutions keep XLA's gradient, so they are not counted."""
+    def window(eqn):
+        return eqn.invars[1].aval.shape[eqn.params["dimension_numbers"].rhs_spec[2]]
+
+    return any(eqn.primitive.name == "conv_general_dilated" and max(eqn.params["lhs_dilation"]) > 1
+               and window(eqn) > 1 for eqn in jaxpr.jaxpr.eqns)
+
+
+@pytest.mark.parametrize("length,kernel,stride", [(250, 5, 2), (125, 5, 2), (125, 3, 2), (64, 7, 3), (9, 5, 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_strided_convolution_has_xlas_outputs_and_gradients(length, kernel, stride, dtype):
+    """Strided convolutions take their input gradient as one stride-1 convolution over the
+    output gradient (polyphase; float32 on CPU): same forward, input and weight gradients as
+    lax.conv_general_dilated, for even and odd lengths and a stride that does not divide the
+    kernel. bfloat16 keeps XLA's gradient."""
+    rng = np.random.default_rng(length + kernel)
+    x = jnp.asarray(rng.standard_normal((4, length, 8)), dtype)
+    w = jnp.asarray(rng.standard_normal((kernel, 8, 6)) * 0.3, dtype)
+    dn, pad = ("NWC", "WIO", "NWC"), ((kernel - 1) // 2,) * 2
+
+    def loss(conv):
+        return lambda x_, w_: jnp.sum(jnp.tanh(conv(x_, w_, (stride,), (pad,), dimension_numbers=dn)
+                                               .astype(jnp.float32)))
+
+    ours, xla = loss(models._strided_conv_general_dilated), loss(jax.lax.conv_general_dilated)
+    assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(xla))(x, w))  # what XLA's gradient would be
+    assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(ours))(x, w)) == (dtype == jnp.bfloat16)
+    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, w) for f in (ours, xla))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(value, ref_value, rtol=tol)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
+    with pytest.raises(ValueError, match="without dilation or groups"):
+        models._strided_conv_general_dilated(x, w, (stride,), (pad,), rhs_dilation=(2,), dimension_numbers=dn)
+
+
+def test_strided_convolutions_of_the_nets_use_the_polyphase_gradient():
+    assert models._conv(4, 5, stride=2, dtype=jnp.float32).conv_general_dilated is models._strided_conv_general_dilated
+    assert models._conv(4, 1, stride=2, dtype=jnp.float32).conv_general_dilated is models._pointwise_conv_general_dilated
+
+
+def test_resnet1d_wangs_gradients_equal_those_with_xlas_strided_convolutions(monkeypatch):
+    """resnet1d_wang (two kernel-5 stride-2 convolutions): the whole net's loss and gradients
+    are those of the same net on XLA's convolutions."""
+    model = models.create_model("resnet1d_wang", num_classes=5, width_mult=0.25)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 100, 12)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+
+    def loss(params):
+        (logits, _), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": jax.random.PRNGKey(1)})
+        return jnp.mean(jnp.square(logits))
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    assert not _dilated_input_gradient(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    monkeypatch.setattr(models, "_strided_conv_general_dilated", jax.lax.conv_general_dilated)
+    assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(loss))(variables["params"]))  # really the reference
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(r))) + 1e-7)
+
+
 def test_a_bottleneck_nets_gradients_equal_those_with_xlas_convolutions(monkeypatch):
     """xresnet1d50 (pointwise convolutions in every block): the whole net's loss and
     gradients are those of the same net on XLA's convolutions."""
