@@ -16,7 +16,13 @@ A second table times the pointwise (kernel 1) convolutions that dominate xresnet
 `lax.conv_general_dilated` against the same product written as a dot over channels, at
 xresnet1d50's shapes. A third gives the rate of the kernels a weight gradient can be built
 from, at resnet1d_wang's activation size: XLA's weight-gradient convolution (its transposes
-included) and the matmuls that contract over batch x time.
+included) and the matmuls that contract over batch x time. A fourth times the input gradient
+of resnet1d_wang's two kernel-5 stride-2 convolutions: XLA's (a convolution over the output
+gradient dilated with zeros) against mvkt's (`models._strided_input_gradient`, one stride-1
+convolution by the phase-regrouped taps), with the forward for scale. A fifth times a
+kernel-5 weight gradient whose input is an array against the same weight gradient whose input
+is relu(h * s + b) computed in the same program: XLA:CPU fuses that elementwise producer into
+the transpose it makes for the weight-gradient convolution.
 
 Each formulation's gradients are checked against `lax` first. The timing rounds alternate the
 formulations (order reversed every other round); the table gives the median step and the
@@ -168,6 +174,58 @@ def weight_gradient_kernels(x: jax.Array, dy: jax.Array) -> tuple[dict, dict, di
     return fns, args, flops
 
 
+def strided_input_gradients(rng, batch: int, crop: int, channels: int) -> tuple[dict, dict, dict]:
+    """(functions, arguments, useful FLOPs) for the input gradient of resnet1d_wang's two
+    kernel-5 stride-2 convolutions (lengths ``crop`` and ``ceil(crop / 2)``): XLA's, mvkt's,
+    and the forward of the same convolution."""
+    from mvkt import models  # noqa: PLC0415 - the library's formulation, as the nets run it
+
+    fns, args, flops = {}, {}, {}
+    length = crop
+    for stage in (1, 2):
+        x = jnp.asarray(rng.standard_normal((batch, length, channels)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((5, channels, channels)) * 0.05, jnp.float32)
+        y = conv_lax(x, w, 2)
+        dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+        useful = 2.0 * y.shape[0] * y.shape[1] * 5 * channels * channels
+        rows = {
+            f"stage {stage} ({length} -> {y.shape[1]}): forward": (jax.jit(lambda x_, w_: conv_lax(x_, w_, 2)), (x, w)),
+            f"stage {stage} ({length} -> {y.shape[1]}): XLA's input gradient": (
+                jax.jit(lambda x_, w_, g: jax.vjp(lambda a: conv_lax(a, w_, 2), x_)[1](g)[0]), (x, w, dy)),
+            f"stage {stage} ({length} -> {y.shape[1]}): mvkt's input gradient (polyphase)": (
+                jax.jit(functools.partial(models._strided_input_gradient, stride=2, padding=(2, 2), length=length)),
+                (dy, w)),
+        }
+        reference = rows[f"stage {stage} ({length} -> {y.shape[1]}): XLA's input gradient"]
+        ours = rows[f"stage {stage} ({length} -> {y.shape[1]}): mvkt's input gradient (polyphase)"]
+        np.testing.assert_allclose(ours[0](*ours[1]), reference[0](*reference[1]), rtol=1e-4, atol=1e-4)
+        for name, (f, a) in rows.items():
+            fns[name], args[name], flops[name] = f, a, useful
+        length = y.shape[1]
+    return fns, args, flops
+
+
+def fused_input_weight_gradients(rng, batch: int, crop: int, channels: int) -> tuple[dict, dict]:
+    """A kernel-5 weight gradient of an array, and of relu(h * s + b) computed in the same
+    program (as a BatchNorm + ReLU output is in the train step)."""
+    h = jnp.asarray(rng.standard_normal((batch, crop, channels)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((batch, crop, channels)), jnp.float32)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+    w = jnp.zeros((5, channels, channels), jnp.float32)
+
+    def weight_grad(x, g):
+        return jax.vjp(lambda w_: conv_lax(x, w_), w)[1](g)[0]
+
+    fns = {"input: an array": jax.jit(weight_grad),
+           "input: relu(h * s + b) in the same program": jax.jit(
+               lambda h_, s_, g: weight_grad(jax.nn.relu(h_ * s_ + 0.1), g))}
+    args = {"input: an array": (jax.nn.relu(h * s + 0.1), dy),
+            "input: relu(h * s + b) in the same program": (h, s, dy)}
+    a, b = (jax.block_until_ready(fns[n](*args[n])) for n in fns)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    return fns, args
+
+
 def step_fn(conv):
     def loss(ws, x):
         for i, w in enumerate(ws):  # kernels 7, 5, 3 (stride 2), 1: the shapes of resnet1d_wang's convs
@@ -234,6 +292,24 @@ def main(argv=None) -> int:
               f"{after[0]:.2f} |", "|---|---:|---:|---|"]
     for name, m in kernel_median.items():
         lines.append(f"| {name} | {1e3 * m:.2f} | {kernel_flops[name] / m / 1e9:.0f} | |")
+    strided, strided_args, strided_flops = strided_input_gradients(rng, args.batch_size, args.crop, args.channels)
+    before_s = os.getloadavg()
+    strided_times = _alternating(strided, strided_args, repeats=args.repeats, steps=args.steps)
+    after_s = os.getloadavg()
+    strided_median = {name: statistics.median(t) for name, t in strided_times.items()}
+    lines += ["", f"| kernel 5, stride 2, batch {args.batch_size}, {args.channels} channels | ms | useful GFLOP/s | "
+              f"load {before_s[0]:.2f} -> {after_s[0]:.2f} |", "|---|---:|---:|---|"]
+    for name, m in strided_median.items():
+        lines.append(f"| {name} | {1e3 * m:.2f} | {strided_flops[name] / m / 1e9:.0f} | |")
+    fused, fused_args = fused_input_weight_gradients(rng, args.batch_size, args.crop, args.channels)
+    before_f = os.getloadavg()
+    fused_times = _alternating(fused, fused_args, repeats=args.repeats, steps=args.steps)
+    after_f = os.getloadavg()
+    fused_median = {name: statistics.median(t) for name, t in fused_times.items()}
+    lines += ["", f"| kernel-5 weight gradient, {tuple(x.shape)} | ms | load {before_f[0]:.2f} -> {after_f[0]:.2f} |",
+              "|---|---:|---|"]
+    for name, m in fused_median.items():
+        lines.append(f"| {name} | {1e3 * m:.2f} | |")
     print("\n".join(lines))
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +320,11 @@ def main(argv=None) -> int:
              "weight_gradient_kernels": {"step_times_s": kernel_times, "median_step_s": kernel_median,
                                          "flops": kernel_flops, "load_average_start": before,
                                          "load_average_end": after},
+             "strided_input_gradient": {"step_times_s": strided_times, "median_step_s": strided_median,
+                                        "useful_flops": strided_flops, "load_average_start": before_s,
+                                        "load_average_end": after_s},
+             "fused_weight_gradient_input": {"step_times_s": fused_times, "median_step_s": fused_median,
+                                             "load_average_start": before_f, "load_average_end": after_f},
              "jax": jax.__version__}, indent=1))
     return 0
 

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --archs=resnet1d_wang,xresnet1d50 --configs=teacher_bce \
         --out=benchmarks/results/profile_step.json
+    python benchmarks/profile_step.py --single_thread --out=benchmarks/results/profile_step_one_core.json
 
 The step is built exactly as in `benchmarks/train_step.py` (``mvkt.train.build_training``,
 same synthetic batches), compiled, warmed up, then ``--steps`` steps run under
@@ -11,7 +12,8 @@ the compiled HLO (``compiled.as_text()``) and put in one category:
 
 | category | what |
 |---|---|
-| `convolution fwd` / `convolution bwd` | convolution thunks of the forward pass / of the gradient (``transpose(jvp(...))`` in their op name, or no JAX op name: the weight-gradient convolutions XLA rewrites) |
+| `convolution fwd` | convolution thunks of the forward pass |
+| `convolution input gradient` / `convolution weight gradient` | convolution thunks of the gradient (``transpose(jvp(...))`` in their op name, or no JAX op name: the weight-gradient convolutions XLA rewrites); a weight gradient's window spans the time axis |
 | `transpose/copy` | fusions that only move data (names with ``transpose`` or ``copy``; e.g. the activations and gradients XLA transposes to [channels, time, batch] for the weight-gradient convolutions) |
 | `reduction` | fusions whose root is a reduce: BatchNorm statistics and their gradients, pooling, loss sums |
 | `elementwise` | other loop fusions (BatchNorm apply, ReLU, adds; the optimizer update is here too) |
@@ -23,6 +25,13 @@ The table gives each category's share of the summed thunk time, the top operatio
 with their shapes, and the step's wall time; the load average is printed before and after
 (a profile taken on a busy machine is marked). The JSON holds the categories and the
 ``--json_ops`` heaviest operations.
+
+With all cores (the default), XLA:CPU runs its convolutions asynchronously on the Eigen thread
+pool: their trace events end when the work is dispatched, so the summed op time misses most of
+the convolution time, and the events of ops that overlap them are stretched. ``--single_thread``
+pins the process to one core with ``--xla_cpu_multi_thread_eigen=false``: every op then runs
+synchronously, the op times add up to the step, and each op's share is its real cost (on one
+core: the same program, so the same ops, but about 1.8x slower in wall time).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import train_step as bench  # noqa: E402
 
 BUSY_LOAD = 1.5
+SINGLE_THREAD_FLAG = "--xla_cpu_multi_thread_eigen=false"
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?) (\w[\w\-]*)\((.*)$")
 
 
@@ -66,8 +76,10 @@ def hlo_instructions(text: str) -> dict[str, dict]:
         name, shape, opcode, rest = m.groups()
         op_name = re.search(r'op_name="([^"]*)"', rest)
         calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        window = re.search(r"window=\{size=(\d+)", rest)
         table[name] = {"shape": shape, "opcode": opcode, "op_name": op_name.group(1) if op_name else "",
-                       "calls": calls.group(1) if calls else None, "computation": current}
+                       "calls": calls.group(1) if calls else None, "computation": current,
+                       "window": int(window.group(1)) if window else None}
         if line.lstrip().startswith("ROOT") and current:
             roots[current] = opcode
     for entry in table.values():
@@ -81,7 +93,14 @@ def category(name: str, entry: dict | None) -> str:
     op_name = entry["op_name"] if entry else ""
     if opcode == "convolution" or "conv" in name and opcode in ("", "custom-call"):
         # XLA rewrites weight-gradient convolutions into new instructions without a JAX op name.
-        return "convolution bwd" if "transpose(" in op_name or not op_name else "convolution fwd"
+        # A weight gradient's window spans the time axis and its output is kernel-sized; an
+        # input gradient's window is the kernel and its output as long as the input.
+        if "transpose(" not in op_name and op_name:
+            return "convolution fwd"
+        dims = re.match(r"\w+\[([\d,]*)\]", entry["shape"]) if entry else None
+        length = [int(d) for d in dims.group(1).split(",")][1] if dims and dims.group(1).count(",") == 2 else 0
+        window = (entry or {}).get("window") or 0
+        return "convolution weight gradient" if window > length or not op_name else "convolution input gradient"
     if name.startswith(("ynn_fusion", "xnn_fusion")):
         return "ynn/xnn fusion"
     if "transpose" in name or "copy" in name or opcode in ("transpose", "copy"):
@@ -175,7 +194,9 @@ def profile(arch: str, config: str, *, batch_size: int, crop: int, steps: int, w
 
 def markdown(result: dict, top: int) -> str:
     mark = " (BUSY: load above 1.5, do not publish)" if result["busy"] else ""
-    lines = [f"### {result['arch']} {result['config']} (batch {result['batch_size']}, crop {result['crop']}){mark}",
+    mode = "one core, synchronous ops" if result.get("single_thread") else "all cores"
+    lines = [f"### {result['arch']} {result['config']} (batch {result['batch_size']}, crop {result['crop']}, "
+             f"{mode}){mark}",
              "",
              f"step wall {result['step_wall_ms']:.1f} ms, summed op time {result['summed_thunk_ms']:.1f} ms"
              + (f", {result['gflop_per_step']:.1f} GFLOP/step = {result['gflop_per_s']:.0f} GFLOP/s"
@@ -200,13 +221,23 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json_ops", type=int, default=40, help="operations per profile kept in --out")
+    parser.add_argument("--single_thread", action="store_true",
+                        help=f"one core, {SINGLE_THREAD_FLAG}: every op runs synchronously, so the op times add up "
+                             "to the step (with the default threads, XLA:CPU's convolutions run asynchronously "
+                             "and their trace events end at dispatch)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.single_thread:
+        if "jax" in sys.modules:
+            raise SystemExit("--single_thread must be set before JAX is imported")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAG}".strip()
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     results = []
     for arch in args.archs.split(","):
         for config in args.configs.split(","):
             result = profile(arch, config, batch_size=args.batch_size, crop=args.crop, steps=args.steps,
                              warmup=args.warmup)
+            result["single_thread"] = args.single_thread
             results.append(result)
             print(markdown(result, args.top), "\n", flush=True)
     if args.out:

@@ -15,16 +15,19 @@ def test_profile_classifies_the_compiled_ops_of_a_conv_gradient():
         y = jax.lax.conv_general_dilated(x, w, (1,), [(2, 2)], dimension_numbers=("NWC", "WIO", "NWC"))
         return jnp.sum(jax.nn.relu(y) ** 2)
 
-    compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((5, 4, 8)), jnp.ones((2, 50, 4))).compile()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.ones((5, 4, 8)), jnp.ones((2, 50, 4))).compile()
     table = profile_step.hlo_instructions(compiled.as_text())
     kinds = {name: profile_step.category(name, entry) for name, entry in table.items()}
     convs = [n for n, e in table.items() if e["opcode"] == "convolution"]
-    assert convs and all(kinds[n].startswith("convolution") for n in convs)
+    # forward, input gradient (window 5, output as long as the input), weight gradient (window 50)
+    assert sorted(kinds[n] for n in convs) == ["convolution fwd", "convolution input gradient",
+                                               "convolution weight gradient"]
+    assert {table[n]["window"] for n in convs if kinds[n] == "convolution weight gradient"} == {50}
     assert profile_step.category("transpose_copy_fusion.3", {"opcode": "fusion", "op_name": "", "root": "copy"}) \
         == "transpose/copy"
     assert profile_step.category("reduce_fusion", {"opcode": "fusion", "op_name": "", "root": "reduce"}) == "reduction"
-    assert profile_step.category("conv.1", {"opcode": "convolution", "op_name": "jit(f)/transpose(jvp(f))/conv"}) \
-        == "convolution bwd"
+    assert profile_step.category("conv.1", {"opcode": "convolution", "op_name": "jit(f)/transpose(jvp(f))/conv",
+                                            "shape": "f32[2,50,4]{2,1,0}", "window": 5}) == "convolution input gradient"
 
 
 def test_benchmark_table_marks_busy_rows_and_gives_the_share_of_peak():
@@ -85,3 +88,20 @@ def test_weight_gradient_kernels_compute_the_same_kernel_one_gradient():
     np.testing.assert_allclose(results[1][0], results[2], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(results[3], results[2], rtol=1e-5, atol=1e-5)
     assert results[0].shape == (5, 4, 6) and list(flops.values())[0] == 5 * list(flops.values())[1]
+
+
+def test_strided_input_gradient_rows_time_what_they_name():
+    """The strided-input-gradient table: both input gradients of each stage agree (the
+    function checks it), the polyphase row runs mvkt's formulation, and lengths halve."""
+    fns, args, flops = conv_formulations.strided_input_gradients(np.random.default_rng(2), 3, 21, 4)
+    names = list(fns)
+    assert len(names) == 6 and names[0].startswith("stage 1 (21 -> 11)") and names[3].startswith("stage 2 (11 -> 6)")
+    dx = fns[names[2]](*args[names[2]])
+    assert dx.shape == (3, 21, 4) and all(v > 0 for v in flops.values())
+
+
+def test_fused_weight_gradient_rows_compute_the_same_gradient():
+    fns, args = conv_formulations.fused_input_weight_gradients(np.random.default_rng(3), 3, 12, 4)
+    a, b = (fns[n](*args[n]) for n in fns)
+    assert a.shape == (5, 4, 4)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
