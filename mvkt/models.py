@@ -98,22 +98,6 @@ def _pointwise_bwd(residuals, dy):
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-def _pointwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``nn.Conv``'s convolution for kernel 1 (unpadded, undilated, one group, channels-last):
-    ``_pointwise`` in float32 on CPU, where it was measured faster; XLA's own elsewhere. That
-    covers bfloat16, where the matmul gradients measured slower on CPU, and GPUs, which were not
-    measured with it. Strided ones (two downsampling shortcuts of resnet1d_wang) stay XLA's: a
-    strided slice first would cost a copy and is not in the ONNX export's primitives."""
-    if (rhs.shape[0] != 1 or tuple(map(tuple, padding)) != ((0, 0),) or feature_group_count != 1
-            or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation))):
-        raise ValueError("the pointwise convolution takes kernel 1 without padding, dilation or groups")
-    if tuple(window_strides) != (1,) or not _cpu_float32(lhs):
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
-    return _pointwise(lhs, rhs)
-
-
 _NWC = ("NWC", "WIO", "NWC")
 
 
@@ -163,18 +147,57 @@ def _strided_bwd(stride, padding, residuals, dy):
 _strided.defvjp(_strided_fwd, _strided_bwd)
 
 
-def _strided_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                                  dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``nn.Conv``'s convolution for kernels above 1 with a stride (channels-last, one group):
-    ``_strided`` in float32 on CPU, XLA's own elsewhere (GPUs and bfloat16 were not measured
-    with it)."""
+@jax.custom_jvp
+def _materialized(x: jax.Array) -> jax.Array:
+    """``x`` itself; where it is differentiated, stored once by XLA:CPU (see the JVP below)."""
+    return x
+
+
+@_materialized.defjvp
+def _materialized_jvp(primals, tangents):
+    # A convolution's weight gradient on XLA:CPU reads its input through a transposed copy,
+    # and XLA fuses the elementwise ops that produce the input (BatchNorm, ReLU, the residual
+    # add) into that copy, recomputing them with strided reads at several times the cost of a
+    # plain transpose (docs/BENCHMARKS.md). lax.optimization_barrier does not stop it: XLA:CPU
+    # expands barriers before fusion. Its fusion does not duplicate a divide into a second
+    # consumer, so dividing by a 1.0 it cannot fold ends the producer: the convolution and the
+    # transpose read one stored input. x / 1.0 is exact. The 1.0 comes from x, so convolutions
+    # that share an input share the copy; the tangent's divide keeps XLA from rewriting x / one
+    # as x * (1 / one). Only the differentiated program has it: inference and export trace the
+    # primal, the identity. tests/test_models.py checks that no transpose recomputes a ReLU.
+    (x,), (t,) = primals, tangents
+    one = jax.lax.stop_gradient(x[(0,) * x.ndim] * 0 + 1)
+    return x / one, t / one
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``nn.Conv``'s convolution for the nets' 1-d convolutions (channels-last, one group, no
+    dilation). In float32 on XLA:CPU, where each was measured faster (docs/BENCHMARKS.md):
+
+    * kernel 1, stride 1: ``_pointwise`` (gradients as matmuls, which read the input in place);
+    * every other: the input ``_materialized``, and for kernels above 1 with a stride,
+      ``_strided`` (input gradient as one stride-1 convolution).
+
+    Elsewhere XLA's own: bfloat16, where the pointwise gradient measured slower on CPU, and
+    GPUs, which were not measured with these.
+    """
     if (feature_group_count != 1 or len(window_strides) != 1
             or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation))):
-        raise ValueError("the strided convolution takes a 1-d window without dilation or groups")
-    if window_strides[0] == 1 or not _cpu_float32(lhs):
+        raise ValueError("the nets' convolution takes a 1-d window without dilation or groups")
+    stride, kernel = int(window_strides[0]), rhs.shape[0]
+    if not _cpu_float32(lhs):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision, **kwargs)
-    return _strided(lhs, rhs, int(window_strides[0]), tuple(int(p) for p in padding[0]))
+    if kernel == 1 and stride == 1:
+        if tuple(map(tuple, padding)) != ((0, 0),):
+            raise ValueError("the pointwise convolution takes kernel 1 without padding")
+        return _pointwise(lhs, rhs)
+    lhs = _materialized(lhs)
+    if kernel > 1 and stride > 1:
+        return _strided(lhs, rhs, stride, tuple(int(p) for p in padding[0]))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
 
 
 def _conv(
@@ -182,8 +205,6 @@ def _conv(
 ) -> nn.Conv:
     """Bias-free 1-d convolution with PyTorch's symmetric padding (k - 1) // 2."""
     pad = (kernel_size - 1) // 2
-    custom = (_pointwise_conv_general_dilated if kernel_size == 1
-              else _strided_conv_general_dilated if stride > 1 else None)  # else XLA's own
     return nn.Conv(
         features,
         kernel_size=(kernel_size,),
@@ -194,7 +215,7 @@ def _conv(
         param_dtype=jnp.float32,
         kernel_init=kaiming_normal,
         name=name,
-        **({"conv_general_dilated": custom} if custom else {}),
+        conv_general_dilated=_conv_general_dilated,
     )
 
 
