@@ -69,13 +69,20 @@ def _cpu_float32(x: jax.Array) -> bool:
     return x.dtype == jnp.float32 and jax.default_backend() == "cpu"
 
 
+_NWC = ("NWC", "WIO", "NWC")
+
+
+def _xla_conv(x: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int]) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, (stride,), (padding,), dimension_numbers=_NWC)
+
+
 _ROWS = (((0,), (0,)), ((), ()))  # dot_general: contract the rows of two (rows, channels) matrices
 
 
 @jax.custom_vjp
 def _pointwise(x: jax.Array, w: jax.Array) -> jax.Array:
     """Kernel-1 convolution of ``x`` (B, T, C) by ``w`` (1, C, F), stride 1: XLA's own."""
-    return jax.lax.conv_general_dilated(x, w, (1,), ((0, 0),), dimension_numbers=("NWC", "WIO", "NWC"))
+    return _xla_conv(x, w, 1, (0, 0))
 
 
 def _pointwise_fwd(x, w):
@@ -96,13 +103,6 @@ def _pointwise_bwd(residuals, dy):
 
 
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
-
-
-_NWC = ("NWC", "WIO", "NWC")
-
-
-def _xla_conv(x: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int]) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, (stride,), (padding,), dimension_numbers=_NWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -165,6 +165,7 @@ def _materialized_jvp(primals, tangents):
     # that share an input share the copy; the tangent's divide keeps XLA from rewriting x / one
     # as x * (1 / one). Only the differentiated program has it: inference and export trace the
     # primal, the identity. tests/test_models.py checks that no transpose recomputes a ReLU.
+    # (A NaN or inf at x[0, 0, 0] makes all of x NaN, as the next BatchNorm would anyway.)
     (x,), (t,) = primals, tangents
     one = jax.lax.stop_gradient(x[(0,) * x.ndim] * 0 + 1)
     return x / one, t / one
