@@ -150,6 +150,24 @@ def _alternating(fns: dict, args: tuple | dict, *, repeats: int, steps: int) -> 
     return times
 
 
+def _timed(fns: dict, args: tuple | dict, *, repeats: int, steps: int) -> dict:
+    """``_alternating``'s times with their medians and the load average around them."""
+    before = os.getloadavg()
+    times = _alternating(fns, args, repeats=repeats, steps=steps)
+    after = os.getloadavg()
+    return {"step_times_s": times, "median_step_s": {name: statistics.median(t) for name, t in times.items()},
+            "load_average_start": before, "load_average_end": after}
+
+
+def _kernel_table(title: str, timed: dict, rate: str | None = None, flops: dict | None = None) -> list[str]:
+    """Markdown rows (ms, and the FLOP rate when ``flops`` is given) of one ``_timed`` table."""
+    load = f"load {timed['load_average_start'][0]:.2f} -> {timed['load_average_end'][0]:.2f}"
+    header = ["", f"| {title} | ms | {rate} | {load} |", "|---|---:|---:|---|"] if flops else \
+        ["", f"| {title} | ms | {load} |", "|---|---:|---|"]
+    return header + [f"| {name} | {1e3 * m:.2f} | " + (f"{flops[name] / m / 1e9:.0f} | |" if flops else "|")
+                     for name, m in timed["median_step_s"].items()]
+
+
 def weight_gradient_kernels(x: jax.Array, dy: jax.Array) -> tuple[dict, dict, dict]:
     """(functions, their arguments, FLOPs) of the kernels a weight gradient of ``x`` (B, T, C)
     against ``dy`` (B, T, F) can use: XLA's weight-gradient convolution for kernels 5 and 1,
@@ -284,32 +302,16 @@ def main(argv=None) -> int:
                      f"{dot_s / conv_s:.2f}x | {before[0]:.2f} -> {after[0]:.2f} |")
     kernels, kernel_args, kernel_flops = weight_gradient_kernels(
         x, jnp.asarray(rng.standard_normal(x.shape), jnp.float32))
-    before = os.getloadavg()
-    kernel_times = _alternating(kernels, kernel_args, repeats=args.repeats, steps=args.steps)
-    after = os.getloadavg()
-    kernel_median = {name: statistics.median(t) for name, t in kernel_times.items()}
-    lines += ["", f"| weight-gradient kernel, x {tuple(x.shape)} | ms | GFLOP/s | load {before[0]:.2f} -> "
-              f"{after[0]:.2f} |", "|---|---:|---:|---|"]
-    for name, m in kernel_median.items():
-        lines.append(f"| {name} | {1e3 * m:.2f} | {kernel_flops[name] / m / 1e9:.0f} | |")
+    kernel = {**_timed(kernels, kernel_args, repeats=args.repeats, steps=args.steps), "flops": kernel_flops}
+    lines += _kernel_table(f"weight-gradient kernel, x {tuple(x.shape)}", kernel, "GFLOP/s", kernel_flops)
     strided, strided_args, strided_flops = strided_input_gradients(rng, args.batch_size, args.crop, args.channels)
-    before_s = os.getloadavg()
-    strided_times = _alternating(strided, strided_args, repeats=args.repeats, steps=args.steps)
-    after_s = os.getloadavg()
-    strided_median = {name: statistics.median(t) for name, t in strided_times.items()}
-    lines += ["", f"| kernel 5, stride 2, batch {args.batch_size}, {args.channels} channels | ms | useful GFLOP/s | "
-              f"load {before_s[0]:.2f} -> {after_s[0]:.2f} |", "|---|---:|---:|---|"]
-    for name, m in strided_median.items():
-        lines.append(f"| {name} | {1e3 * m:.2f} | {strided_flops[name] / m / 1e9:.0f} | |")
+    strided_timed = {**_timed(strided, strided_args, repeats=args.repeats, steps=args.steps),
+                     "useful_flops": strided_flops}
+    lines += _kernel_table(f"kernel 5, stride 2, batch {args.batch_size}, {args.channels} channels", strided_timed,
+                           "useful GFLOP/s", strided_flops)
     fused, fused_args = fused_input_weight_gradients(rng, args.batch_size, args.crop, args.channels)
-    before_f = os.getloadavg()
-    fused_times = _alternating(fused, fused_args, repeats=args.repeats, steps=args.steps)
-    after_f = os.getloadavg()
-    fused_median = {name: statistics.median(t) for name, t in fused_times.items()}
-    lines += ["", f"| kernel-5 weight gradient, {tuple(x.shape)} | ms | load {before_f[0]:.2f} -> {after_f[0]:.2f} |",
-              "|---|---:|---|"]
-    for name, m in fused_median.items():
-        lines.append(f"| {name} | {1e3 * m:.2f} | |")
+    fused_timed = _timed(fused, fused_args, repeats=args.repeats, steps=args.steps)
+    lines += _kernel_table(f"kernel-5 weight gradient, {tuple(x.shape)}", fused_timed)
     print("\n".join(lines))
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -317,14 +319,8 @@ def main(argv=None) -> int:
             {"settings": vars(args), "load_average_start": load_start, "load_average_end": load_end,
              "step_times_s": times, "median_step_s": median, "max_relative_gradient_error": errors,
              "pointwise": pointwise,
-             "weight_gradient_kernels": {"step_times_s": kernel_times, "median_step_s": kernel_median,
-                                         "flops": kernel_flops, "load_average_start": before,
-                                         "load_average_end": after},
-             "strided_input_gradient": {"step_times_s": strided_times, "median_step_s": strided_median,
-                                        "useful_flops": strided_flops, "load_average_start": before_s,
-                                        "load_average_end": after_s},
-             "fused_weight_gradient_input": {"step_times_s": fused_times, "median_step_s": fused_median,
-                                             "load_average_start": before_f, "load_average_end": after_f},
+             "weight_gradient_kernels": kernel, "strided_input_gradient": strided_timed,
+             "fused_weight_gradient_input": fused_timed,
              "jax": jax.__version__}, indent=1))
     return 0
 
