@@ -288,6 +288,43 @@ def test_projection_head_unit_norm_and_zero_safe():
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+def _assert_same_value_and_gradients(ours, xla, x, w):
+    """``ours(x, w)`` and ``xla(x, w)`` agree in value and in both gradients (dtype, shape and
+    numbers; bfloat16 to its precision)."""
+    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, w) for f in (ours, xla))
+    tol = 1e-5 if x.dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(value, ref_value, rtol=tol)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
+
+
+def _train_loss(model, x):
+    """(loss of the params, initial params): mean squared logits of a train-mode pass over ``x``."""
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+
+    def loss(params):
+        (logits, _), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": jax.random.PRNGKey(1)})
+        return jnp.mean(jnp.square(logits))
+
+    return loss, variables["params"]
+
+
+def _assert_net_matches_xlas_convolutions(monkeypatch, loss, params, uses_ours):
+    """The net's loss and gradients equal those with every convolution XLA's own; ``uses_ours``
+    (a predicate on the gradient's jaxpr) holds for mvkt's and not for the reference."""
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert uses_ours(jax.make_jaxpr(jax.grad(loss))(params))
+    monkeypatch.setattr(models, "_conv_general_dilated", jax.lax.conv_general_dilated)
+    assert not uses_ours(jax.make_jaxpr(jax.grad(loss))(params))  # really the reference
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(r))) + 1e-7)
+
+
 @pytest.mark.parametrize("stride,length", [(1, 250), (2, 250), (2, 63)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pointwise_convolution_has_xlas_outputs_and_gradients(stride, length, dtype):
@@ -306,13 +343,7 @@ def test_pointwise_convolution_has_xlas_outputs_and_gradients(stride, length, dt
     ours, xla = loss(models._conv_general_dilated), loss(jax.lax.conv_general_dilated)
     matmuls = "dot_general" in str(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(x, w))
     assert matmuls == (stride == 1 and dtype == jnp.float32)  # XLA's for strided and bfloat16 convolutions
-    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, w) for f in (ours, xla))
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(value, ref_value, rtol=tol)
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == r.dtype and g.shape == r.shape
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol,
-                                   atol=tol * float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
+    _assert_same_value_and_gradients(ours, xla, x, w)
 
 
 def test_the_nets_convolution_rejects_what_it_does_not_implement():
@@ -336,14 +367,8 @@ def _relus_recomputed_in_transposes(model, x) -> list[str]:
     """The fused computations of a compiled train-mode gradient that transpose a tensor and
     compute a ReLU (max): XLA recomputing a BatchNorm + ReLU output inside the transposed
     copy it makes for a weight-gradient convolution."""
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
-
-    def loss(params):
-        (logits, _), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": jax.random.PRNGKey(1)})
-        return jnp.mean(jnp.square(logits))
-
-    text = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    loss, params = _train_loss(model, x)
+    text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     computations = re.findall(r"\n(%[\w.\-]+ [^\n]*\{\n.*?\n\})", text, flags=re.S)
     return [c.split()[0] for c in computations if " transpose(" in c and " maximum(" in c]
 
@@ -401,13 +426,7 @@ def test_strided_convolution_has_xlas_outputs_and_gradients(length, kernel, stri
     ours, xla = loss(models._conv_general_dilated), loss(jax.lax.conv_general_dilated)
     assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(xla))(x, w))  # what XLA's gradient would be
     assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(ours))(x, w)) == (dtype == jnp.bfloat16)
-    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, w) for f in (ours, xla))
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(value, ref_value, rtol=tol)
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == r.dtype and g.shape == r.shape
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol,
-                                   atol=tol * float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
+    _assert_same_value_and_gradients(ours, xla, x, w)
 
 
 def test_resnet1d_wangs_gradients_equal_those_with_xlas_convolutions(monkeypatch):
@@ -417,21 +436,9 @@ def test_resnet1d_wangs_gradients_equal_those_with_xlas_convolutions(monkeypatch
     # 16 records: with 4, BatchNorm over so few makes this net's gradient sensitive to float32
     # rounding alone (XLA's jitted and op-by-op gradients differ by up to 100%).
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 100, 12)), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
-
-    def loss(params):
-        (logits, _), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": jax.random.PRNGKey(1)})
-        return jnp.mean(jnp.square(logits))
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    assert not _dilated_input_gradient(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-    monkeypatch.setattr(models, "_conv_general_dilated", jax.lax.conv_general_dilated)
-    assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(loss))(variables["params"]))  # really the reference
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(r))) + 1e-7)
+    loss, params = _train_loss(model, x)
+    _assert_net_matches_xlas_convolutions(monkeypatch, loss, params,
+                                          lambda jaxpr: not _dilated_input_gradient(jaxpr))
 
 
 def test_a_bottleneck_nets_gradients_equal_those_with_xlas_convolutions(monkeypatch):
@@ -439,18 +446,5 @@ def test_a_bottleneck_nets_gradients_equal_those_with_xlas_convolutions(monkeypa
     gradients are those of the same net on XLA's convolutions."""
     model = models.create_model("xresnet1d50", num_classes=5, width_mult=0.25)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 100, 12)), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
-
-    def loss(params):
-        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                             rngs={"dropout": jax.random.PRNGKey(1)})
-        return jnp.mean(jnp.square(out[0] if isinstance(out, tuple) else out))
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    assert "custom_vjp" in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-    monkeypatch.setattr(models, "_conv_general_dilated", jax.lax.conv_general_dilated)
-    assert "custom_vjp" not in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))  # really the reference
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(r))) + 1e-7)
+    loss, params = _train_loss(model, x)
+    _assert_net_matches_xlas_convolutions(monkeypatch, loss, params, lambda jaxpr: "custom_vjp" in str(jaxpr))
