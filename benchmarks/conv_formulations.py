@@ -18,7 +18,7 @@ xresnet1d50's shapes. A third gives the rate of the kernels a weight gradient ca
 from, at resnet1d_wang's activation size: XLA's weight-gradient convolution (its transposes
 included) and the matmuls that contract over batch x time. A fourth times the input gradient
 of resnet1d_wang's two kernel-5 stride-2 convolutions: XLA's (a convolution over the output
-gradient dilated with zeros) against mvkt's (`models._strided_input_gradient`, one stride-1
+gradient dilated with zeros) against mvkt's (`cpu_conv.strided_input_gradient`, one stride-1
 convolution by the phase-regrouped taps), with the forward for scale. A fifth times a
 kernel-5 weight gradient whose input is an array against the same weight gradient whose input
 is relu(h * s + b) computed in the same program: XLA:CPU fuses that elementwise producer into
@@ -196,7 +196,7 @@ def strided_input_gradients(rng, batch: int, crop: int, channels: int) -> tuple[
     """(functions, arguments, useful FLOPs) for the input gradient of resnet1d_wang's two
     kernel-5 stride-2 convolutions (lengths ``crop`` and ``ceil(crop / 2)``): XLA's, mvkt's,
     and the forward of the same convolution."""
-    from mvkt import models  # noqa: PLC0415 - the library's formulation, as the nets run it
+    from mvkt import cpu_conv  # noqa: PLC0415 - the library's formulation, as the nets run it
 
     fns, args, flops = {}, {}, {}
     length = crop
@@ -211,7 +211,7 @@ def strided_input_gradients(rng, batch: int, crop: int, channels: int) -> tuple[
             f"stage {stage} ({length} -> {y.shape[1]}): XLA's input gradient": (
                 jax.jit(lambda x_, w_, g: jax.vjp(lambda a: conv_lax(a, w_, 2), x_)[1](g)[0]), (x, w, dy)),
             f"stage {stage} ({length} -> {y.shape[1]}): mvkt's input gradient (polyphase)": (
-                jax.jit(functools.partial(models._strided_input_gradient, stride=2, padding=(2, 2), length=length)),
+                jax.jit(functools.partial(cpu_conv.strided_input_gradient, stride=2, padding=(2, 2), length=length)),
                 (dy, w)),
         }
         reference = rows[f"stage {stage} ({length} -> {y.shape[1]}): XLA's input gradient"]

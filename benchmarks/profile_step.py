@@ -4,7 +4,7 @@
         --out=benchmarks/results/profile_step.json
     python benchmarks/profile_step.py --single_thread --out=benchmarks/results/profile_step_one_core.json
 
-The step is built exactly as in `benchmarks/train_step.py` (``mvkt.train.build_training``,
+The step is built exactly as in `benchmarks/train_step.py` (``mvkt.step.build_training``,
 same synthetic batches), compiled, warmed up, then ``--steps`` steps run under
 ``jax.profiler`` (perfetto trace). XLA:CPU records one trace event per executed thunk
 (a fusion, a convolution, a custom call, a copy); each is matched with its instruction in
@@ -119,14 +119,15 @@ def profile(arch: str, config: str, *, batch_size: int, crop: int, steps: int, w
     import jax.numpy as jnp
 
     from experiments.configs import default
-    from mvkt import models, parallel, train
+    from mvkt import models, parallel
+    from mvkt import step as step_lib
 
     method, leads, variant, cache = bench.CONFIGS[config]
     cfg = default.get_config()
     cfg.method, cfg.student.arch, cfg.student.leads, cfg.train.batch_size = method, arch, leads, batch_size
     if variant is not None:
         cfg.clt.variant = variant
-    spec = train.LossSpec.from_config(cfg)
+    spec = step_lib.LossSpec.from_config(cfg)
     par = parallel.make_parallelism()
     teacher = None
     if spec.needs_teacher:
@@ -135,7 +136,7 @@ def profile(arch: str, config: str, *, batch_size: int, crop: int, steps: int, w
     labels, host_batches = bench.make_data(batch_size=batch_size, crop=crop, num_batches=4)
     if cache:
         bench.add_teacher_cache(host_batches, feature_dim=models.feature_dim(arch))
-    training = train.build_training(cfg, num_classes=bench.NUM_CLASSES, crop_length=crop, total_steps=10_000,
+    training = step_lib.build_training(cfg, num_classes=bench.NUM_CLASSES, crop_length=crop, total_steps=10_000,
                                     parallel=par, rng=jax.random.PRNGKey(0), train_labels=labels, teacher=teacher)
     state, rng = training.state, par.replicate(jax.random.PRNGKey(5))
     batches = [par.to_global(b) for b in host_batches]

@@ -16,7 +16,7 @@ of `--crop` samples with 5 classes:
 | `mvkt_in_batch_cache` | as above with the teacher cache | same |
 
 The JAX side is exactly what `mvkt.train.train_and_evaluate` runs: the state and the
-donated, jitted step from `mvkt.train.build_training` (lowered and compiled ahead of time so that compilation is timed separately; the
+donated, jitted step from `mvkt.step.build_training` (lowered and compiled ahead of time so that compilation is timed separately; the
 executable is the one `jit` builds), batches placed with `Parallelism.to_global`, the
 optimizer from `make_optimizer` (clip by global norm + AdamW, one-cycle schedule) and
 the losses of `mvkt.losses` with the defaults of `experiments/configs/default.py`.
@@ -168,7 +168,7 @@ def make_data(*, batch_size: int, crop: int, num_batches: int, seed: int = 0):
 
 
 def add_teacher_cache(batches, *, feature_dim: int, seed: int = 1):
-    """Precomputed teacher outputs as `mvkt.train.teacher_cache` gives them (fixed crops or the
+    """Precomputed teacher outputs as `mvkt.teachers.teacher_cache` gives them (fixed crops or the
     grid of random-crop starts: the step sees the same arrays; values do not matter for speed)."""
     import numpy as np
 
@@ -241,7 +241,8 @@ def jax_worker(args) -> None:
     import numpy as np
 
     from experiments.configs import default
-    from mvkt import models, parallel, train
+    from mvkt import models, parallel
+    from mvkt import step as step_lib
 
     device = jax.devices()[0]
     baseline_mb = _rss_mb()
@@ -255,7 +256,7 @@ def jax_worker(args) -> None:
     cfg.student.dtype = args.precision  # bfloat16: the opt-in mixed precision (float32 parameters)
     if variant is not None:
         cfg.clt.variant = variant
-    spec = train.LossSpec.from_config(cfg)
+    spec = step_lib.LossSpec.from_config(cfg)
 
     par = parallel.make_parallelism()
     teacher = None
@@ -267,7 +268,7 @@ def jax_worker(args) -> None:
     labels, host_batches = make_data(batch_size=args.batch_size, crop=args.crop, num_batches=args.num_batches)
     if cache:
         add_teacher_cache(host_batches, feature_dim=feature_dim)
-    training = train.build_training(
+    training = step_lib.build_training(
         cfg, num_classes=NUM_CLASSES, crop_length=args.crop, total_steps=args.total_steps, parallel=par,
         rng=jax.random.PRNGKey(0), train_labels=labels, teacher=teacher)
     state, update = training.state, training.update

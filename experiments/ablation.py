@@ -23,7 +23,7 @@ from experiments import study
 from experiments import cli
 from mvkt import distributed
 from mvkt import plots
-from mvkt import train as train_lib
+from mvkt import run_config
 
 # Every paper method once (study.TRANSFER_METHODS without aliases and recipes).
 METHODS = ["bce", "kd", "mkd", "clt_memory_bank", "clt_in_batch", "mvkt_memory_bank", "mvkt_in_batch"]
@@ -129,7 +129,7 @@ def main(argv):
     with cli.exit_on_known_errors():
         cli.start()
         kwargs = study.flag_values("experiments.ablation")
-        path = run_ablation(leads=",".join(train_lib.parse_leads(flags.FLAGS.leads)), **kwargs)
+        path = run_ablation(leads=",".join(run_config.parse_leads(flags.FLAGS.leads)), **kwargs)
         cli.print_report(path)
 
 

@@ -24,8 +24,7 @@ import jax
 from absl import flags, logging
 
 from experiments import hyper
-from experiments import study
-from mvkt import distributed, run_dir, train
+from mvkt import distributed, errors, run_dir
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "multi-process job: one process per host, every host runs the same command"
@@ -53,8 +52,8 @@ KNOWN_ERRORS = (
     FileNotFoundError,
     ValueError,
     OSError,
-    train.TrainingDivergedError,
-    study.UnfinishedRunError,
+    errors.TrainingDivergedError,
+    errors.UnfinishedRunError,
     run_dir.RunLockedError,
     distributed.OtherProcessFailedError,
 )
@@ -184,7 +183,7 @@ def exit_on_known_errors():
     try:
         yield
         distributed.barrier("entry-point-done")
-    except train.TrainingPreempted as e:
+    except errors.TrainingPreempted as e:
         print(e, file=sys.stderr)
         sys.exit(0)
     except jax.errors.JaxRuntimeError as e:

@@ -30,11 +30,12 @@ from experiments import cli
 from experiments import report as report_lib
 from experiments import study
 from mvkt import data as data_lib
+from mvkt import bootstrap
 from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import metrics as metrics_lib
 from mvkt import plots
-from mvkt import train as train_lib
+from mvkt import run_config
 
 OOF_SPLIT = "oof"
 
@@ -103,7 +104,7 @@ def _round_auc(workdir: pathlib.Path, n_resamples: int, split: str) -> tuple[flo
     y = scores["y"]
     if not metrics_lib.valid_class_mask(y_true=y).any():
         return None
-    ci = metrics_lib.bootstrap_ci(y_true=y, y_score=scores["scores"], metric_fn=metrics_lib.macro_auc,
+    ci = bootstrap.bootstrap_ci(y_true=y, y_score=scores["scores"], metric_fn=metrics_lib.macro_auc,
                                   n_resamples=n_resamples)
     return ci.point, ci.lower, ci.upper
 
@@ -251,7 +252,7 @@ def main(argv):
     f = flags.FLAGS
     with cli.exit_on_known_errors():
         cli.start()
-        path = run_crossval(leads=",".join(train_lib.parse_leads(f.leads)), split=f.split,
+        path = run_crossval(leads=",".join(run_config.parse_leads(f.leads)), split=f.split,
                             rounds=study.seeds_from(f.rounds) if f.rounds else None,
                             **study.flag_values("experiments.crossval"))
         cli.print_report(path)

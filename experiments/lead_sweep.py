@@ -32,7 +32,7 @@ from mvkt import data as data_lib
 from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import plots
-from mvkt import train as train_lib
+from mvkt import run_config
 
 ALL_SINGLE = "all12"
 
@@ -41,7 +41,7 @@ def lead_sets(text: str) -> list[str]:
     """``--leads``: ``all12`` (one student per single lead) or ';'-separated lead sets, each
     one student (``"I;II;I,II,V2"``) -> canonical lead strings, in order."""
     sets = list(data_lib.LEADS) if text.strip() == ALL_SINGLE else [s for s in text.split(";") if s.strip()]
-    sets = list(dict.fromkeys(",".join(train_lib.parse_leads(s)) for s in sets))
+    sets = list(dict.fromkeys(",".join(run_config.parse_leads(s)) for s in sets))
     if not sets:
         raise ValueError("no lead sets: give --leads=all12 or ';'-separated sets, e.g. 'I;II;I,II,V2'")
     return sets

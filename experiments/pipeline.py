@@ -24,7 +24,7 @@ from experiments import report as report_lib
 from experiments import study
 from experiments import cli
 from mvkt import distributed
-from mvkt import train as train_lib
+from mvkt import run_config
 
 
 _DISPLAY = {"mvkt": "MVKT", "mvkt_memory_bank": "MVKT", "mvkt_in_batch": "MVKT (in-batch)"}
@@ -83,7 +83,7 @@ def main(argv):
     with cli.exit_on_known_errors():
         cli.start()
         kwargs = study.flag_values("experiments.pipeline")
-        path = run_pipeline(leads=",".join(train_lib.parse_leads(flags.FLAGS.leads)), **kwargs)
+        path = run_pipeline(leads=",".join(run_config.parse_leads(flags.FLAGS.leads)), **kwargs)
         cli.print_report(path)
 
 

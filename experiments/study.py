@@ -26,16 +26,18 @@ from absl import flags, logging
 
 from experiments import hyper
 from experiments.configs import default as default_config
+from mvkt import bootstrap
 from mvkt import distributed
 from mvkt import evaluate as evaluate_lib
 from mvkt import metrics as metrics_lib
 from mvkt import data as data_lib
+from mvkt import errors
+from mvkt import run_config
 from mvkt import run_dir
 from mvkt import train as train_lib
 
 
-class UnfinishedRunError(RuntimeError):
-    """A run stopped before its last step (e.g. ``train.stop_at_step``): nothing may build on it."""
+UnfinishedRunError = errors.UnfinishedRunError
 
 
 SAMPLE_PTBXL = pathlib.Path(__file__).resolve().parents[1] / "data_prep" / "samples" / "ptbxl"
@@ -82,8 +84,9 @@ def base_config(
     """The default config with the study's settings; ``overrides`` (``--override``) last."""
     config = default_config.get_config()
     config.data.dir = str(data_dir)
-    config.student.arch = arch
-    config.student.width_mult = width_mult
+    for net in (config.student, config.teacher):  # the study's teachers and students share the net
+        net.arch = arch
+        net.width_mult = width_mult
     config.train.epochs = epochs
     config.train.batch_size = batch_size
     config.seed = seed
@@ -164,7 +167,8 @@ def teacher_run(base: ml_collections.ConfigDict, *, overrides: Mapping[str, Any]
     that must be given its own ``name``."""
     config = ml_collections.ConfigDict(base.to_dict())
     config.method = "bce"
-    config.student.leads = "all"
+    config.trains = "teacher"
+    config.teacher.leads = "all"
     if overrides:
         config = hyper.apply_overrides(config, overrides, source=f"teacher {name!r}")
     return Run(f"{name}_seed{config.seed}", config)
@@ -185,7 +189,7 @@ def student_run(
     config.method = method
     config.student.leads = leads
     config.clt.variant = clt_variant
-    config.teacher_workdir = str(teacher_dir) if method != "bce" else ""
+    config.teacher.runs = tuple(run_config.path_list(teacher_dir)) if method != "bce" else ()
     name = name or f"{method}{'_' + clt_variant if method in ('clt', 'mvkt') else ''}"
     if overrides:
         config = hyper.apply_overrides(config, overrides, source=f"recipe {name!r}")
@@ -228,7 +232,7 @@ class Recipe:
         overrides = _with_leads(self.teacher, leads)
         parts: list[tuple[str, dict]] = [(self.teacher_name, overrides)]
         if self.cross_fit:
-            folds = train_lib.fold_splits(base.data)["train"] if base.data.train_folds else []
+            folds = run_config.fold_splits(base.data)["train"] if base.data.train_folds else []
             if len(folds) < self.cross_fit:
                 raise ValueError(f"cross-fitted teachers need explicit training folds, at least {self.cross_fit} "
                                  f"(data.train_folds={base.data.train_folds!r}): run them in experiments.crossval")
@@ -251,6 +255,7 @@ def _with_leads(overrides: Mapping[str, Any], leads: str) -> dict[str, Any]:
 # recipes of docs/EXPERIMENTS.md (each a config option with its own tests).
 _FUNCTION_MATCHING = {"augment.mixup_alpha": 0.4, "augment.amplitude_scale_std": 0.1,
                       "augment.noise_std": 0.05, "augment.baseline_wander": 0.1}
+_CROSS_FIT_STUDENT = {"teacher.cross_fit": True, "teacher.cache": True, "teacher.cache_stride_seconds": 0.25}
 _LEAD_DROPOUT_TEACHER = {"augment.lead_dropout": 0.5, "augment.lead_dropout_keep": LEADS}
 TRANSFER_METHODS: dict[str, Recipe] = {
     "bce": Recipe("bce", about="the student alone (baseline)"),
@@ -278,7 +283,7 @@ TRANSFER_METHODS: dict[str, Recipe] = {
     # A teacher assistant (Mirzadeh et al. 2020) on the leads between 12 and lead I. Here it is
     # trained by BCE, not itself distilled, so that it costs one teacher run per round.
     "kd_teacher_assistant": Recipe(
-        "kd", teacher={"student.leads": "I,II,V2"}, teacher_name="teacher_assistant_I-II-V2",
+        "kd", teacher={"teacher.leads": "I,II,V2"}, teacher_name="teacher_assistant_I-II-V2",
         about="Hinton KD from a BCE teacher assistant on leads I, II, V2 (students on a subset of them)"),
     "kd_ensemble2": Recipe("kd", ensemble=2, about="Hinton KD from the mean logits of two teachers (two seeds)"),
     "mkd_ensemble2": Recipe("mkd", ensemble=2, about="MKD from the mean logits of two teachers (two seeds)"),
@@ -293,13 +298,11 @@ TRANSFER_METHODS: dict[str, Recipe] = {
     # records, 0.937 on validation), so each record's targets here come from a teacher that
     # never saw it. Costs two half-data teachers per round and the grid cache.
     "kd_cross_fit2": Recipe(
-        "kd", cross_fit=2, student={"teacher_cross_fit": True, "teacher_cache": True,
-                                    "teacher_cache_stride_seconds": 0.25},
+        "kd", cross_fit=2, student=_CROSS_FIT_STUDENT,
         about="Hinton KD with cross-fitted targets: two teachers on alternate training folds, each "
               "record's targets from the one that never saw it"),
     "mkd_cross_fit2": Recipe(
-        "mkd", cross_fit=2, student={"teacher_cross_fit": True, "teacher_cache": True,
-                                     "teacher_cache_stride_seconds": 0.25},
+        "mkd", cross_fit=2, student=_CROSS_FIT_STUDENT,
         about="MKD with the same cross-fitted targets"),
 }
 
@@ -431,7 +434,7 @@ def method_summary(workdirs: Sequence[pathlib.Path], *, n_resamples: int, split:
     y = loaded[0]["y"]
     stacked_y = np.concatenate([y] * len(loaded), axis=1)
     stacked_scores = np.concatenate([s["scores"] for s in loaded], axis=1)
-    ci = metrics_lib.bootstrap_ci(
+    ci = bootstrap.bootstrap_ci(
         y_true=stacked_y, y_score=stacked_scores, metric_fn=metrics_lib.macro_auc, n_resamples=n_resamples
     )
     per_seed = [metrics_lib.per_class_auc(y_true=y, y_score=s["scores"]).macro_auc for s in loaded]

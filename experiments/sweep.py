@@ -1,7 +1,7 @@
 """Hyper-parameter sweeps: expand a sweep config, train (or print) one run per setting, one table.
 
     python -m experiments.sweep --config=experiments/configs/sweep_mvkt.py:alpha_beta \
-        --workdir=runs/sweep_ab --config.data.dir=SHARDS --config.teacher_workdir=TEACHER
+        --workdir=runs/sweep_ab --config.data.dir=SHARDS --config.teacher.runs=TEACHER
     python -m experiments.sweep ... --mode=print > jobs.txt    # one `python -m experiments.train` per line
     python -m experiments.sweep ... --collect                  # only rebuild the table
 
@@ -37,13 +37,15 @@ from experiments import hyper
 from experiments import study
 from experiments import cli
 from mvkt import distributed
+from mvkt import run_config
 from mvkt import run_dir
+from mvkt import step as step_lib
 from mvkt import train as train_lib
 
 OVERRIDES_FILE = "overrides.json"
 ERROR_FILE = "error.json"
 # Paths are made absolute so that hashes and printed commands do not depend on the cwd.
-PATH_FIELDS = ("data.dir", "teacher_workdir")
+PATH_FIELDS = ("data.dir", "teacher.runs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +81,10 @@ def load_sweep_file(config_spec: str) -> tuple[Any, str | None]:
 def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(overrides)
     for name, value in overrides.items():
-        if hyper.field_path(name) in PATH_FIELDS and isinstance(value, str) and value:
-            # teacher_workdir may list an ensemble: A,B,C
-            out[name] = ",".join(str(pathlib.Path(v.strip()).absolute()) for v in value.split(",") if v.strip())
+        if hyper.field_path(name) == "data.dir" and isinstance(value, str) and value:
+            out[name] = str(pathlib.Path(value).absolute())
+        elif hyper.field_path(name) in PATH_FIELDS and value:  # teacher.runs may list an ensemble
+            out[name] = tuple(str(pathlib.Path(v).absolute()) for v in run_config.path_list(value))
     return out
 
 
@@ -160,17 +163,17 @@ def validate(runs: list[SweepRun]) -> None:
     for run in runs:
         config = run.config
         where = f"run {run.overrides}"
-        loss_spec = train_lib.LossSpec.from_config(config)
-        train_lib.parse_leads(config.student.leads)
+        loss_spec = step_lib.LossSpec.from_config(config)
+        run_config.trained_leads(config)
         if not (pathlib.Path(config.data.dir) / "manifest.json").exists():
             raise FileNotFoundError(f"{where}: no shards at config.data.dir={config.data.dir!r}; "
                                     "pass --config.data.dir=SHARDS")
         if loss_spec.needs_teacher:
-            if not config.teacher_workdir:
+            if not run_config.teacher_runs(config):
                 raise ValueError(f"{where}: method {config.method!r} needs a trained teacher: pass "
-                                 "--config.teacher_workdir=RUN (e.g. python -m experiments.train "
+                                 "--config.teacher.runs=RUN (e.g. python -m experiments.train "
                                  "--config=experiments/configs/teacher.py --workdir=RUN ...)")
-            for teacher in train_lib.teacher_workdirs(config):
+            for teacher in run_config.teacher_runs(config):
                 if not run_dir.is_finished(pathlib.Path(teacher)):
                     raise FileNotFoundError(f"{where}: teacher {teacher} is not a finished run")
 

@@ -3,7 +3,7 @@
     python -m experiments.train --config=experiments/configs/teacher.py --workdir=T \
             --config.data.dir=SHARDS
     python -m experiments.train --config=experiments/configs/student.py --workdir=S \
-            --config.data.dir=SHARDS --config.teacher_workdir=T --config.student.leads=I \
+            --config.data.dir=SHARDS --config.teacher.runs=T --config.student.leads=I \
             --config.method=mvkt --config.clt.variant=memory_bank
 
 Running the same command again resumes (or does nothing if the run finished).

@@ -16,12 +16,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import pathlib
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
 
+from mvkt import bootstrap
 from mvkt import data as data_lib
 from mvkt import distributed
 from mvkt import inference
@@ -32,6 +35,84 @@ from mvkt import run_dir
 SCORES_FILE = "scores_{split}.npz"
 EVAL_FILE = "eval_{split}.json"
 EXTERNAL_SPLIT = "external_{name}"  # scores_external_<name>.npz, eval_external_<name>.json
+
+
+def _json_float(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def evaluate_scores(
+    *,
+    label_names: Sequence[str],
+    val: tuple[Any, Any],
+    test: tuple[Any, Any],
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    challenge: bool = False,
+) -> dict[str, Any]:
+    """All reported metrics of one run; thresholds from ``val``, numbers on ``test``.
+
+    ``val`` and ``test`` are ``(y_true, y_score)`` pairs. Test labels are used only to
+    score; every threshold (per-class F1 thresholds, the Fmax threshold) comes from
+    val. Returns a JSON-serialisable dict:
+
+    macro_auc, macro_auc_ci [lo, hi], ci_level, n_resamples, per_class_auc {name: AUC|None},
+    excluded_classes, val_macro_auc, val_excluded_classes, f1_macro, f1_samples, thresholds {name: float|None
+    (None = never predicted: no val positives)}, fmax (test, val threshold),
+    fmax_threshold, num_val_records, num_test_records; with ``challenge=True`` also
+    challenge_f_beta2, challenge_g_beta2 (F1 thresholds from val, arg-max class forced
+    for records without prediction as in the benchmark).
+    """
+    names = [str(n) for n in label_names]
+    y_val = metrics_lib._as_labels(val[0])
+    s_val = metrics_lib._as_scores(val[1], like=y_val, name="val scores")
+    y_test = metrics_lib._as_labels(test[0])
+    s_test = metrics_lib._as_scores(test[1], like=y_test, name="test scores")
+    if y_val.shape[1] != len(names) or y_test.shape[1] != len(names):
+        raise ValueError(f"{len(names)} label_names but val has {y_val.shape[1]} and test {y_test.shape[1]} classes")
+
+    # Decisions first, from validation only.
+    thresholds = metrics_lib.choose_thresholds(y_true_val=y_val, y_score_val=s_val)
+    global_threshold = metrics_lib.fmax_threshold(y_true_val=y_val, y_score_val=s_val)
+
+    auc = metrics_lib.per_class_auc(y_true=y_test, y_score=s_test, label_names=names)
+    if auc.excluded_classes:
+        warnings.warn(
+            f"test macro AUC excludes classes without positives or negatives: {auc.excluded_classes}",
+            stacklevel=2,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # same exclusion, already reported by name
+        ci = bootstrap.bootstrap_ci(y_true=y_test, y_score=s_test, metric_fn=metrics_lib.macro_auc, n_resamples=n_resamples,
+                          alpha=alpha, seed=seed)
+    val_auc = metrics_lib.per_class_auc(y_true=y_val, y_score=s_val, label_names=names)
+    pred = metrics_lib.apply_thresholds(y_score=s_test, thresholds=thresholds)
+    f1 = metrics_lib.f1_scores(y_true=y_test, y_pred=pred)
+    result: dict[str, Any] = {
+        "macro_auc": auc.macro_auc,
+        "macro_auc_ci": [ci.lower, ci.upper],
+        "ci_level": 1.0 - alpha,
+        "n_resamples": ci.n_resamples,
+        "per_class_auc": auc.per_class_auc,
+        "excluded_classes": auc.excluded_classes,
+        "val_macro_auc": _json_float(val_auc.macro_auc),
+        "val_excluded_classes": val_auc.excluded_classes,
+        "f1_macro": f1["f1_macro"],
+        "f1_samples": f1["f1_samples"],
+        "thresholds": {name: _json_float(t) for name, t in zip(names, thresholds)},
+        "fmax": metrics_lib.fmax_at(y_true=y_test, y_score=s_test, threshold=global_threshold),
+        "fmax_threshold": global_threshold,
+        "num_val_records": int(y_val.shape[0]),
+        "num_test_records": int(y_test.shape[0]),
+    }
+    if challenge:
+        forced = metrics_lib.apply_thresholds(y_score=s_test, thresholds=thresholds, ensure_one_positive=True)
+        scores = metrics_lib.challenge_scores(y_true=y_test, y_pred=forced, beta=2.0)
+        result["challenge_f_beta2"] = scores["f_beta"]
+        result["challenge_g_beta2"] = scores["g_beta"]
+    return result
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +313,7 @@ def _evaluate_run(workdir: pathlib.Path, scorer: _Scorer, *, split: str, n_resam
                   which: str) -> dict:
     val = score_split(workdir, "val", scorer=scorer)
     target = val if split == "val" else score_split(workdir, split, scorer=scorer)
-    result = metrics_lib.evaluate_scores(
+    result = evaluate_scores(
         label_names=target["label_names"],
         val=(val["y"], val["scores"]),
         test=(target["y"], target["scores"]),
@@ -281,7 +362,7 @@ def _evaluate_external(workdir: pathlib.Path, scorer: _Scorer, *, data_dir: str,
     excluded = [label for k, label in enumerate(run_labels) if k not in covered]
     _save_scores(workdir / SCORES_FILE.format(split=EXTERNAL_SPLIT.format(name=name)), scores=scores, y=y,
                  record_ids=record_ids, label_names=run_labels)
-    result = metrics_lib.evaluate_scores(
+    result = evaluate_scores(
         label_names=[run_labels[k] for k in covered],
         val=(np.asarray(val["y"])[:, covered], np.asarray(val["scores"])[:, covered]),
         test=(y[:, covered], scores[:, covered]),
@@ -344,7 +425,7 @@ def compare_runs(
     for run, loaded in zip(list(runs_a) + list(runs_b), loaded_a + loaded_b):
         if not np.array_equal(loaded["record_ids"], reference["record_ids"]):
             raise ValueError(f"{run} was scored on different records than {runs_a[0]}")
-    result = metrics_lib.paired_bootstrap_pooled(
+    result = bootstrap.paired_bootstrap_pooled(
         y_true=reference["y"],
         scores_a=[s["scores"] for s in loaded_a],
         scores_b=[s["scores"] for s in loaded_b],

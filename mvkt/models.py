@@ -38,12 +38,15 @@ batch statistics are already global (see docs/DESIGN.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mvkt import cpu_conv
 
 Dtype = Any
 
@@ -64,143 +67,6 @@ def scaled_width(channels: int, width_mult: float) -> int:
     return max(1, int(round(channels * width_mult)))
 
 
-def _cpu_float32(x: jax.Array) -> bool:
-    """Where the custom convolution gradients below were measured faster: float32 on XLA:CPU."""
-    return x.dtype == jnp.float32 and jax.default_backend() == "cpu"
-
-
-_NWC = ("NWC", "WIO", "NWC")
-
-
-def _xla_conv(x: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int]) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, (stride,), (padding,), dimension_numbers=_NWC)
-
-
-_ROWS = (((0,), (0,)), ((), ()))  # dot_general: contract the rows of two (rows, channels) matrices
-
-
-@jax.custom_vjp
-def _pointwise(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Kernel-1 convolution of ``x`` (B, T, C) by ``w`` (1, C, F), stride 1: XLA's own."""
-    return _xla_conv(x, w, 1, (0, 0))
-
-
-def _pointwise_fwd(x, w):
-    return _pointwise(x, w), (x, w)
-
-
-def _pointwise_bwd(residuals, dy):
-    # XLA:CPU turns a weight-gradient convolution into a convolution over [channels, time,
-    # batch] copies of both operands; for kernel 1 the weight gradient is the matmul
-    # x_rows^T @ dy_rows, which reads them where they are (docs/BENCHMARKS.md: xresnet1d50's
-    # train step 27% faster on CPU). Same float32 sums in another order.
-    x, w = residuals
-    rows = x.shape[0] * x.shape[1]
-    dw = jax.lax.dot_general(x.reshape(rows, x.shape[2]), dy.reshape(rows, dy.shape[2]), _ROWS,
-                             preferred_element_type=jnp.float32)
-    dx = jax.lax.dot_general(dy, w[0], (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw[None].astype(w.dtype)
-
-
-_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided(x: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int]) -> jax.Array:
-    """Strided convolution of ``x`` (B, T, C) by ``w`` (k, C, F): XLA's own forward."""
-    return _xla_conv(x, w, stride, padding)
-
-
-def _strided_fwd(x, w, stride, padding):
-    return _xla_conv(x, w, stride, padding), (x, w)
-
-
-def _strided_input_gradient(dy: jax.Array, w: jax.Array, stride: int, padding: tuple[int, int],
-                            length: int) -> jax.Array:
-    """Input gradient of a stride-s convolution as one stride-1 convolution (polyphase).
-
-    XLA:CPU computes it as a convolution over dy dilated with s - 1 zeros, which ran at a
-    third of the speed of the other convolutions (docs/BENCHMARKS.md). Padded-input sample
-    s*u + p receives sum_m w[s*m + p] dy[u - m]: for each phase p that is a stride-1
-    convolution of dy by the taps p, p + s, ...; stacking the s phases as s*C output
-    channels makes it one convolution, whose output reshapes (row-major, free) to
-    consecutive samples. Taps past k are zero, so it does ceil(k/s)*s/k times the
-    multiply-adds (6/5 for kernel 5, stride 2); the sums are the same, in another order.
-    """
-    k, channels, features = w.shape
-    s, (lo, _) = stride, padding
-    taps = -(-k // s)  # ceil(k / s)
-    w = jnp.pad(w, ((0, taps * s - k), (0, 0), (0, 0))).reshape(taps, s, channels, features)
-    w = jnp.transpose(w[::-1], (0, 3, 1, 2)).reshape(taps, features, s * channels)
-    phases = _xla_conv(dy, w, 1, (taps - 1, taps - 1))  # (B, To + taps - 1, s * C)
-    dx = phases.reshape(dy.shape[0], -1, channels)[:, lo:lo + length]
-    return jnp.pad(dx, ((0, 0), (0, length - dx.shape[1]), (0, 0)))  # samples no output reads: zero
-
-
-def _strided_bwd(stride, padding, residuals, dy):
-    x, w = residuals
-    _, weight_vjp = jax.vjp(lambda w_: _xla_conv(x, w_, stride, padding), w)
-    (dw,) = weight_vjp(dy)
-    return _strided_input_gradient(dy, w, stride, padding, x.shape[1]).astype(x.dtype), dw
-
-
-_strided.defvjp(_strided_fwd, _strided_bwd)
-
-
-@jax.custom_jvp
-def _materialized(x: jax.Array) -> jax.Array:
-    """``x`` itself; where it is differentiated, stored once by XLA:CPU (see the JVP below)."""
-    return x
-
-
-@_materialized.defjvp
-def _materialized_jvp(primals, tangents):
-    # A convolution's weight gradient on XLA:CPU reads its input through a transposed copy,
-    # and XLA fuses the elementwise ops that produce the input (BatchNorm, ReLU, the residual
-    # add) into that copy, recomputing them with strided reads at several times the cost of a
-    # plain transpose (docs/BENCHMARKS.md). lax.optimization_barrier does not stop it: XLA:CPU
-    # expands barriers before fusion. Its fusion does not duplicate a divide into a second
-    # consumer, so dividing by a 1.0 it cannot fold ends the producer: the convolution and the
-    # transpose read one stored input. x / 1.0 is exact. The 1.0 comes from x, so convolutions
-    # that share an input share the copy; the tangent's divide keeps XLA from rewriting x / one
-    # as x * (1 / one). Only the differentiated program has it: inference and export trace the
-    # primal, the identity. tests/test_models.py checks that no transpose recomputes a ReLU.
-    # (A NaN or inf at x[0, 0, 0] makes all of x NaN, as the next BatchNorm would anyway.)
-    (x,), (t,) = primals, tangents
-    one = jax.lax.stop_gradient(x[(0,) * x.ndim] * 0 + 1)
-    return x / one, t / one
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``nn.Conv``'s convolution for the nets' 1-d convolutions (channels-last, one group, no
-    dilation). In float32 on XLA:CPU, where each was measured faster (docs/BENCHMARKS.md):
-
-    * kernel 1, stride 1: ``_pointwise`` (gradients as matmuls, which read the input in place);
-    * every other: the input ``_materialized``, and for kernels above 1 with a stride,
-      ``_strided`` (input gradient as one stride-1 convolution).
-
-    Elsewhere XLA's own: bfloat16, where the pointwise gradient measured slower on CPU, and
-    GPUs, which were not measured with these.
-    """
-    if (feature_group_count != 1 or len(window_strides) != 1
-            or any(d not in (None, 1, (1,)) for d in (lhs_dilation, rhs_dilation))):
-        raise ValueError("the nets' convolution takes a 1-d window without dilation or groups")
-    stride, kernel = int(window_strides[0]), rhs.shape[0]
-    if not _cpu_float32(lhs):
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
-    if kernel == 1 and stride == 1:
-        if tuple(map(tuple, padding)) != ((0, 0),):
-            raise ValueError("the pointwise convolution takes kernel 1 without padding")
-        return _pointwise(lhs, rhs)
-    lhs = _materialized(lhs)
-    if kernel > 1 and stride > 1:
-        return _strided(lhs, rhs, stride, tuple(int(p) for p in padding[0]))
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
-
-
 def _conv(
     features: int, kernel_size: int, *, stride: int = 1, dtype: Dtype, name: str | None = None
 ) -> nn.Conv:
@@ -216,7 +82,7 @@ def _conv(
         param_dtype=jnp.float32,
         kernel_init=kaiming_normal,
         name=name,
-        conv_general_dilated=_conv_general_dilated,
+        conv_general_dilated=cpu_conv.conv_general_dilated,
     )
 
 
@@ -241,6 +107,14 @@ def concat_pool(x: jax.Array) -> jax.Array:
     """AdaptiveConcatPool1d: concat(max over time, mean over time), in float32."""
     x = x.astype(jnp.float32)
     return jnp.concatenate([jnp.max(x, axis=1), jnp.mean(x, axis=1)], axis=-1)
+
+
+def _pooled_head(x: jax.Array, num_classes: int, width_mult: float, dtype: Dtype, train: bool):
+    """The nets' common ending, inside their compact call: concat pooling, then the head
+    (parameters under ``head``). Returns (logits, pooled features)."""
+    features = concat_pool(x)
+    head = ClassifierHead(num_classes, hidden=scaled_width(HEAD_HIDDEN, width_mult), dtype=dtype, name="head")
+    return head(features, train=train), features
 
 
 class ClassifierHead(nn.Module):
@@ -339,11 +213,7 @@ class XResNet1d(nn.Module):
                     name=f"stage{stage}_block{b}",
                 )(x, train=train)
 
-        features = concat_pool(x)
-        logits = ClassifierHead(self.num_classes, hidden=scaled_width(HEAD_HIDDEN, self.width_mult), dtype=d, name="head")(
-            features, train=train
-        )
-        return logits, features
+        return _pooled_head(x, self.num_classes, self.width_mult, d, train)
 
 
 # --------------------------------------------------------------------- resnet1d_wang
@@ -391,11 +261,7 @@ class ResNet1dWang(nn.Module):
         x = nn.relu(_batch_norm(train, dtype=d)(x))
         for stage, stride in enumerate((1, 2, 2)):
             x = BasicBlock1d(width, stride, (5, 3), dtype=d, name=f"stage{stage}")(x, train=train)
-        features = concat_pool(x)
-        logits = ClassifierHead(self.num_classes, hidden=scaled_width(HEAD_HIDDEN, self.width_mult), dtype=d, name="head")(
-            features, train=train
-        )
-        return logits, features
+        return _pooled_head(x, self.num_classes, self.width_mult, d, train)
 
 
 # ------------------------------------------------------------------------ inception1d
@@ -448,11 +314,7 @@ class Inception1d(nn.Module):
                 shortcut = _batch_norm(train, dtype=d, name=f"shortcut{i // 3}_bn")(shortcut)
                 x = nn.relu(x + shortcut)
                 residual_input = x
-        features = concat_pool(x)
-        logits = ClassifierHead(self.num_classes, hidden=scaled_width(HEAD_HIDDEN, self.width_mult), dtype=d, name="head")(
-            features, train=train
-        )
-        return logits, features
+        return _pooled_head(x, self.num_classes, self.width_mult, d, train)
 
 
 # --------------------------------------------------------------------------- factory
@@ -464,19 +326,48 @@ _XRESNET_CONFIGS: dict[str, tuple[int, tuple[int, ...]]] = {
     "xresnet1d101": (4, (3, 4, 23, 3)),
 }
 
-ARCHITECTURES: tuple[str, ...] = (*_XRESNET_CONFIGS, "resnet1d_wang", "inception1d")
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A registered net: ``build(num_classes, width_mult, dtype) -> nn.Module`` whose
+    ``apply(variables, x, train=...)`` gives (logits, pooled features), and the length of
+    those features, ``feature_dim(width_mult)``."""
+
+    build: Callable[[int, float, Dtype], nn.Module]
+    feature_dim: Callable[[float], int]
+
+
+REGISTRY: dict[str, Architecture] = {}
+ARCHITECTURES: tuple[str, ...] = ()
+
+
+def register(name: str, architecture: Architecture) -> None:
+    """Adds a net under ``name`` (``config.student.arch`` / ``config.teacher.arch``)."""
+    global ARCHITECTURES
+    if name in REGISTRY:
+        raise ValueError(f"an architecture {name!r} exists already")
+    REGISTRY[name] = architecture
+    ARCHITECTURES = tuple(REGISTRY)
+
+
+for _name, (_expansion, _layers) in _XRESNET_CONFIGS.items():
+    register(_name, Architecture(
+        functools.partial(lambda c, w, d, e, l: XResNet1d(e, l, c, width_mult=w, dtype=d), e=_expansion, l=_layers),
+        functools.partial(lambda w, e: 2 * scaled_width(64, w) * e, e=_expansion)))
+register("resnet1d_wang", Architecture(lambda c, w, d: ResNet1dWang(c, width_mult=w, dtype=d),
+                                       lambda w: 2 * scaled_width(128, w)))
+register("inception1d", Architecture(lambda c, w, d: Inception1d(c, width_mult=w, dtype=d),
+                                     lambda w: 2 * 4 * scaled_width(32, w)))
+
+
+def _architecture(arch: str) -> Architecture:
+    if arch not in REGISTRY:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return REGISTRY[arch]
 
 
 def feature_dim(arch: str, *, width_mult: float = 1.0) -> int:
     """Length of the pooled feature vector (concat of max and avg pooling) of `arch`."""
-    if arch in _XRESNET_CONFIGS:
-        expansion, _ = _XRESNET_CONFIGS[arch]
-        return 2 * scaled_width(64, width_mult) * expansion
-    if arch == "resnet1d_wang":
-        return 2 * scaled_width(128, width_mult)
-    if arch == "inception1d":
-        return 2 * 4 * scaled_width(32, width_mult)
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return _architecture(arch).feature_dim(width_mult)
 
 
 def create_model(arch: str, *, num_classes: int, width_mult: float = 1.0, dtype: Dtype = jnp.float32) -> nn.Module:
@@ -490,14 +381,7 @@ def create_model(arch: str, *, num_classes: int, width_mult: float = 1.0, dtype:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if width_mult <= 0:
         raise ValueError(f"width_mult must be positive, got {width_mult}")
-    if arch in _XRESNET_CONFIGS:
-        expansion, layers = _XRESNET_CONFIGS[arch]
-        return XResNet1d(expansion, layers, num_classes, width_mult=width_mult, dtype=dtype)
-    if arch == "resnet1d_wang":
-        return ResNet1dWang(num_classes, width_mult=width_mult, dtype=dtype)
-    if arch == "inception1d":
-        return Inception1d(num_classes, width_mult=width_mult, dtype=dtype)
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return _architecture(arch).build(num_classes, width_mult, dtype)
 
 
 # ------------------------------------------------------------------ projection head
@@ -525,46 +409,30 @@ class ProjectionHead(nn.Module):
         return l2_normalize(z.astype(jnp.float32))
 
 
+def from_config(net_config, num_classes: int) -> nn.Module:
+    """The net a run config's net group describes (``run_config.net_config``: arch, width, dtype)."""
+    return create_model(
+        net_config.arch,
+        num_classes=num_classes,
+        width_mult=float(net_config.width_mult),
+        dtype=jnp.dtype(net_config.dtype),
+    )
+
+
 __all__: Sequence[str] = (
     "ARCHITECTURES",
+    "Architecture",
     "ClassifierHead",
     "Inception1d",
     "ProjectionHead",
+    "REGISTRY",
     "ResNet1dWang",
     "XResNet1d",
     "concat_pool",
     "create_model",
     "feature_dim",
+    "from_config",
     "l2_normalize",
+    "register",
     "scaled_width",
 )
-
-
-def from_config(student_config, num_classes: int) -> nn.Module:
-    """The net a run config's ``student`` section describes (arch, width, dtype)."""
-    return create_model(
-        student_config.arch,
-        num_classes=num_classes,
-        width_mult=float(student_config.width_mult),
-        dtype=jnp.dtype(student_config.dtype),
-    )
-
-
-class Ensemble(nn.Module):
-    """Several trained nets as one teacher: the mean of their logits, and the features of the
-    first (feature spaces differ between nets, so they are not averaged). Variables are
-    ``ensemble_variables([...])``."""
-
-    members: Sequence[nn.Module]
-
-    def __call__(self, x, train: bool = False):
-        outputs = [member(x, train=train) for member in self.members]
-        return jnp.mean(jnp.stack([logits for logits, _ in outputs]), axis=0), outputs[0][1]
-
-
-def ensemble_variables(variables: Sequence[dict]) -> dict:
-    """The variables of an ``Ensemble`` from its members' variables, in member order."""
-    return {
-        collection: {f"members_{i}": v[collection] for i, v in enumerate(variables) if collection in v}
-        for collection in ("params", "batch_stats")
-    }

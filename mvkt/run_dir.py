@@ -35,6 +35,7 @@ from mvkt import checkpoints as ckpt_lib
 from mvkt import distributed
 from mvkt import models
 from mvkt import parallel as parallel_lib
+from mvkt import run_config
 
 CONFIG_FILE = "config.json"
 INFO_FILE = "run_info.json"
@@ -49,7 +50,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "eval.bootstrap_resamples",
     "eval.batch_size",
-    "allow_unfinished_teacher",
+    "teacher.allow_unfinished",
 )
 
 
@@ -59,16 +60,6 @@ class RunLockedError(RuntimeError):
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _read_json(path: pathlib.Path, what: str) -> dict:
@@ -81,12 +72,14 @@ def _read_json(path: pathlib.Path, what: str) -> dict:
 
 
 def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a run under a config that would train something else."""
+    """Refuses to resume a run under a config that would train something else. Both sides are
+    compared in today's layout (``run_config.training_fields``), so folders written before
+    ``config.teacher`` resume under today's commands."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
         return
-    old = _flatten(_read_json(path, "config"))
-    new = _flatten(json.loads(config.to_json()))
+    old = run_config.training_fields(_read_json(path, "config"))
+    new = run_config.training_fields(json.loads(config.to_json()))
     # A field added to the config after the run started, at its "off" value (""/False/0), changes nothing.
     changed = sorted(
         k for k in set(old) | set(new)
@@ -101,7 +94,8 @@ def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(_read_json(pathlib.Path(workdir) / CONFIG_FILE, "config"))
+    """A run's config in today's layout (``run_config.upgrade`` for older folders)."""
+    return ml_collections.ConfigDict(run_config.upgrade(_read_json(pathlib.Path(workdir) / CONFIG_FILE, "config")))
 
 
 def load_info(workdir: str | pathlib.Path) -> dict:
@@ -112,6 +106,34 @@ def write_config_and_info(workdir: pathlib.Path, config: ml_collections.ConfigDi
     """Chief only, atomically."""
     distributed.write_text(workdir / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
     distributed.write_text(workdir / INFO_FILE, json.dumps(info, indent=2))
+
+
+def run_info(config: ml_collections.ConfigDict, *, train_split, folds: dict | None, crop_length: int,
+             steps_per_epoch: int, num_devices: int) -> dict:
+    """``run_info.json`` of a run starting now: everything inference needs, so that the run
+    folder works without its shards, and what the run trains on."""
+    total_steps = int(config.train.epochs) * steps_per_epoch
+    return {
+        "label_names": list(train_split.label_names),
+        "leads": run_config.trained_leads(config),
+        "crop_length": crop_length,
+        "sampling_rate": train_split.sampling_rate,
+        "data_dir": str(pathlib.Path(config.data.dir).absolute()),
+        "folds": folds,  # None: the shards' own train/val/test splits
+        "method": config.method,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "num_devices": num_devices,
+        "num_processes": jax.process_count(),
+        "config_hash": config_hash(config),
+        "preprocessing": preprocessing_of(train_split.manifest),
+        "inference": {
+            "window": crop_length,
+            "stride": max(int(crop_length * config.data.eval_stride_fraction), 1),
+            "aggregate": config.eval.aggregate,
+        },
+        "provenance": provenance(),
+    }
 
 
 def preprocessing_of(manifest: dict) -> dict:
@@ -428,11 +450,11 @@ def load_trained_model(
     use) or ``latest``. Variables come back replicated over ``parallel``'s mesh.
     """
     parallel = parallel or parallel_lib.make_parallelism()
-    run_config = load_config(workdir)
+    config = load_config(workdir)
     info = load_info(workdir)
-    model = models.from_config(run_config.student, len(info["label_names"]))
+    model = models.from_config(run_config.net_config(config), len(info["label_names"]))
     sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
     target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target)
     variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
-    return model, variables, run_config, info, meta
+    return model, variables, config, info, meta

@@ -8,10 +8,11 @@ TIMING_KEYS = {"step_time_s", "samples_per_s"}
 
 
 def tiny(config, shards, **overrides):
-    """A config small enough for CI: quarter-width net, batch 32 (2 steps per epoch on the
+    """A config small enough for CI: quarter-width nets (student and teacher), batch 32 (2 steps per epoch on the
     67 train records of the PTB-XL sample), 2 epochs; ``overrides`` as ``{"train.epochs": 3}``."""
     config.data.dir = str(shards)
     config.student.width_mult = 0.25
+    config.teacher.width_mult = 0.25
     config.train.batch_size = 32
     config.train.epochs = 2
     config.train.log_every_steps = 1

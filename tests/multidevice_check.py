@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from experiments.configs import student as student_config  # noqa: E402
+from mvkt import step as step_lib  # noqa: E402
 from mvkt import data as data_lib  # noqa: E402
-from mvkt import input_pipeline, models, train  # noqa: E402
+from mvkt import input_pipeline, models  # noqa: E402
 from mvkt import parallel as parallel_lib  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def one_step(parallel, *, method, variant, split, teacher_model, teacher_vars):
     config.method, config.clt.variant = method, variant
     config.student.width_mult = 0.25
     config.clt.num_negatives = 16
-    training = train.build_training(
+    training = step_lib.build_training(
         config,
         num_classes=split.num_classes,
         crop_length=250,

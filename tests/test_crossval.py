@@ -17,6 +17,7 @@ from experiments import study
 from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
 from helpers import tiny
+from mvkt import run_config
 from mvkt import data as data_lib
 from mvkt import train
 
@@ -64,12 +65,12 @@ def test_a_student_refuses_a_teacher_of_another_round(ptbxl_sample_shards, tmp_p
     teacher = tmp_path / "teacher"
     train.train_and_evaluate(on_round(tiny(teacher_config.get_config(), ptbxl_sample_shards,
                                            **{"train.epochs": 1}), 0), teacher, progress=False)
-    student = on_round(tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher),
+    student = on_round(tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(teacher),)},
                             **{"train.epochs": 1}), 1)
     with pytest.raises(ValueError, match="use the teacher of the same cross-validation round"):
         train.train_and_evaluate(student, tmp_path / "student", progress=False)
     with pytest.raises(ValueError, match="set all of data.train_folds"):
-        train.fold_splits(tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"data.train_folds": "1,2"}).data)
+        run_config.fold_splits(tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"data.train_folds": "1,2"}).data)
 
 
 def test_crossval_pools_out_of_fold_scores_and_reruns_train_nothing(ptbxl_sample_shards, tmp_path):
@@ -117,7 +118,8 @@ def test_pilot_mode_scores_only_validation_folds_and_trains_recipe_teachers_once
     assert "validation" in (workdir / "report_val.md").read_text()
     student = json.loads((workdir / "runs" / "round9" / "kd_lead_dropout_teacher_leadsI_seed0" / "config.json")
                          .read_text())
-    assert student["teacher_workdir"].endswith("round9/teacher_lead_dropout_seed0")
+    assert [r[-len("round9/teacher_lead_dropout_seed0"):] for r in student["teacher"]["runs"]] == [
+        "round9/teacher_lead_dropout_seed0"]
     teacher = json.loads((workdir / "runs" / "round9" / "teacher_lead_dropout_seed0" / "config.json").read_text())
     assert (teacher["augment"]["lead_dropout"], teacher["augment"]["lead_dropout_keep"]) == (0.5, "I")
     with pytest.raises(ValueError, match="teacher_dir cannot be used"):
@@ -139,7 +141,7 @@ def test_an_ensemble_recipe_uses_the_next_seeds_teacher_and_keeps_the_groups_of_
     assert sorted(p.name for p in round9.glob("teacher_seed*")) == ["teacher_seed0", "teacher_seed1", "teacher_seed2"]
     for seed in (0, 1):
         student = json.loads((round9 / f"kd_ensemble2_leadsI_seed{seed}" / "config.json").read_text())
-        assert student["teacher_workdir"] == f"{round9 / f'teacher_seed{seed}'},{round9 / f'teacher_seed{seed + 1}'}"
+        assert student["teacher"]["runs"] == [str(round9 / f"teacher_seed{seed}"), str(round9 / f"teacher_seed{seed + 1}")]
     with pytest.raises(ValueError, match="at least 1"):
         study.Recipe("kd", ensemble=0)
 
@@ -162,6 +164,6 @@ def test_a_cross_fit_recipe_trains_teachers_on_disjoint_halves_of_the_round(ptbx
     assert not halves[0] & halves[1] and halves[0] | halves[1] == set(main["train_folds"].split(","))
     assert all((p["val_folds"], p["test_folds"]) == (main["val_folds"], main["test_folds"]) for p in parts)
     student = json.loads((round9 / "kd_cross_fit2_leadsI_seed0" / "config.json").read_text())
-    assert student["teacher_workdir"] == f"{round9 / 'teacher_part1of2_seed0'},{round9 / 'teacher_part2of2_seed0'}"
-    assert student["teacher_cross_fit"] and student["teacher_cache"]
+    assert student["teacher"]["runs"] == [str(round9 / "teacher_part1of2_seed0"), str(round9 / "teacher_part2of2_seed0")]
+    assert student["teacher"]["cross_fit"] and student["teacher"]["cache"]
     assert out["methods"]["kd_cross_fit2"]["num_records_scored"] == out["methods"]["bce"]["num_records_scored"]

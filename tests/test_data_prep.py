@@ -616,7 +616,7 @@ def test_the_cpsc_sample_trains_and_evaluates_with_its_documented_folds(tmp_path
     assert sizes == {"train": 6, "val": 2, "test": 2}
     config = teacher_config.get_config()
     config.data.dir = str(out)
-    config.student.width_mult = 0.25
+    config.student.width_mult = config.teacher.width_mult = 0.25
     config.train.batch_size = 2
     config.train.epochs = 1
     train.train_and_evaluate(config, tmp_path / "run", progress=False)

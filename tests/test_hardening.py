@@ -62,6 +62,7 @@ def train_args(workdir, shards, *extra):
         f"--workdir={workdir}",
         f"--config.data.dir={shards}",
         "--config.student.width_mult=0.25",
+        "--config.teacher.width_mult=0.25",
         "--config.train.batch_size=32",
         "--config.train.epochs=3",
         "--config.eval.batch_size=64",
@@ -203,11 +204,11 @@ def test_unfinished_teacher_is_refused_unless_allowed_and_unfinished_evaluation_
     teacher = tmp_path / "teacher"
     train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"train.stop_at_step": 2}),
                              teacher, progress=False)
-    student = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher),
+    student = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(teacher),)},
                    **{"train.epochs": 1})
-    with pytest.raises(ValueError, match=r"stopped at step 2/6: finish it .* --config.allow_unfinished_teacher=true"):
+    with pytest.raises(ValueError, match=r"stopped at step 2/6: finish it .* --config.teacher.allow_unfinished=true"):
         train.train_and_evaluate(student, tmp_path / "student", progress=False)
-    student.allow_unfinished_teacher = True
+    student.teacher.allow_unfinished = True
     with caplog.at_level(logging.WARNING):
         assert train.train_and_evaluate(student, tmp_path / "student", progress=False)["finished"]
     assert "distilling from it anyway" in caplog.text

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from mvkt import bootstrap as B
+from mvkt import evaluate as E
 from mvkt import metrics as M
 
 
@@ -83,8 +85,8 @@ def test_bad_inputs_are_rejected():
 # ----------------------------------------------------------------------------- bootstrap
 def test_vectorised_bootstrap_matches_per_resample_loop():
     y, s = _random_split(seed=4, num_records=300)
-    fast = M.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=200, seed=7)
-    slow = M.bootstrap_ci(y_true=y, y_score=s, metric_fn=_loop_macro_auc, n_resamples=200, seed=7)
+    fast = B.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=200, seed=7)
+    slow = B.bootstrap_ci(y_true=y, y_score=s, metric_fn=_loop_macro_auc, n_resamples=200, seed=7)
     assert fast.n_resamples == slow.n_resamples == 200
     assert fast.point == slow.point
     assert abs(fast.lower - slow.lower) < 1e-12 and abs(fast.upper - slow.upper) < 1e-12
@@ -94,11 +96,11 @@ def test_vectorised_bootstrap_matches_per_resample_loop():
 def test_bootstrap_is_seeded_and_fast_on_a_ptbxl_sized_test_fold():
     y, s = _random_split(seed=5, num_records=2000, decimals=3)
     start = time.perf_counter()
-    first = M.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=1000, seed=0)
+    first = B.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=1000, seed=0)
     elapsed = time.perf_counter() - start
     assert elapsed < 10.0, f"1000 resamples took {elapsed:.1f}s"
-    again = M.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=1000, seed=0)
-    other = M.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=1000, seed=1)
+    again = B.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=1000, seed=0)
+    other = B.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=1000, seed=1)
     assert first == again
     assert (first.lower, first.upper) != (other.lower, other.upper)
 
@@ -112,7 +114,7 @@ def test_bootstrap_ci_width_matches_normal_theory_for_a_mean():
     def mean_score(*, y_true, y_score):
         return float(y_score[:, 0].mean())
 
-    ci = M.bootstrap_ci(y_true=y, y_score=s, metric_fn=mean_score, n_resamples=2000, seed=0)
+    ci = B.bootstrap_ci(y_true=y, y_score=s, metric_fn=mean_score, n_resamples=2000, seed=0)
     expected_half_width = 1.96 * s[:, 0].std() / np.sqrt(n)
     assert abs((ci.upper - ci.lower) / 2 - expected_half_width) < 0.1 * expected_half_width
     assert ci.alpha == 0.05
@@ -133,7 +135,7 @@ def test_every_resample_keeps_positives_and_negatives_of_valid_classes():
         assert 0 < positives[1] < len(y_true)
         return float(positives[1])
 
-    result = M.bootstrap_ci(y_true=y, y_score=s, metric_fn=checking_metric, n_resamples=300, seed=0)
+    result = B.bootstrap_ci(y_true=y, y_score=s, metric_fn=checking_metric, n_resamples=300, seed=0)
     assert result.n_resamples == 300
     assert result.n_rejected > 0  # P(no positive of class 1) ~ 0.13 per draw
     assert len(seen) == 301  # the point estimate + one call per kept resample
@@ -146,20 +148,20 @@ def test_bootstrap_gives_up_with_a_clear_error_when_resamples_cannot_be_valid():
     y[np.arange(20), np.arange(20)] = 1
     s = np.random.default_rng(0).random(y.shape)
     with pytest.raises(RuntimeError, match="too small or too imbalanced"):
-        M.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=50, seed=0)
+        B.bootstrap_ci(y_true=y, y_score=s, metric_fn=M.macro_auc, n_resamples=50, seed=0)
 
 
 def test_paired_bootstrap_detects_a_real_improvement_and_not_a_null_one():
     y, worse = _random_split(seed=9, num_records=600, decimals=3)
     rng = np.random.default_rng(10)
     better = np.clip(worse + 0.15 * (y - 0.5) + rng.normal(0, 0.02, y.shape), 0, 1)
-    gain = M.paired_bootstrap(y_true=y, score_a=worse, score_b=better, metric_fn=M.macro_auc,
+    gain = B.paired_bootstrap(y_true=y, score_a=worse, score_b=better, metric_fn=M.macro_auc,
                               n_resamples=500, seed=0)
     expected = M.macro_auc(y_true=y, y_score=better) - M.macro_auc(y_true=y, y_score=worse)
     assert abs(gain.difference - expected) < 1e-12
     assert 0 < gain.lower < gain.difference < gain.upper
     assert gain.p_value < 0.01
-    null = M.paired_bootstrap(y_true=y, score_a=worse, score_b=worse.copy(), metric_fn=M.macro_auc,
+    null = B.paired_bootstrap(y_true=y, score_a=worse, score_b=worse.copy(), metric_fn=M.macro_auc,
                               n_resamples=200, seed=0)
     assert null.difference == 0.0 and null.lower == 0.0 and null.upper == 0.0
     assert null.p_value == 1.0  # every difference is <= 0
@@ -168,7 +170,7 @@ def test_paired_bootstrap_detects_a_real_improvement_and_not_a_null_one():
 def test_paired_bootstrap_uses_the_same_resamples_as_the_single_run_bootstrap():
     y, a = _random_split(seed=11, num_records=300, decimals=2)
     b = np.clip(a + 0.1 * y, 0, 1)
-    paired = M.paired_bootstrap(y_true=y, score_a=a, score_b=b, metric_fn=_loop_macro_auc,
+    paired = B.paired_bootstrap(y_true=y, score_a=a, score_b=b, metric_fn=_loop_macro_auc,
                                 n_resamples=100, seed=3)
     # Recompute the per-resample differences through bootstrap_ci with a metric that
     # records the statistic: identical seeds must give identical resamples.
@@ -181,7 +183,7 @@ def test_paired_bootstrap_uses_the_same_resamples_as_the_single_run_bootstrap():
             _sink.append(value)
             return value
 
-        M.bootstrap_ci(y_true=y, y_score=scores, metric_fn=recording, n_resamples=100, seed=3)
+        B.bootstrap_ci(y_true=y, y_score=scores, metric_fn=recording, n_resamples=100, seed=3)
     differences = np.array(stats["b"][1:]) - np.array(stats["a"][1:])
     lower, upper = np.percentile(differences, [2.5, 97.5])
     assert abs(paired.lower - lower) < 1e-12 and abs(paired.upper - upper) < 1e-12
@@ -194,17 +196,17 @@ def test_pooled_paired_bootstrap_averages_seed_differences():
     a1 = np.clip(a0 + rng.normal(0, 0.05, y.shape), 0, 1)
     b0 = np.clip(a0 + 0.1 * y, 0, 1)
     b1 = np.clip(a1 + 0.05 * y, 0, 1)
-    pooled = M.paired_bootstrap_pooled(y_true=y, scores_a=[a0, a1], scores_b=[b0, b1],
+    pooled = B.paired_bootstrap_pooled(y_true=y, scores_a=[a0, a1], scores_b=[b0, b1],
                                        metric_fn=M.macro_auc, n_resamples=300, seed=0)
-    per_seed = [M.paired_bootstrap(y_true=y, score_a=a, score_b=b, metric_fn=M.macro_auc,
+    per_seed = [B.paired_bootstrap(y_true=y, score_a=a, score_b=b, metric_fn=M.macro_auc,
                                    n_resamples=300, seed=0) for a, b in ((a0, b0), (a1, b1))]
     assert abs(pooled.difference - np.mean([r.difference for r in per_seed])) < 1e-12
-    single = M.paired_bootstrap_pooled(y_true=y, scores_a=[a0], scores_b=[b0], metric_fn=M.macro_auc,
+    single = B.paired_bootstrap_pooled(y_true=y, scores_a=[a0], scores_b=[b0], metric_fn=M.macro_auc,
                                        n_resamples=300, seed=0)
     assert single == per_seed[0]
     assert pooled.lower > 0
     with pytest.raises(ValueError, match="seeds"):
-        M.paired_bootstrap_pooled(y_true=y, scores_a=[a0, a1], scores_b=[b0], metric_fn=M.macro_auc)
+        B.paired_bootstrap_pooled(y_true=y, scores_a=[a0, a1], scores_b=[b0], metric_fn=M.macro_auc)
 
 
 # ----------------------------------------------------------------------------- thresholds / F1 / Fmax
@@ -369,8 +371,8 @@ def test_threshold_selection_never_sees_test():
     names = ["NORM", "MI", "STTC", "CD", "HYP"]
     val = _random_split(seed=18, num_records=300, decimals=3)
     y_test, s_test = _random_split(seed=19, num_records=300, decimals=3)
-    honest = M.evaluate_scores(label_names=names, val=val, test=(y_test, s_test), n_resamples=50, seed=0)
-    flipped = M.evaluate_scores(label_names=names, val=val, test=(1 - y_test, s_test), n_resamples=50, seed=0)
+    honest = E.evaluate_scores(label_names=names, val=val, test=(y_test, s_test), n_resamples=50, seed=0)
+    flipped = E.evaluate_scores(label_names=names, val=val, test=(1 - y_test, s_test), n_resamples=50, seed=0)
     assert honest["thresholds"] == flipped["thresholds"]
     assert honest["fmax_threshold"] == flipped["fmax_threshold"]
     assert honest["macro_auc"] > 0.7 and flipped["macro_auc"] < 0.3  # the test labels are really used to score
@@ -384,7 +386,7 @@ def test_evaluate_scores_is_json_serialisable_and_consistent():
     y_test, s_test = _random_split(seed=21, num_records=300, decimals=3)
     y_test[:, 4] = 0  # HYP absent from the test split
     with pytest.warns(UserWarning, match="HYP"):
-        report = M.evaluate_scores(label_names=names, val=val, test=(y_test, s_test),
+        report = E.evaluate_scores(label_names=names, val=val, test=(y_test, s_test),
                                    n_resamples=100, seed=0, challenge=True)
     parsed = json.loads(json.dumps(report, allow_nan=False))
     assert parsed["excluded_classes"] == ["HYP"] and parsed["per_class_auc"]["HYP"] is None

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvkt import models
+from mvkt import cpu_conv, models
 
 NUM_CLASSES = 5
 TINY = 0.25
@@ -317,7 +317,7 @@ def _assert_net_matches_xlas_convolutions(monkeypatch, loss, params, uses_ours):
     (a predicate on the gradient's jaxpr) holds for mvkt's and not for the reference."""
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert uses_ours(jax.make_jaxpr(jax.grad(loss))(params))
-    monkeypatch.setattr(models, "_conv_general_dilated", jax.lax.conv_general_dilated)
+    monkeypatch.setenv(cpu_conv.ENV_SWITCH, "0")  # the public switch: XLA's own convolutions
     assert not uses_ours(jax.make_jaxpr(jax.grad(loss))(params))  # really the reference
     ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
@@ -340,7 +340,7 @@ def test_pointwise_convolution_has_xlas_outputs_and_gradients(stride, length, dt
         return lambda x_, w_: jnp.sum(jnp.tanh(conv(x_, w_, (stride,), ((0, 0),), dimension_numbers=dn)
                                                .astype(jnp.float32)))
 
-    ours, xla = loss(models._conv_general_dilated), loss(jax.lax.conv_general_dilated)
+    ours, xla = loss(cpu_conv.conv_general_dilated), loss(jax.lax.conv_general_dilated)
     matmuls = "dot_general" in str(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(x, w))
     assert matmuls == (stride == 1 and dtype == jnp.float32)  # XLA's for strided and bfloat16 convolutions
     _assert_same_value_and_gradients(ours, xla, x, w)
@@ -349,18 +349,18 @@ def test_pointwise_convolution_has_xlas_outputs_and_gradients(stride, length, dt
 def test_the_nets_convolution_rejects_what_it_does_not_implement():
     x, dn = jnp.ones((2, 20, 8)), ("NWC", "WIO", "NWC")
     with pytest.raises(ValueError, match="kernel 1 without padding"):
-        models._conv_general_dilated(x, jnp.ones((1, 8, 6)), (1,), ((1, 1),), dimension_numbers=dn)
+        cpu_conv.conv_general_dilated(x, jnp.ones((1, 8, 6)), (1,), ((1, 1),), dimension_numbers=dn)
     with pytest.raises(ValueError, match="without dilation or groups"):
-        models._conv_general_dilated(x, jnp.ones((3, 8, 6)), (1,), ((1, 1),), rhs_dilation=(2,), dimension_numbers=dn)
+        cpu_conv.conv_general_dilated(x, jnp.ones((3, 8, 6)), (1,), ((1, 1),), rhs_dilation=(2,), dimension_numbers=dn)
     with pytest.raises(ValueError, match="without dilation or groups"):
-        models._conv_general_dilated(x, jnp.ones((3, 4, 6)), (1,), ((1, 1),), feature_group_count=2,
+        cpu_conv.conv_general_dilated(x, jnp.ones((3, 4, 6)), (1,), ((1, 1),), feature_group_count=2,
                                      dimension_numbers=dn)
 
 
 def test_every_convolution_of_the_nets_goes_through_one_dispatcher():
     for kernel, stride in ((1, 1), (1, 2), (3, 1), (5, 2)):
         assert models._conv(4, kernel, stride=stride, dtype=jnp.float32).conv_general_dilated \
-            is models._conv_general_dilated
+            is cpu_conv.conv_general_dilated
 
 
 def _relus_recomputed_in_transposes(model, x) -> list[str]:
@@ -375,25 +375,25 @@ def _relus_recomputed_in_transposes(model, x) -> list[str]:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the materialised inputs are an XLA:CPU measure")
 def test_weight_gradient_transposes_read_stored_activations(monkeypatch):
-    """With the inputs materialised (models._materialized), no transposed copy for a weight
+    """With the inputs materialised (cpu_conv.materialized), no transposed copy for a weight
     gradient recomputes a BatchNorm + ReLU; without, XLA:CPU fuses them into it (which the
     check must see, or it checks nothing). If a jaxlib upgrade changes XLA's fusion, this test
     says so, and docs/BENCHMARKS.md's train-step rows need retaking."""
     model = models.create_model("resnet1d_wang", num_classes=5, width_mult=0.25)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 100, 12)), jnp.float32)
     assert _relus_recomputed_in_transposes(model, x) == []
-    monkeypatch.setattr(models, "_materialized", lambda v: v)
+    monkeypatch.setattr(cpu_conv, "materialized", lambda v: v)
     assert len(_relus_recomputed_in_transposes(model, x)) >= 4
 
 
 def test_materialized_is_the_identity_with_the_identitys_gradient():
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 7, 5)), jnp.float32)
     x = x.at[0, 1, 2].set(-0.0)
-    np.testing.assert_array_equal(models._materialized(x), x)
-    out, vjp = jax.vjp(models._materialized, x)
+    np.testing.assert_array_equal(cpu_conv.materialized(x), x)
+    out, vjp = jax.vjp(cpu_conv.materialized, x)
     np.testing.assert_array_equal(out, x)
     np.testing.assert_array_equal(vjp(x * 3)[0], x * 3)
-    assert "div" not in str(jax.make_jaxpr(models._materialized)(x))  # inference and export: no op at all
+    assert "div" not in str(jax.make_jaxpr(cpu_conv.materialized)(x))  # inference and export: no op at all
 
 
 def _dilated_input_gradient(jaxpr) -> bool:
@@ -423,7 +423,7 @@ def test_strided_convolution_has_xlas_outputs_and_gradients(length, kernel, stri
         return lambda x_, w_: jnp.sum(jnp.tanh(conv(x_, w_, (stride,), (pad,), dimension_numbers=dn)
                                                .astype(jnp.float32)))
 
-    ours, xla = loss(models._conv_general_dilated), loss(jax.lax.conv_general_dilated)
+    ours, xla = loss(cpu_conv.conv_general_dilated), loss(jax.lax.conv_general_dilated)
     assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(xla))(x, w))  # what XLA's gradient would be
     assert _dilated_input_gradient(jax.make_jaxpr(jax.grad(ours))(x, w)) == (dtype == jnp.bfloat16)
     _assert_same_value_and_gradients(ours, xla, x, w)

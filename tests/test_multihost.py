@@ -33,6 +33,7 @@ TINY = [
     "--config.train.epochs=2",
     "--config.train.batch_size=16",
     "--config.student.width_mult=0.25",
+    "--config.teacher.width_mult=0.25",
     "--config.train.log_every_steps=1",
     "--config.eval.batch_size=64",
     "--config.clt.num_negatives=16",
@@ -186,7 +187,7 @@ def test_teacher_two_processes_equal_one_process_and_rerun_trains_nothing(teache
 
 def test_student_stopped_and_resumed_on_two_processes_equals_one_process(teachers, ptbxl_sample_shards, tmp_path):
     _, teacher = teachers
-    student = [f"--config.teacher_workdir={teacher}", "--config.method=mvkt", "--config.clt.variant=memory_bank"]
+    student = [f"--config.teacher.runs={teacher}", "--config.method=mvkt", "--config.clt.variant=memory_bank"]
     two, one = tmp_path / "two", tmp_path / "one"
     run("experiments.train", train_args("student", two, ptbxl_sample_shards, *student, "--config.train.stop_at_step=3"), tmp_path)
     assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [3]

@@ -12,6 +12,10 @@ import pytest
 from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
 from helpers import tiny
+from mvkt import step as step_lib
+from mvkt import augment as augment_lib
+from mvkt import run_config
+from mvkt import teachers as teachers_lib
 from mvkt import data as data_lib
 from mvkt import input_pipeline, losses, run_dir, train
 from mvkt import parallel as parallel_lib
@@ -28,16 +32,16 @@ def teacher(ptbxl_sample_shards, tmp_path_factory):
 def test_augmentations_do_what_they_say():
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 250, 12))
     y = jnp.asarray(np.eye(5)[np.arange(8) % 5], jnp.float32)
-    assert not train.Augmentation().active
-    dropped, _, _ = train.Augmentation(lead_dropout=1.0, keep_leads=(0,))(jax.random.PRNGKey(1), x, y)
+    assert not augment_lib.Augmentation().active
+    dropped, _, _ = augment_lib.Augmentation(lead_dropout=1.0, keep_leads=(0,))(jax.random.PRNGKey(1), x, y)
     np.testing.assert_array_equal(dropped[..., 0], x[..., 0])
     assert float(jnp.abs(dropped[..., 1:]).max()) == 0.0
-    mixed_x, mixed_y, mask_y = train.Augmentation(mixup_alpha=0.4)(jax.random.PRNGKey(2), x, y)
+    mixed_x, mixed_y, mask_y = augment_lib.Augmentation(mixup_alpha=0.4)(jax.random.PRNGKey(2), x, y)
     np.testing.assert_allclose(mixed_y.sum(1), 1.0, rtol=1e-6)  # convex combinations of one-hot rows
     assert set(np.unique(np.asarray(mask_y))) <= {0.0, 1.0}  # the dominant record's labels
     assert not np.allclose(mixed_x, x)
     for kwargs in ({"amplitude_scale_std": 0.1}, {"noise_std": 0.05}, {"baseline_wander": 0.2}):
-        out, out_y, _ = train.Augmentation(**kwargs)(jax.random.PRNGKey(3), x, y)
+        out, out_y, _ = augment_lib.Augmentation(**kwargs)(jax.random.PRNGKey(3), x, y)
         assert out.shape == x.shape and np.isfinite(out).all() and not np.allclose(out, x)
         np.testing.assert_array_equal(out_y, y)
 
@@ -50,7 +54,7 @@ def test_function_matching_feeds_the_teacher_the_students_augmented_input(ptbxl_
     config = tiny(student_config.get_config(), ptbxl_sample_shards, method="mkd",
                   **{"augment.mixup_alpha": 0.4, "augment.noise_std": 0.05, "augment.amplitude_scale_std": 0.1})
     split = data_lib.open_split(ptbxl_sample_shards, "train")
-    training = train.build_training(config, num_classes=split.num_classes, crop_length=250, total_steps=10,
+    training = step_lib.build_training(config, num_classes=split.num_classes, crop_length=250, total_steps=10,
                                     parallel=parallel, rng=jax.random.PRNGKey(0), train_labels=split.y,
                                     teacher=(teacher_model, teacher_vars), donate=False,
                                     label_names=split.label_names)
@@ -60,7 +64,7 @@ def test_function_matching_feeds_the_teacher_the_students_augmented_input(ptbxl_
     _, metrics = training.update(training.state, parallel.to_global(batch), rng)
 
     step_rng = jax.random.fold_in(rng, 0)
-    augment = train.Augmentation.from_config(config, 100)
+    augment = augment_lib.Augmentation.from_config(config, 100)
     x, _, _ = augment(jax.random.fold_in(step_rng, 0xA06), jnp.asarray(batch["x"]), jnp.asarray(batch["y"]))
     state = training.state
     student_logits = training.model.apply(
@@ -78,13 +82,13 @@ def test_lead_dropout_teacher_and_a_teacher_assistant_train(ptbxl_sample_shards,
     assert train.train_and_evaluate(config, dropout_teacher, progress=False)["finished"]
 
     assistant = tmp_path / "assistant"  # I, II, V2: between the 12-lead teacher and a lead-I student
-    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher),
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(teacher),)},
                   **{"train.epochs": 1, "student.leads": "I,II,V2"})
     assert train.train_and_evaluate(config, assistant, progress=False)["finished"]
-    student = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(assistant),
+    student = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(assistant),)},
                    **{"train.epochs": 1})
     assert train.train_and_evaluate(student, tmp_path / "student", progress=False)["finished"]
-    wrong = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(assistant),
+    wrong = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(assistant),)},
                  **{"train.epochs": 1, "student.leads": "V1"})
     with pytest.raises(ValueError, match=r"a teacher needs all of the student's leads \['V1'\]"):
         train.train_and_evaluate(wrong, tmp_path / "wrong", progress=False)
@@ -94,19 +98,19 @@ def test_per_class_distillation_weights(ptbxl_sample_shards, teacher, tmp_path):
     split = data_lib.open_split(ptbxl_sample_shards, "train")
     config = tiny(student_config.get_config(), ptbxl_sample_shards, method="mkd")
     config.mkd_class_weights = "CD:0,HYP:0.5"
-    np.testing.assert_array_equal(train.mkd_class_weights(config, split.label_names, 5), [0, 0.5, 1, 1, 1])
+    np.testing.assert_array_equal(run_config.mkd_class_weights(config, split.label_names, 5), [0, 0.5, 1, 1, 1])
     config.mkd_class_weights = ",".join(f"{name}:0" for name in split.label_names)
-    config.teacher_workdir = str(teacher)
+    config.teacher.runs = (str(teacher),)
     config.train.epochs = 1
     train.train_and_evaluate(config, tmp_path / "s", progress=False)
     assert all(r["loss_mkd"] == 0 for r in run_dir.metric_rows(tmp_path / "s") if "loss_mkd" in r)
     config.mkd_class_weights = "AFIB:0"
     with pytest.raises(ValueError, match="names 'AFIB', not one of the labels"):
-        train.mkd_class_weights(config, split.label_names, 5)
+        run_config.mkd_class_weights(config, split.label_names, 5)
 
 
 def test_a_cached_teacher_cannot_follow_augmented_inputs(ptbxl_sample_shards, teacher, tmp_path):
-    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher), teacher_cache=True,
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(teacher),), "teacher.cache": True},
                   **{"data.random_crop": False, "augment.mixup_alpha": 0.4})
     with pytest.raises(ValueError, match="precomputed teacher outputs cannot follow it"):
         train.train_and_evaluate(config, tmp_path / "s", progress=False)
@@ -117,9 +121,9 @@ def test_a_teacher_ensemble_distils_the_mean_of_its_members(ptbxl_sample_shards,
     train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards, seed=1, **{"train.epochs": 1}),
                              second, progress=False)
     parallel = parallel_lib.make_parallelism()
-    config = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=f"{teacher},{second}")
-    model, variables, _, _ = train._teacher_for(config, data_lib.open_split(ptbxl_sample_shards, "train").label_names,
-                                                parallel)
+    config = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": tuple(run_config.path_list(f"{teacher},{second}"))})
+    labels = data_lib.open_split(ptbxl_sample_shards, "train").label_names
+    model, variables, _, _ = teachers_lib.ensemble(teachers_lib.load_members(config, labels, parallel), parallel)
     x = jnp.asarray(data_lib.open_split(ptbxl_sample_shards, "val").crop(np.arange(8), 0, 250))
     members = [run_dir.load_trained_model(w, parallel=parallel) for w in (teacher, second)]
     logits, features = model.apply(variables, x, train=False)
@@ -127,13 +131,13 @@ def test_a_teacher_ensemble_distils_the_mean_of_its_members(ptbxl_sample_shards,
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(features, members[0][0].apply(members[0][1], x, train=False)[1], rtol=1e-5, atol=1e-6)
     for cache in (False, True):  # online and with the grid cache
-        run = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=f"{teacher},{second}",
-                   teacher_cache=cache, teacher_cache_stride_seconds=0.25, **{"train.epochs": 1})
+        run = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": tuple(run_config.path_list(f"{teacher},{second}"))},
+                   **{"teacher.cache": cache, "teacher.cache_stride_seconds": 0.25, "train.epochs": 1})
         assert train.train_and_evaluate(run, tmp_path / f"student_{cache}", progress=False)["finished"]
     assistant = tmp_path / "assistant"
-    train.train_and_evaluate(tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher),
+    train.train_and_evaluate(tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(teacher),)},
                                   **{"train.epochs": 1, "student.leads": "I,II"}), assistant, progress=False)
-    mixed = tiny(student_config.get_config(), ptbxl_sample_shards, teacher_workdir=f"{teacher},{assistant}")
+    mixed = tiny(student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": tuple(run_config.path_list(f"{teacher},{assistant}"))})
     with pytest.raises(ValueError, match="the teachers of an ensemble must share their leads"):
         train.train_and_evaluate(mixed, tmp_path / "mixed", progress=False)
 
@@ -152,25 +156,25 @@ def test_cross_fitted_targets_come_from_the_teacher_that_never_saw_the_record(pt
                                  teachers[name], progress=False)
     config = with_folds(tiny(student_config.get_config(), ptbxl_sample_shards, **{"train.epochs": 1}),
                         "1,2,3,4,5,6,7,8")
-    config.teacher_workdir = f"{teachers['a']},{teachers['b']}"
-    config.teacher_cross_fit = True
-    with pytest.raises(ValueError, match="teacher_cross_fit needs --config.teacher_cache=True"):
+    config.teacher.runs = tuple(run_config.path_list(f"{teachers['a']},{teachers['b']}"))
+    config.teacher.cross_fit = True
+    with pytest.raises(ValueError, match="teacher.cross_fit needs --config.teacher.cache=True"):
         train.train_and_evaluate(config, tmp_path / "no_cache", progress=False)
-    config.teacher_cache, config.teacher_cache_stride_seconds = True, 0.25
+    config.teacher.cache, config.teacher.cache_stride_seconds = True, 0.25
 
     parallel = parallel_lib.make_parallelism()
-    folds = train.fold_splits(config.data)
+    folds = run_config.fold_splits(config.data)
     split = data_lib.open_split(ptbxl_sample_shards, "train", folds)
-    members = train._teachers(config, split.label_names, parallel)
-    seen = train._check_cross_fit(members, folds, config)
+    members = teachers_lib.load_members(config, split.label_names, parallel)
+    seen = teachers_lib.check_cross_fit(members, folds, config)
     loader = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250, random_crop=True, seed=0,
                                          crop_grid=25)
-    cache = train.cross_fitted_cache(members, seen, loader, batch_size=64, parallel=parallel,
+    cache = teachers_lib.cross_fitted_cache(members, seen, loader, batch_size=64, parallel=parallel,
                                      teacher_leads=list(range(12)))
     stats = [info["preprocessing"]["standardization"] for _, _, info, _ in members]
     # Each teacher's standardisation is fitted on its half, not on the student's eight folds.
     assert stats[0]["mean"] != split.manifest["preprocessing"]["standardization"]["mean"]
-    single = [train.teacher_cache(m, v, loader, batch_size=64, parallel=parallel, standardization=st)
+    single = [teachers_lib.teacher_cache(m, v, loader, batch_size=64, parallel=parallel, standardization=st)
               for (m, v, _, _), st in zip(members, stats)]
     # ...and it sees its own training records exactly as it saw them in training.
     own = data_lib.open_split(ptbxl_sample_shards, "train", {**folds, "train": [1, 2, 3, 4]})
@@ -184,7 +188,7 @@ def test_cross_fitted_targets_come_from_the_teacher_that_never_saw_the_record(pt
         np.testing.assert_allclose(cache.features[i], other.features[i], rtol=1e-6)
     assert train.train_and_evaluate(config, tmp_path / "student", progress=False)["finished"]
 
-    config.teacher_workdir = f"{teachers['a']},{teachers['a']}"
+    config.teacher.runs = tuple(run_config.path_list(f"{teachers['a']},{teachers['a']}"))
     with pytest.raises(ValueError, match=r"every teacher saw fold\(s\) \[1, 2, 3, 4\]"):
         train.train_and_evaluate(config, tmp_path / "uncovered", progress=False)
 
@@ -206,7 +210,8 @@ def test_every_named_recipe_builds_valid_teacher_and_student_configs(tmp_path):
             group, teacher = runs[0]
             assert teacher.name == f"{group}_seed3"
             assert teacher.config.method == "bce"
-            assert teacher.config.student.leads == recipe.teacher.get("student.leads", "all")
+            assert teacher.config.trains == "teacher"
+            assert teacher.config.teacher.leads == recipe.teacher.get("teacher.leads", "all")
             if recipe.cross_fit:
                 parts = [r.config.data.train_folds.split(",") for _, r in runs]
                 assert sorted(sum(parts, [])) == sorted(base.data.train_folds.split(","))  # disjoint, complete

@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_MVKT = "experiments/configs/sweep_mvkt.py"
 RESAMPLES = 50
 # Shared by the lead sweep and the sweep runs below (same programs, compiled once).
-TINY = {"student.width_mult": 0.25, "train.batch_size": 32, "train.epochs": 1,
+TINY = {"student.width_mult": 0.25, "teacher.width_mult": 0.25, "train.batch_size": 32, "train.epochs": 1,
         "eval.bootstrap_resamples": RESAMPLES}
 
 
@@ -131,7 +131,7 @@ def test_lead_sets_from_flags():
 
 def _lead_sweep_args(shards):
     overrides = {k: v for k, v in TINY.items()
-                 if k not in ("student.width_mult", "train.batch_size", "train.epochs")}
+                 if k not in ("student.width_mult", "teacher.width_mult", "train.batch_size", "train.epochs")}
     return dict(data_dir=shards, seeds=[0], epochs=1, width_mult=0.25, batch_size=32,
                 n_resamples=RESAMPLES, overrides=overrides, progress=False)
 
@@ -173,7 +173,7 @@ def test_lead_sweep_writes_table_json_and_plot(lead_sweep_dir, ptbxl_sample_shar
         assert (lead_sweep_dir / "runs" / name / "eval_test.json").exists()
     student = run_dir.load_config(next((lead_sweep_dir / "runs").glob("mvkt_*leadsII_*")))
     assert (student.method, student.student.leads, student.eval.bootstrap_resamples) == ("mvkt", "II", RESAMPLES)
-    assert student.teacher_workdir == str(lead_sweep_dir / "runs" / runs[-1])
+    assert list(student.teacher.runs) == [str(lead_sweep_dir / "runs" / runs[-1])]
 
 
 def test_lead_sweep_rerun_trains_nothing_and_reuses_teachers(lead_sweep_dir, ptbxl_sample_shards,
@@ -186,7 +186,7 @@ def test_lead_sweep_rerun_trains_nothing_and_reuses_teachers(lead_sweep_dir, ptb
     with pytest.raises(FileNotFoundError, match="matches 0 folders"):
         lead_sweep.run_lead_sweep(workdir=tmp_path, teacher_dir=teacher.replace("seed{seed}", "seed{seed}x"),
                                   **common)
-    # Reusing the teacher trained here gives the students the same teacher_workdir, hence the
+    # Reusing the teacher trained here gives the students the same teacher.runs, hence the
     # same configs: nothing to train.
     report = lead_sweep.run_lead_sweep(workdir=lead_sweep_dir, teacher_dir=teacher, **common)
     assert _metrics_files(lead_sweep_dir) == before
@@ -218,7 +218,7 @@ def test_print_mode_command_runs_then_local_sweep_and_rerun_train_nothing(
     spec_file = tmp_path / "sweep_seeds.py"
     spec_file.write_text(SEED_SWEEP)
     teacher = lead_sweep_dir / "runs" / "teacher_seed0"
-    overrides = {"data.dir": str(ptbxl_sample_shards), "teacher_workdir": str(teacher), **TINY}
+    overrides = {"data.dir": str(ptbxl_sample_shards), "teacher.runs": (str(teacher),), **TINY}
     sweep_dir = tmp_path / "sweep"
 
     printed = sweep.run_sweep(config_spec=str(spec_file), workdir=sweep_dir, overrides=overrides,

@@ -16,6 +16,9 @@ import pytest
 
 from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
+from mvkt import step as step_lib
+from mvkt import run_config
+from mvkt import teachers
 from mvkt import data as data_lib
 from mvkt import input_pipeline
 from mvkt import parallel as parallel_lib
@@ -29,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def lead_i_student_step(config, split, *, teacher_model, teacher_vars, parallel):
     """A fresh lead-I student state with CLT heads and its jitted (undonated) train step."""
-    training = train.build_training(
+    training = step_lib.build_training(
         config,
         num_classes=split.num_classes,
         crop_length=250,
@@ -89,7 +92,7 @@ def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
     config.train.schedule = "constant"
     config.train.learning_rate = 3e-3
     parallel = parallel_lib.make_parallelism()
-    training = train.build_training(
+    training = step_lib.build_training(
         config,
         num_classes=split.num_classes,
         crop_length=250,
@@ -115,7 +118,7 @@ def test_interrupted_student_run_resumes_to_identical_metrics(
         return tiny(
             student_config.get_config(),
             ptbxl_sample_shards,
-            teacher_workdir=str(teacher_run),
+            **{"teacher.runs": (str(teacher_run),)},
             **{"clt.variant": variant, "train.epochs": 3, **kw},
         )
 
@@ -150,7 +153,7 @@ def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run, ran
         split, global_batch_size=32, crop_length=250, random_crop=random_crop, seed=0,
         crop_grid=25 if random_crop else None,
     )
-    cache = train.teacher_cache(teacher_model, teacher_vars, loader, batch_size=64, parallel=parallel)
+    cache = teachers.teacher_cache(teacher_model, teacher_vars, loader, batch_size=64, parallel=parallel)
     state, update = lead_i_student_step(
         config, split, teacher_model=teacher_model, teacher_vars=teacher_vars, parallel=parallel
     )
@@ -170,11 +173,11 @@ def test_teacher_cache_gives_the_same_loss(ptbxl_sample_shards, teacher_run, ran
 
 def test_a_cached_teacher_with_random_crops_needs_a_grid(ptbxl_sample_shards, teacher_run, tmp_path):
     config = tiny(
-        student_config.get_config(), ptbxl_sample_shards, teacher_workdir=str(teacher_run), teacher_cache=True
+        student_config.get_config(), ptbxl_sample_shards, **{"teacher.runs": (str(teacher_run),), "teacher.cache": True}
     )
-    with pytest.raises(ValueError, match="set --config.teacher_cache_stride_seconds"):
+    with pytest.raises(ValueError, match="set --config.teacher.cache_stride_seconds"):
         train.train_and_evaluate(config, tmp_path / "s", progress=False)
-    config.teacher_cache_stride_seconds = 0.25
+    config.teacher.cache_stride_seconds = 0.25
     assert train.train_and_evaluate(config, tmp_path / "s", progress=False)["finished"]
 
 
@@ -287,9 +290,9 @@ def test_unknown_method_and_leads_are_clear_errors(ptbxl_sample_shards, tmp_path
     with pytest.raises(ValueError, match="config.method must be one of"):
         train.train_and_evaluate(config, tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="V7"):
-        train.parse_leads("I,V7")
-    assert train.parse_leads("I, II ,V2") == ["I", "II", "V2"]
-    assert train.parse_leads("all") == list(data_lib.LEADS)
+        run_config.parse_leads("I,V7")
+    assert run_config.parse_leads("I, II ,V2") == ["I", "II", "V2"]
+    assert run_config.parse_leads("all") == list(data_lib.LEADS)
     config = tiny(student_config.get_config(), ptbxl_sample_shards)
     with pytest.raises(ValueError, match="needs a trained teacher"):
         train.train_and_evaluate(config, tmp_path / "b", progress=False)
@@ -312,6 +315,7 @@ def test_cli_acceptance_commands_with_overrides(ptbxl_sample_shards, tmp_path):
         f"--config.data.dir={ptbxl_sample_shards}",
         "--config.train.epochs=1",
         "--config.student.width_mult=0.25",
+        "--config.teacher.width_mult=0.25",
         "--config.train.batch_size=32",
     ]
     teacher = tmp_path / "T"
@@ -322,7 +326,7 @@ def test_cli_acceptance_commands_with_overrides(ptbxl_sample_shards, tmp_path):
         "--config=experiments/configs/student.py",
         f"--workdir={student}",
         *common,
-        f"--config.teacher_workdir={teacher}",
+        f"--config.teacher.runs={teacher}",
         "--config.student.leads=I,II",
         "--config.method=mvkt",
         "--config.clt.variant=memory_bank",
@@ -352,6 +356,7 @@ def test_sigterm_saves_and_exits_cleanly(ptbxl_sample_shards, tmp_path):
             f"--config.data.dir={ptbxl_sample_shards}",
             "--config.train.epochs=500",
             "--config.student.width_mult=0.25",
+            "--config.teacher.width_mult=0.25",
             "--config.train.batch_size=32",
             "--config.train.log_every_steps=1",
         ],

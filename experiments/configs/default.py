@@ -1,7 +1,7 @@
 """Every training field with its default; teacher.py and student.py inherit this.
 
-Override any field from the command line, e.g. ``--config.student.leads=I,II``
-or ``--config.train.epochs=5``.
+Override any field from the command line, e.g. ``--config.student.leads=I,II``,
+``--config.teacher.runs=runs/T`` or ``--config.train.epochs=5``.
 """
 
 import ml_collections
@@ -13,28 +13,44 @@ def get_config(arg=None):
     config.seed = 0
     # bce | kd | mkd | clt | mvkt (see mvkt/train.py); bce on all 12 leads trains the teacher.
     config.method = "bce"
-    config.teacher_workdir = ""  # a finished teacher run; needed by kd/mkd/clt/mvkt
+    # Which group below describes the net being trained: "student" (the student, or a
+    # BCE baseline) or "teacher" (teacher.py: the 12-lead teacher itself).
+    config.trains = "student"
+
+    # Where a student's targets come from (mvkt/teachers.py), and the net of a teacher run.
+    config.teacher = ml_collections.ConfigDict()
+    # Finished teacher run folders, needed by kd/mkd/clt/mvkt; two or more: an ensemble
+    # (mean logits), or with cross_fit the teachers of parts of the training folds.
+    # Command line: --config.teacher.runs=runs/T (repeat the flag, or "A,B", for several).
+    config.teacher.runs = ()
+    # runs: the folders above; other sources are registered with mvkt.teachers.register_source.
+    config.teacher.source = "runs"
     # Precompute the teacher's outputs: for the fixed crops, or (random crops) for a grid of
-    # crop starts every teacher_cache_stride_seconds (e.g. 0.25), from which random crops are drawn.
-    config.teacher_cache = False
-    config.teacher_cache_stride_seconds = 0.0
-    # Cross-fitted targets: teacher_workdir lists teachers trained on parts of this run's
-    # training folds; each record's targets come from the teachers that never saw its fold.
-    config.teacher_cross_fit = False
-    config.allow_unfinished_teacher = False  # distil from a teacher that stopped early (warned)
+    # crop starts every cache_stride_seconds (e.g. 0.25), from which random crops are drawn.
+    config.teacher.cache = False
+    config.teacher.cache_stride_seconds = 0.0
+    # Cross-fitted targets: runs lists teachers trained on parts of this run's training
+    # folds; each record's targets come from the teachers that never saw its fold.
+    config.teacher.cross_fit = False
+    config.teacher.allow_unfinished = False  # distil from a teacher that stopped early (warned)
+    # The net when this run trains the teacher (config.trains = "teacher").
+    config.teacher.arch = "resnet1d_wang"
+    config.teacher.width_mult = 1.0
+    config.teacher.leads = "all"
+    config.teacher.dtype = "float32"
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = ""  # shards written by data_prep
     config.data.crop_seconds = 2.5  # as the PTB-XL benchmark; 10.0 = full record as the authors
     config.data.random_crop = True
     config.data.eval_stride_fraction = 0.5  # sliding-window stride = half a window
-    # Cross-validation rounds: comma-separated folds of each split ("" = the shards' own
-    # splits). When set, the standardisation is re-fitted on the train folds.
+    # Cross-validation rounds: folds of each split, "1,2" ("" = the shards' own splits).
+    # When set, the standardisation is re-fitted on the train folds.
     config.data.train_folds = ""
     config.data.val_folds = ""
     config.data.test_folds = ""
 
-    # The net being trained: the 12-lead teacher in teacher.py, the student in student.py.
+    # The student's net (config.trains = "student").
     config.student = ml_collections.ConfigDict()
     config.student.arch = "resnet1d_wang"  # xresnet1d18/34/50/101 | resnet1d_wang | inception1d
     config.student.width_mult = 1.0
@@ -47,7 +63,7 @@ def get_config(arg=None):
     config.mkd_temperature = 1.0
     config.kd_temperature = 4.0
 
-    config.mkd_class_weights = ""  # "CD:1,HYP:0": per-class MKD weights (unlisted classes 1)
+    config.mkd_class_weights = ""  # "CD:1,HYP:0" (or a dict): per-class MKD weights (unlisted classes 1)
 
     # Transforms of the 12-lead crop inside the step, identical for teacher and student
     # (function matching; needs the online teacher), and lead dropout for teachers.
@@ -80,6 +96,9 @@ def get_config(arg=None):
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_epochs = 1
+    # Registered evaluators (mvkt/evaluators.py) run at each validation point; val_auc's
+    # val_macro_auc selects the best checkpoint.
+    config.eval.evaluators = ("val_auc",)
     config.eval.batch_size = 256
     config.eval.aggregate = "max"  # window aggregation: max (benchmark) | mean
     config.eval.bootstrap_resamples = 1000

@@ -5,7 +5,7 @@ Pick a sweep with the config argument, and give the data and the trained teacher
 
     python -m experiments.sweep --config=experiments/configs/sweep_mvkt.py:alpha_beta \
         --workdir=runs/sweep_alpha_beta --config.data.dir=SHARDS \
-        --config.teacher_workdir=runs/pipeline/runs/teacher_seed0
+        --config.teacher.runs=runs/pipeline/runs/teacher_seed0
 
 | sweep | runs | what varies |
 |---|---|---|

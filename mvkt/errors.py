@@ -1,0 +1,17 @@
+"""The library's own failures, which entry points report in one line (``experiments.cli``)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss term became NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainingPreempted(Exception):
+    """SIGTERM arrived: a checkpoint was saved and the process should exit.
+
+    Raised (not returned) so that callers running several trainings in a row,
+    like the study runners, stop too instead of moving on to the next run.
+    """
+
+
+class UnfinishedRunError(RuntimeError):
+    """A run stopped before its last step (e.g. ``train.stop_at_step``): nothing may build on it."""
