@@ -31,7 +31,6 @@ ratio to `lax`, with the load average before and after.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -43,6 +42,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
 
 DN = ("NWC", "WIO", "NWC")
 
@@ -252,15 +258,18 @@ def step_fn(conv):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch_size", type=int, default=128)
-    ap.add_argument("--crop", type=int, default=250)
-    ap.add_argument("--channels", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args(argv)
+def define_flags() -> None:
+    flags.DEFINE_integer("batch_size", 128, "records per convolution")
+    flags.DEFINE_integer("crop", 250, "samples per record")
+    flags.DEFINE_integer("channels", 128, "input and output channels")
+    flags.DEFINE_integer("repeats", 6, "alternating timing rounds")
+    flags.DEFINE_integer("steps", 3, "calls per round")
+    flags.DEFINE_string("out", "", "JSON results")
+
+
+def main(argv) -> int:
+    del argv
+    args = harness.flag_values()
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((args.batch_size, args.crop, args.channels)), jnp.float32)
     ws = [jnp.asarray(rng.standard_normal((k, args.channels, args.channels)) * 0.05, jnp.float32)
@@ -326,4 +335,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.define_flags(define_flags)
+    app.run(main)

@@ -16,15 +16,17 @@ import os
 import pathlib
 import platform
 import tempfile
+import sys
 import time
 
 from absl import app, flags
 
-flags.DEFINE_string("src", "../shared/datasets/ptbxl-subset-1819", "PTB-XL folder (release layout, records100/).")
-flags.DEFINE_string("out_json", "benchmarks/results/data_prep.json", "Where to write the results.")
-flags.DEFINE_integer("rdsamp_records", 300, "Records read with wfdb.rdsamp for the baseline (it is slow).")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
-FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+
 
 
 def _best(fn, repeats: int) -> float:
@@ -36,15 +38,23 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
+def define_flags() -> None:
+    flags.DEFINE_string("src", "../shared/datasets/ptbxl-subset-1819", "PTB-XL folder (release layout, records100/).")
+    flags.DEFINE_string("out_json", "benchmarks/results/data_prep.json", "Where to write the results.")
+    flags.DEFINE_integer("rdsamp_records", 300, "Records read with wfdb.rdsamp for the baseline (it is slow).")
+    flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
+
+
 def main(argv):
     del argv
+    args = harness.flag_values()
     import numpy as np
     import wfdb
 
     from data_prep import common, ptbxl
     from mvkt import data as data_lib
 
-    src = pathlib.Path(FLAGS.src).resolve()
+    src = pathlib.Path(args.src).resolve()
     db, _ = ptbxl.load_tables(src, "filename_lr")
     bases = [str(src / f) for f in db.filename_lr]
     sources = [common.Source(str(i), b, common.read_wfdb_source) for i, b in zip(db.ecg_id, bases)]
@@ -62,16 +72,16 @@ def main(argv):
     load_before = os.getloadavg()
     read(1)  # warm the page cache
     rows = []
-    sub = bases[:FLAGS.rdsamp_records]
+    sub = bases[:args.rdsamp_records]
     t = _best(lambda: [wfdb.rdsamp(b) for b in sub], 1)
     rows.append(("wfdb.rdsamp, 1 process", len(sub), t))
     for workers in (1, 2):
-        t = _best(lambda: read(workers), FLAGS.repeats)
+        t = _best(lambda: read(workers), args.repeats)
         rows.append((f"fast reader + validation + scratch write, {workers} process{'es' if workers > 1 else ''}", n, t))
     with tempfile.TemporaryDirectory() as tmp:
         def prepare():
             ptbxl.prepare(src, pathlib.Path(tmp) / "out", overwrite=True, num_workers=2)
-        t = _best(prepare, FLAGS.repeats)
+        t = _best(prepare, args.repeats)
         m = json.loads((pathlib.Path(tmp) / "out" / "manifest.json").read_text())
         # What every training start pays (mvkt.train verifies the shards first): hashing all
         # files once, then only a stat per file while they are unchanged.
@@ -79,11 +89,11 @@ def main(argv):
             with tempfile.TemporaryDirectory() as cache:
                 data_lib.verify_shards(pathlib.Path(tmp) / "out", cache_dir=cache)
 
-        t_verify = _best(verify_cold, FLAGS.repeats)
+        t_verify = _best(verify_cold, args.repeats)
         with tempfile.TemporaryDirectory() as cache:
             data_lib.verify_shards(pathlib.Path(tmp) / "out", cache_dir=cache)
             t_cached = _best(lambda: data_lib.verify_shards(pathlib.Path(tmp) / "out", cache_dir=cache),
-                             FLAGS.repeats)
+                             args.repeats)
     written = sum(m["splits"][s]["num_records"] for s in ("train", "val", "test"))
     rows.append(("end to end: ptbxl.prepare as run by the CLI (superdiagnostic, 100 Hz, 2 workers)", n, t))
     rows.append(("verify_shards before training: sha256 of every shard file (first start)", written, t_verify))
@@ -96,7 +106,7 @@ def main(argv):
     for what, count, secs in rows:
         print(f"{what:82s} {count:8d} {secs:8.2f} {count / secs:10.0f}")
     result = {
-        "command": "python -m benchmarks.data_prep --src=" + FLAGS.src,
+        "command": "python -m benchmarks.data_prep --src=" + args.src,
         "source": str(src),
         "records": n,
         "records_written": written,
@@ -108,11 +118,12 @@ def main(argv):
         "results": [{"what": w, "records": c, "seconds": round(s, 4), "records_per_s": round(c / s, 1)}
                     for w, c, s in rows],
     }
-    out = pathlib.Path(FLAGS.out_json)
+    out = pathlib.Path(args.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
+    harness.define_flags(define_flags)
     app.run(main)

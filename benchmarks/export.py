@@ -26,27 +26,20 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 from absl import app, flags
 
-flags.DEFINE_string("data_dir", None, "PTB-XL superdiagnostic shards (default: prepared from --ptbxl_dir)")
-flags.DEFINE_string("ptbxl_dir", "../shared/datasets/ptbxl-subset-1819", "PTB-XL folder to prepare")
-flags.DEFINE_string("workdir", "runs/bench_export", "where the student is trained (resumable) and exported")
-flags.DEFINE_integer("epochs", 20, "training epochs of the student")
-flags.DEFINE_integer("repeats", 200, "timed calls per latency row (median reported)")
-flags.DEFINE_string("out_json", "benchmarks/results/export.json", "results file")
-FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+
 
 TARGET_AUC_LOSS = 0.005
 TARGET_ORT_MS = 2.0
-
-
-def _wait_quiet(max_load: float = 1.0, timeout_s: float = 240.0) -> None:
-    """Until the 1-minute load average drops below ``max_load`` (training just before raises it)."""
-    end = time.monotonic() + timeout_s
-    while os.getloadavg()[0] >= max_load and time.monotonic() < end:
-        time.sleep(5)
 
 
 def _median_ms(fn, repeats: int, warmup: int) -> float:
@@ -60,8 +53,18 @@ def _median_ms(fn, repeats: int, warmup: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def define_flags() -> None:
+    flags.DEFINE_string("data_dir", None, "PTB-XL superdiagnostic shards (default: prepared from --ptbxl_dir)")
+    flags.DEFINE_string("ptbxl_dir", "../shared/datasets/ptbxl-subset-1819", "PTB-XL folder to prepare")
+    flags.DEFINE_string("workdir", "runs/bench_export", "where the student is trained (resumable) and exported")
+    flags.DEFINE_integer("epochs", 20, "training epochs of the student")
+    flags.DEFINE_integer("repeats", 200, "timed calls per latency row (median reported)")
+    flags.DEFINE_string("out_json", "benchmarks/results/export.json", "results file")
+
+
 def main(argv):
     del argv
+    args = harness.flag_values()
     import jax
     import numpy as np
     import onnxruntime as ort
@@ -71,12 +74,12 @@ def main(argv):
     from mvkt import data as data_lib
     from mvkt import export, inference, metrics, run_dir, train
 
-    workdir = pathlib.Path(FLAGS.workdir).absolute()
-    data_dir = FLAGS.data_dir or study.prepare_ptbxl(FLAGS.ptbxl_dir, workdir / "data", task="superdiagnostic")
+    workdir = pathlib.Path(args.workdir).absolute()
+    data_dir = args.data_dir or study.prepare_ptbxl(args.ptbxl_dir, workdir / "data", task="superdiagnostic")
     config = student_config.get_config()
     config.method = "bce"
     config.data.dir = str(pathlib.Path(data_dir).absolute())
-    config.train.epochs = FLAGS.epochs
+    config.train.epochs = args.epochs
     config.train.batch_size = 128
     run = workdir / "student"
     if not run_dir.is_finished(run):
@@ -123,14 +126,14 @@ def main(argv):
     for label, batch, count in (("batch 1", one, 1), ("batch 64", many, 64)):
         # A 64-record call takes ~64x longer: fewer calls keep each row short, so that the
         # load average it is published with is not raised by the row itself.
-        repeats = FLAGS.repeats if count == 1 else max(FLAGS.repeats // 20, 5)
+        repeats = args.repeats if count == 1 else max(args.repeats // 20, 5)
         for name, session in sessions.items():
-            _wait_quiet()
+            harness.wait_for_quiet(240.0, max_load=1.0)  # training just before raises the load
             before = os.getloadavg()[0]
             ms = _median_ms(lambda: session.run(None, {export.INPUT_NAME: batch}), repeats, warmup=3)
             rows.append({"runtime": f"onnxruntime {name}", "records_per_call": count, "ms_per_record": ms / count,
                          "load_before": before, "load_after": os.getloadavg()[0]})
-        _wait_quiet()
+        harness.wait_for_quiet(240.0, max_load=1.0)  # training just before raises the load
         before = os.getloadavg()[0]
         jitted(batch).block_until_ready()
         ms = _median_ms(lambda: jitted(batch).block_until_ready(), repeats, warmup=3)
@@ -154,7 +157,7 @@ def main(argv):
               f"{r['load_after']:.2f}{flag} |")
     ort_ms = next(r["ms_per_record"] for r in rows if r["runtime"] == "onnxruntime float32" and r["records_per_call"] == 1)
     out = {
-        "command": "python -m benchmarks.export" + (f" --data_dir={FLAGS.data_dir}" if FLAGS.data_dir else ""),
+        "command": "python -m benchmarks.export" + (f" --data_dir={args.data_dir}" if args.data_dir else ""),
         "run": str(run),
         "export": summary,
         "models": results,
@@ -168,11 +171,12 @@ def main(argv):
         "onnxruntime": ort.__version__,
         "jax": jax.__version__,
     }
-    path = pathlib.Path(FLAGS.out_json)
+    path = pathlib.Path(args.out_json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")
     print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
+    harness.define_flags(define_flags)
     app.run(main)

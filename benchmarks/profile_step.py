@@ -36,7 +36,6 @@ core: the same program, so the same ops, but about 1.8x slower in wall time).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -48,11 +47,13 @@ import sys
 import tempfile
 import time
 
+from absl import app, flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import train_step as bench  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 BUSY_LOAD = 1.5
 SINGLE_THREAD_FLAG = "--xla_cpu_multi_thread_eigen=false"
@@ -61,7 +62,6 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?) (\w[\w\-]*)\((.*
 
 def hlo_instructions(text: str) -> dict[str, dict]:
     """name -> {shape, opcode, op_name, root (for fusions: the fused computation's root opcode)}."""
-    computations: dict[str, str] = {}
     current = None
     roots: dict[str, str] = {}
     table: dict[str, dict] = {}
@@ -116,39 +116,14 @@ def category(name: str, entry: dict | None) -> str:
 
 def profile(arch: str, config: str, *, batch_size: int, crop: int, steps: int, warmup: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from experiments.configs import default
-    from mvkt import models, parallel
-    from mvkt import step as step_lib
-
-    method, leads, variant, cache = bench.CONFIGS[config]
-    cfg = default.get_config()
-    cfg.method, cfg.student.arch, cfg.student.leads, cfg.train.batch_size = method, arch, leads, batch_size
-    if variant is not None:
-        cfg.clt.variant = variant
-    spec = step_lib.LossSpec.from_config(cfg)
-    par = parallel.make_parallelism()
-    teacher = None
-    if spec.needs_teacher:
-        model = models.create_model(arch, num_classes=bench.NUM_CLASSES)
-        teacher = (model, model.init(jax.random.PRNGKey(1), jnp.zeros((1, crop, bench.NUM_LEADS)), train=False))
-    labels, host_batches = bench.make_data(batch_size=batch_size, crop=crop, num_batches=4)
-    if cache:
-        bench.add_teacher_cache(host_batches, feature_dim=models.feature_dim(arch))
-    training = step_lib.build_training(cfg, num_classes=bench.NUM_CLASSES, crop_length=crop, total_steps=10_000,
-                                    parallel=par, rng=jax.random.PRNGKey(0), train_labels=labels, teacher=teacher)
-    state, rng = training.state, par.replicate(jax.random.PRNGKey(5))
-    batches = [par.to_global(b) for b in host_batches]
-    compiled = training.update.lower(state, batches[0], rng).compile()
+    built = harness.build_step(arch, config, batch_size=batch_size, crop=crop, num_batches=4, total_steps=10_000)
+    training, batches, rng = built["training"], built["batches"], built["rng"]
+    state = training.state
+    lowered = training.update.lower(state, batches[0], rng)
+    compiled = lowered.compile()
     instructions = hlo_instructions(compiled.as_text())
-    flops = None
-    try:
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis
-        flops = float(analysis.get("flops", 0.0)) or None
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        pass
+    flops = harness.step_flops(lowered, compiled)
     for i in range(warmup):
         state, metrics = compiled(state, batches[i % len(batches)], rng)
     jax.block_until_ready(state)
@@ -212,30 +187,33 @@ def markdown(result: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="resnet1d_wang,xresnet1d50")
-    parser.add_argument("--configs", default="teacher_bce")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--crop", type=int, default=250)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--json_ops", type=int, default=40, help="operations per profile kept in --out")
-    parser.add_argument("--single_thread", action="store_true",
-                        help=f"one core, {SINGLE_THREAD_FLAG}: every op runs synchronously, so the op times add up "
-                             "to the step (with the default threads, XLA:CPU's convolutions run asynchronously "
-                             "and their trace events end at dispatch)")
-    parser.add_argument("--out", default="")
-    args = parser.parse_args(argv)
+def define_flags() -> None:
+    flags.DEFINE_list("archs", ["resnet1d_wang", "xresnet1d50"], "mvkt.models architectures")
+    flags.DEFINE_list("configs", ["teacher_bce"], f"subset of {', '.join(harness.CONFIGS)}")
+    flags.DEFINE_integer("batch_size", 128, "global batch")
+    flags.DEFINE_integer("crop", 250, "crop length in samples")
+    flags.DEFINE_integer("steps", 5, "profiled steps")
+    flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
+    flags.DEFINE_integer("top", 12, "operations per table")
+    flags.DEFINE_integer("json_ops", 40, "operations per profile kept in --out")
+    flags.DEFINE_bool("single_thread", False,
+                      f"one core, {SINGLE_THREAD_FLAG}: every op runs synchronously, so the op times add up "
+                      "to the step (with the default threads, XLA:CPU's convolutions run asynchronously "
+                      "and their trace events end at dispatch)")
+    flags.DEFINE_string("out", "", "JSON results")
+
+
+def main(argv) -> int:
+    del argv
+    args = harness.flag_values()
     if args.single_thread:
         if "jax" in sys.modules:
             raise SystemExit("--single_thread must be set before JAX is imported")
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAG}".strip()
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     results = []
-    for arch in args.archs.split(","):
-        for config in args.configs.split(","):
+    for arch in args.archs:
+        for config in args.configs:
             result = profile(arch, config, batch_size=args.batch_size, crop=args.crop, steps=args.steps,
                              warmup=args.warmup)
             result["single_thread"] = args.single_thread
@@ -250,4 +228,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.define_flags(define_flags)
+    app.run(main)

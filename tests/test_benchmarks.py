@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from benchmarks import conv_formulations, profile_step, train_step
+from benchmarks import conv_formulations, harness, profile_step, train_step
 
 
 def test_profile_classifies_the_compiled_ops_of_a_conv_gradient():
@@ -48,15 +48,15 @@ def test_step_flops_count_the_convolutions_of_forward_and_weight_gradient():
 
     lowered = jax.jit(jax.grad(loss)).lower(jnp.ones((5, 16, 32)), jnp.ones((8, 100, 16)))
     forward = 2 * 8 * 100 * 16 * 32 * 5  # multiply-adds of one convolution
-    flops = train_step.step_flops(lowered, lowered.compile())
+    flops = harness.step_flops(lowered, lowered.compile())
     assert flops is not None and abs(flops / (2 * forward) - 1) < 0.05  # forward + weight gradient
 
 
 def test_busy_load_scales_with_the_cores(monkeypatch):
-    monkeypatch.setattr(train_step, "_num_cores", lambda: 2)
-    assert train_step._busy_load() == 1.5  # the 2-core CI machine: the threshold
-    monkeypatch.setattr(train_step, "_num_cores", lambda: 16)
-    assert train_step._busy_load() == 12.0
+    monkeypatch.setattr(harness, "num_cores", lambda: 2)
+    assert harness.busy_load() == 1.5  # the 2-core CI machine: the threshold
+    monkeypatch.setattr(harness, "num_cores", lambda: 16)
+    assert harness.busy_load() == 12.0
 
 
 def test_every_conv_formulation_has_the_gradients_of_xla_convolution():
