@@ -261,7 +261,7 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown_table(rows: list[dict], torch_skipped: str | None, matmul_gflops: float | None = None,
+def speed_table(rows: list[dict], torch_skipped: str | None, matmul_gflops: float | None = None,
                    matmul_n: int = 2048) -> str:
     lines = ["| config | JAX samples/s | torch samples/s | ratio | JAX share of peak | torch share of peak | "
              "JAX peak MB | torch peak MB | compile s | load before -> after |",
@@ -456,7 +456,7 @@ def main(argv) -> int:
                   f"{row['load_average_end'][0]:.2f}, others {row['other_processes_cpu_cores']:.2f} cores"
                   f"{', BUSY: do not publish' if row['busy'] else ''})", flush=True)
 
-    table = markdown_table(rows, why, matmul_gflops, matmul_n)
+    table = speed_table(rows, why, matmul_gflops, matmul_n)
     print()
     print(table)
     write(rows, table)

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from data_prep.wfdb_io import LEADS, RecordError, read_record
+from mvkt import process
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -193,16 +194,6 @@ def iter_loaded(sources: Sequence[Source], cfg: SignalConfig, *, scratch_dir: st
 # Output folder handling
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_work_folders(out: pathlib.Path) -> list[pathlib.Path]:
     """Deletes ``.OUT.tmp-HOST-PID`` / ``.OUT.old-PID`` folders that a killed run of this
     host left beside ``out`` (they can hold the whole dataset); returns what was removed.
@@ -214,7 +205,7 @@ def remove_stale_work_folders(out: pathlib.Path) -> list[pathlib.Path]:
     for path in candidates:
         tag = path.name.rsplit(".", 1)[1].split("-", 1)[1]  # "HOST-PID" or "PID"
         host, _, pid = tag.rpartition("-")
-        if not pid.isdigit() or (host and host != socket.gethostname()) or _pid_alive(int(pid)):
+        if not pid.isdigit() or (host and host != socket.gethostname()) or process.alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         print(f"removed {path}, left by an interrupted run (process {pid} no longer runs)", file=sys.stderr)

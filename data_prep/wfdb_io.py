@@ -17,6 +17,8 @@ import pathlib
 
 import numpy as np
 
+from mvkt import errors
+
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 _CANONICAL = {name.lower(): name for name in LEADS}
 
@@ -24,8 +26,7 @@ _CANONICAL = {name.lower(): name for name in LEADS}
 _INVALID_16 = -32768
 
 
-class RecordError(Exception):
-    """A problem confined to one record: it is rejected, the run goes on."""
+RecordError = errors.RecordError  # one class for data_prep and predict
 
 
 @dataclasses.dataclass

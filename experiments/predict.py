@@ -78,7 +78,6 @@ def main(argv):
         if out is not None and out.suffix not in (".json", ".csv"):
             raise ValueError(f"--out={out}: write .json or .csv")
         from data_prep.records import read_any
-        from data_prep.wfdb_io import RecordError as ReadError
 
         predictor = inference.Predictor(_WORKDIR.value, which=_CHECKPOINT.value)
         rows, failed = [], 0
@@ -86,7 +85,7 @@ def main(argv):
             try:
                 signal, fs, leads = read_any(path, fs=_FS.value, leads=_LEAD.value)
                 probabilities = predictor.predict(signal, fs=fs, leads=leads, record=path)
-            except (ReadError, inference.RecordError) as e:
+            except inference.RecordError as e:  # unreadable files too (data_prep raises the same class)
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
                 continue

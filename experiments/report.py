@@ -110,7 +110,7 @@ def write_comparison_report(
     rows = study.comparison_rows(groups, baseline=baseline_group, n_resamples=n_resamples)
     by_name = {r["method"]: r for r in rows}
     teacher_row = by_name.get(teacher_group) if teacher_group else None
-    table = study.markdown_table(rows, baseline=baseline_group, teacher=teacher_row)
+    table = study.comparison_table(rows, baseline=baseline_group, teacher=teacher_row)
     class_table, class_means = per_class_table(groups, label_names)
 
     seed0 = {g: dirs[0] for g, dirs in groups.items()}

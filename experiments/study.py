@@ -466,7 +466,7 @@ def comparison_rows(
     return rows
 
 
-def markdown_table(rows: list[dict], *, baseline: str | None, teacher: dict | None = None) -> str:
+def comparison_table(rows: list[dict], *, baseline: str | None, teacher: dict | None = None) -> str:
     """Markdown comparison table; the gap share is relative to the teacher, when given."""
     head = "| method | seeds | test macro-AUC (seed mean) | 95% CI | per-seed |"
     sep = "|---|---|---|---|---|"

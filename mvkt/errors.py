@@ -1,4 +1,6 @@
-"""The library's own failures, which entry points report in one line (``experiments.cli``)."""
+"""The project's own failures, which entry points report in one line (``experiments.cli``).
+
+Standard library only: ``data_prep`` raises ``RecordError`` too without importing JAX."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -15,3 +17,8 @@ class TrainingPreempted(Exception):
 
 class UnfinishedRunError(RuntimeError):
     """A run stopped before its last step (e.g. ``train.stop_at_step``): nothing may build on it."""
+
+
+class RecordError(ValueError):
+    """A record (a file read by data_prep, or a trace given to predict) cannot be used; the
+    message names the record and the problem."""

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from mvkt import data as data_lib
+from mvkt import errors
 from mvkt import input_pipeline
 from mvkt import metrics as metrics_lib
 from mvkt import parallel as parallel_lib
@@ -29,8 +30,7 @@ from mvkt import run_dir
 THRESHOLDS_FILE = "thresholds.json"
 
 
-class RecordError(ValueError):
-    """A raw record that the run cannot score (missing lead, NaN, too short, ...)."""
+RecordError = errors.RecordError
 
 
 def make_forward_fn(model: nn.Module, lead_index: list[int], parallel: parallel_lib.Parallelism) -> Callable:

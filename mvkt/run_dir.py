@@ -35,6 +35,7 @@ from mvkt import checkpoints as ckpt_lib
 from mvkt import distributed
 from mvkt import models
 from mvkt import parallel as parallel_lib
+from mvkt import process
 from mvkt import run_config
 
 CONFIG_FILE = "config.json"
@@ -309,25 +310,6 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- one writer
 
 
-def _process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (tells a reused pid from the original), if known."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int, start_time: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start_time is None or _process_start_time(pid) in (None, start_time)
-
-
 class RunLock:
     """``<workdir>/.lock`` held by the one process that writes the run folder.
 
@@ -363,7 +345,7 @@ class RunLock:
                 return time.time() - self.path.stat().st_mtime > self.EMPTY_GRACE_S
             except FileNotFoundError:
                 return True
-        return holder.get("host") == socket.gethostname() and not _alive(
+        return holder.get("host") == socket.gethostname() and not process.alive(
             int(holder.get("pid", -1)), holder.get("start_time")
         )
 
@@ -372,7 +354,7 @@ class RunLock:
         me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "start_time": _process_start_time(os.getpid()),
+            "start_time": process.start_time(os.getpid()),
             "since": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
         }

@@ -36,7 +36,7 @@ def test_benchmark_table_marks_busy_rows_and_gives_the_share_of_peak():
            "other_processes_cpu_cores": 1.1,
            "jax": {"samples_per_s": 450.0, "share_of_peak": 0.81, "peak_mb": 600.0, "trace_s": 1.0, "compile_s": 2.0},
            "torch": {"samples_per_s": 500.0, "share_of_peak": 0.9, "peak_mb": 700.0}}
-    table = train_step.markdown_table([row], None, matmul_gflops=170.0)
+    table = train_step.speed_table([row], None, matmul_gflops=170.0)
     assert "3.20 -> 3.40, others 1.10 cores BUSY" in table and "| 81% | 90% |" in table and "170 GFLOP/s" in table
     assert "do not publish" in table
 

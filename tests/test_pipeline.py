@@ -149,8 +149,8 @@ def test_gap_share_is_not_given_when_the_teacher_is_not_significantly_better():
 
     teacher = row("teacher", 0.842, ci=[-0.01, +0.015])
     rows = [teacher, row("bce", 0.84), row("mvkt", 0.85, ci=[-0.005, 0.025])]
-    table = study.markdown_table(rows, baseline="bce", teacher=teacher)
+    table = study.comparison_table(rows, baseline="bce", teacher=teacher)
     assert "n/a (teacher not significantly better)" in table and "%" not in table.split("mvkt")[1]
     teacher = row("teacher", 0.88, ci=[0.01, 0.07])
-    table = study.markdown_table([teacher, rows[1], rows[2]], baseline="bce", teacher=teacher)
+    table = study.comparison_table([teacher, rows[1], rows[2]], baseline="bce", teacher=teacher)
     assert "| 25% |" in table
