@@ -20,40 +20,45 @@ from absl import app, flags
 from experiments import cli
 from mvkt import distributed, evaluate
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a finished training run", required=True)
-_SPLIT = flags.DEFINE_enum("split", "test", ["val", "test"], "split to evaluate")
-_RESAMPLES = flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
-_SEED = flags.DEFINE_integer("seed", 0, "bootstrap seed")
-_CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "best", ["best", "latest"], "best = selected on validation macro-AUC"
-)
-_AGGREGATE = flags.DEFINE_enum(
-    "aggregate", None, ["max", "mean"], "window aggregation (default: the run's config)"
-)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "other shards for external validation (default: the run's own)")
-_LABEL_MAP = flags.DEFINE_string("label_map", None, "CSV source_label,target_label mapping --data_dir's labels onto the run's")
-_NAME = flags.DEFINE_string("name", None, "name of the external evaluation (eval_external_<name>.json)")
+
+def define_flags() -> None:
+    """This entry point's flags; defined by its ``__main__`` only, so that the entry points can be
+    imported together (their flags share names such as --workdir)."""
+    flags.DEFINE_string("workdir", None, "a finished training run", required=True)
+    flags.DEFINE_enum("split", "test", ["val", "test"], "split to evaluate")
+    flags.DEFINE_integer("bootstrap_resamples", 1000, "bootstrap resamples for CIs")
+    flags.DEFINE_integer("seed", 0, "bootstrap seed")
+    flags.DEFINE_enum(
+        "checkpoint", "best", ["best", "latest"], "best = selected on validation macro-AUC"
+    )
+    flags.DEFINE_enum(
+        "aggregate", None, ["max", "mean"], "window aggregation (default: the run's config)"
+    )
+    flags.DEFINE_string("data_dir", None, "other shards for external validation (default: the run's own)")
+    flags.DEFINE_string("label_map", None, "CSV source_label,target_label mapping --data_dir's labels onto the run's")
+    flags.DEFINE_string("name", None, "name of the external evaluation (eval_external_<name>.json)")
 
 
 def main(argv):
     del argv
     with cli.exit_on_known_errors():
         cli.start()
-        cli.echo_run(_WORKDIR.value)
+        cli.echo_run(flags.FLAGS.workdir)
         result = evaluate.evaluate_run(
-            _WORKDIR.value,
-            split=_SPLIT.value,
-            n_resamples=_RESAMPLES.value,
-            seed=_SEED.value,
-            which=_CHECKPOINT.value,
-            aggregate=_AGGREGATE.value,
-            data_dir=_DATA_DIR.value,
-            label_map=_LABEL_MAP.value,
-            name=_NAME.value,
+            flags.FLAGS.workdir,
+            split=flags.FLAGS.split,
+            n_resamples=flags.FLAGS.bootstrap_resamples,
+            seed=flags.FLAGS.seed,
+            which=flags.FLAGS.checkpoint,
+            aggregate=flags.FLAGS.aggregate,
+            data_dir=flags.FLAGS.data_dir,
+            label_map=flags.FLAGS.label_map,
+            name=flags.FLAGS.name,
         )
         if distributed.is_chief():
             print(evaluate.format_table(result))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -18,31 +18,36 @@ from absl import app, flags
 from experiments import cli
 from mvkt import distributed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
-_FORMAT = flags.DEFINE_enum("format", "onnx", ["onnx", "stablehlo"], "what to write")
-_OUT = flags.DEFINE_string("out", None, "output file", required=True)
-_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "ONNX only: int8 quantization")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+
+def define_flags() -> None:
+    """This entry point's flags; defined by its ``__main__`` only, so that the entry points can be
+    imported together (their flags share names such as --workdir)."""
+    flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
+    flags.DEFINE_enum("format", "onnx", ["onnx", "stablehlo"], "what to write")
+    flags.DEFINE_string("out", None, "output file", required=True)
+    flags.DEFINE_enum("quantize", None, ["int8"], "ONNX only: int8 quantization")
+    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
 
 
 def main(argv):
     del argv
     with cli.exit_on_known_errors():
         cli.start()
-        cli.echo_run(_WORKDIR.value)
+        cli.echo_run(flags.FLAGS.workdir)
         import importlib.util
 
         from mvkt import export
 
         missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-        if _FORMAT.value == "onnx" and missing:
+        if flags.FLAGS.format == "onnx" and missing:
             raise ValueError(f"--format=onnx needs {', '.join(missing)}: install the export extra "
                              "(pip install -e \".[export]\")")
-        summary = export.export_run(_WORKDIR.value, _OUT.value, fmt=_FORMAT.value, quantize=_QUANTIZE.value,
-                                    which=_CHECKPOINT.value)
+        summary = export.export_run(flags.FLAGS.workdir, flags.FLAGS.out, fmt=flags.FLAGS.format, quantize=flags.FLAGS.quantize,
+                                    which=flags.FLAGS.checkpoint)
         if distributed.is_chief():
             print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -23,11 +23,15 @@ from absl import app, flags
 from experiments import cli
 from mvkt import inference
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
-_OUT = flags.DEFINE_string("out", None, "also write the predictions to FILE.json or FILE.csv")
-_FS = flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces")
-_LEAD = flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+
+def define_flags() -> None:
+    """This entry point's flags; defined by its ``__main__`` only, so that the entry points can be
+    imported together (their flags share names such as --workdir)."""
+    flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
+    flags.DEFINE_string("out", None, "also write the predictions to FILE.json or FILE.csv")
+    flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces")
+    flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
+    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
 
 
 def format_record(path: str, predictor: inference.Predictor, probabilities) -> str:
@@ -70,20 +74,20 @@ def main(argv):
     records = argv[1:]
     with cli.exit_on_known_errors():
         cli.start()
-        cli.echo_run(_WORKDIR.value)
+        cli.echo_run(flags.FLAGS.workdir)
         if not records:
             raise ValueError("give one or more records after the flags: python -m experiments.predict "
                              "--workdir=RUN RECORD [RECORD ...]")
-        out = pathlib.Path(_OUT.value) if _OUT.value else None
+        out = pathlib.Path(flags.FLAGS.out) if flags.FLAGS.out else None
         if out is not None and out.suffix not in (".json", ".csv"):
             raise ValueError(f"--out={out}: write .json or .csv")
         from data_prep.records import read_any
 
-        predictor = inference.Predictor(_WORKDIR.value, which=_CHECKPOINT.value)
+        predictor = inference.Predictor(flags.FLAGS.workdir, which=flags.FLAGS.checkpoint)
         rows, failed = [], 0
         for path in records:
             try:
-                signal, fs, leads = read_any(path, fs=_FS.value, leads=_LEAD.value)
+                signal, fs, leads = read_any(path, fs=flags.FLAGS.fs, leads=flags.FLAGS.lead)
                 probabilities = predictor.predict(signal, fs=fs, leads=leads, record=path)
             except inference.RecordError as e:  # unreadable files too (data_prep raises the same class)
                 print(f"error: {e}", file=sys.stderr)
@@ -103,4 +107,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

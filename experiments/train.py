@@ -22,21 +22,26 @@ from experiments import cli
 from experiments.configs import default as default_config
 from mvkt import distributed, train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/teacher.py", "training config file", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)", required=True)
+
+def define_flags() -> None:
+    """This entry point's flags; defined by its ``__main__`` only, so that the entry points can be
+    imported together (their flags share names such as --workdir)."""
+    config_flags.DEFINE_config_file(
+        "config", "experiments/configs/teacher.py", "training config file", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)", required=True)
 
 
 def main(argv):
     del argv
     with cli.exit_on_known_errors():
         cli.start()
-        cli.echo_config(_CONFIG.value, default_config.get_config())
-        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        cli.echo_config(flags.FLAGS.config, default_config.get_config())
+        summary = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
         if distributed.is_chief():
             print(summary)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -84,7 +84,7 @@ def mkd_class_weights(config: ml_collections.ConfigDict, label_names: Sequence[s
     value = config.get("mkd_class_weights") or ""
     if not value:
         return None
-    if isinstance(value, Mapping):
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
         pairs = [(str(k), v, f"{k}: {v}") for k, v in value.items()]
     else:
         pairs = [(*item.partition(":")[::2], item) for item in _items(value)]

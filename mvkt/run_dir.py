@@ -438,5 +438,7 @@ def load_trained_model(
     sample = jnp.zeros((1, info["crop_length"], len(info["leads"])), jnp.float32)
     target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated), target)
-    variables, meta = ckpt_lib.restore_model(workdir, model_target=dict(target), which=which)
+    # Training saves {"params", "batch_stats"}; a registered net without BatchNorm has the latter empty.
+    target = {"batch_stats": {}, **target}
+    variables, meta = ckpt_lib.restore_model(workdir, model_target=target, which=which)
     return model, variables, config, info, meta
