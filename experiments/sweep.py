@@ -218,6 +218,14 @@ def flag_value(value: Any) -> str:
     raise ValueError(f"cannot pass {value!r} ({type(value).__name__}) as a command-line override")
 
 
+def flag_args(name: str, value: Any) -> list[str]:
+    """``--config.name=value``; a tuple (``teacher.runs``) as the flag repeated once per item,
+    which the command line reads back as the same tuple (so the printed run hashes the same)."""
+    if isinstance(value, (tuple, list)):
+        return [f"--config.{name}={flag_value(v)}" for v in value]
+    return [f"--config.{name}={flag_value(value)}"]
+
+
 def train_commands(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spec: str,
                    global_overrides: dict[str, Any], extra_args: Sequence[str] = ()) -> list[str]:
     """One ``python -m experiments.train`` command per run (run from the repository root).
@@ -232,7 +240,7 @@ def train_commands(runs: list[SweepRun], sweep_dir: pathlib.Path, *, config_spec
         args = ["python", "-m", "experiments.train", f"--config={config_spec}",
                 f"--workdir={run.workdir(sweep_dir).absolute()}"]
         for name, value in [*global_overrides.items(), *run.overrides.items()]:
-            args.append(f"--config.{hyper.field_path(name)}={flag_value(value)}")
+            args += flag_args(hyper.field_path(name), value)
         commands.append(shlex.join([*args, *extra_args]))
     return commands
 

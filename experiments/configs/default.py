@@ -11,7 +11,7 @@ def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # bce | kd | mkd | clt | mvkt (see mvkt/train.py); bce on all 12 leads trains the teacher.
+    # bce | kd | mkd | clt | mvkt (see mvkt/step.py); configs/teacher.py trains the 12-lead teacher.
     config.method = "bce"
     # Which group below describes the net being trained: "student" (the student, or a
     # BCE baseline) or "teacher" (teacher.py: the 12-lead teacher itself).
