@@ -62,6 +62,68 @@ def define_flags() -> None:
     flags.DEFINE_string("out_json", "benchmarks/results/export.json", "results file")
 
 
+def _raw_validation_windows(data_dir, prep):
+    """(validation split, record index of each window, the windows in raw units): the exported
+    graph standardises its input itself."""
+    import numpy as np
+
+    from mvkt import data as data_lib
+    from mvkt import metrics
+
+    val = data_lib.open_split(data_dir, "val").select_leads(prep.leads)
+    own = val.manifest["preprocessing"]["standardization"]
+    index = data_lib.lead_indices(prep.leads)
+    records, starts = [], []
+    for i, length in enumerate(val.lengths):
+        s = metrics.window_starts(length=int(length), window=prep.window, stride=prep.stride)
+        records += [i] * len(s)
+        starts += list(s)
+    raw = (val.crop(np.asarray(records), np.asarray(starts), prep.window) * np.float32(own["std"])[index]
+           + np.float32(own["mean"])[index]).astype(np.float32)
+    return val, records, raw
+
+
+def _latency_rows(sessions: dict, jitted, record_windows, repeats: int) -> list[dict]:
+    """ms per record of each onnxruntime session and of the jitted JAX net, one record and 64
+    records per call, each row after the load has settled."""
+    import numpy as np
+
+    from mvkt import export
+
+    rows = []
+    many = np.concatenate([record_windows] * 64)
+    for batch, count in ((record_windows, 1), (many, 64)):
+        # A 64-record call takes ~64x longer: fewer calls keep each row short, so that the
+        # load average it is published with is not raised by the row itself.
+        calls = repeats if count == 1 else max(repeats // 20, 5)
+        runners = {f"onnxruntime {name}": (lambda s=session: s.run(None, {export.INPUT_NAME: batch}))
+                   for name, session in sessions.items()}
+        jitted(batch).block_until_ready()
+        runners["jax jit float32"] = lambda: jitted(batch).block_until_ready()
+        for runtime, call in runners.items():
+            harness.wait_for_quiet(240.0, max_load=1.0)  # training just before raises the load
+            before = os.getloadavg()[0]
+            ms = _median_ms(call, calls, warmup=3)
+            rows.append({"runtime": runtime, "records_per_call": count, "ms_per_record": ms / count,
+                         "load_before": before, "load_after": os.getloadavg()[0]})
+    return rows
+
+
+def _print_tables(results: dict, auc_change: float, rows: list[dict]) -> None:
+    print("| model | file KiB | val macro-AUC |")
+    print("|---|---:|---:|")
+    for name in ("float32", "int8"):
+        print(f"| ONNX {name} | {results[name]['bytes'] / 1024:.1f} | {results[name]['val_macro_auc']:.4f} |")
+    print(f"| JAX (jit) | | {results['jax']['val_macro_auc']:.4f} |")
+    print(f"\nint8 - float32 macro-AUC: {auc_change:+.4f} (target >= {-TARGET_AUC_LOSS})\n")
+    print("| runtime | records per call | ms per record | load before | load after |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        flag = "" if max(r["load_before"], r["load_after"]) <= 1.5 else " (loaded: not publishable)"
+        print(f"| {r['runtime']} | {r['records_per_call']} | {r['ms_per_record']:.3f} | {r['load_before']:.2f} | "
+              f"{r['load_after']:.2f}{flag} |")
+
+
 def main(argv):
     del argv
     args = harness.flag_values()
@@ -71,7 +133,6 @@ def main(argv):
 
     from experiments import study
     from experiments.configs import student as student_config
-    from mvkt import data as data_lib
     from mvkt import export, inference, metrics, run_dir, train
 
     workdir = pathlib.Path(args.workdir).absolute()
@@ -90,17 +151,7 @@ def main(argv):
     net = export.exported_net(run)
     prep = inference.Preprocessing.of_run(run)
 
-    # Validation windows, raw (the exported graph standardises itself).
-    val = data_lib.open_split(data_dir, "val").select_leads(prep.leads)
-    own = val.manifest["preprocessing"]["standardization"]
-    index = data_lib.lead_indices(prep.leads)
-    records, starts = [], []
-    for i, length in enumerate(val.lengths):
-        s = metrics.window_starts(length=int(length), window=prep.window, stride=prep.stride)
-        records += [i] * len(s)
-        starts += list(s)
-    raw = (val.crop(np.asarray(records), np.asarray(starts), prep.window) * np.float32(own["std"])[index]
-           + np.float32(own["mean"])[index]).astype(np.float32)
+    val, records, raw = _raw_validation_windows(data_dir, prep)
     per_record = int(np.sum(np.asarray(records) == 0))  # windows of one 10-s record
 
     jitted = jax.jit(net.fn)
@@ -120,41 +171,12 @@ def main(argv):
                                 for i in range(0, len(raw), 512)])
         results[name] = {"val_macro_auc": auc(probs), "bytes": models[name].stat().st_size}
 
-    rows = []
-    one = raw[:per_record]
-    many = np.concatenate([raw[:per_record]] * 64)
-    for label, batch, count in (("batch 1", one, 1), ("batch 64", many, 64)):
-        # A 64-record call takes ~64x longer: fewer calls keep each row short, so that the
-        # load average it is published with is not raised by the row itself.
-        repeats = args.repeats if count == 1 else max(args.repeats // 20, 5)
-        for name, session in sessions.items():
-            harness.wait_for_quiet(240.0, max_load=1.0)  # training just before raises the load
-            before = os.getloadavg()[0]
-            ms = _median_ms(lambda: session.run(None, {export.INPUT_NAME: batch}), repeats, warmup=3)
-            rows.append({"runtime": f"onnxruntime {name}", "records_per_call": count, "ms_per_record": ms / count,
-                         "load_before": before, "load_after": os.getloadavg()[0]})
-        harness.wait_for_quiet(240.0, max_load=1.0)  # training just before raises the load
-        before = os.getloadavg()[0]
-        jitted(batch).block_until_ready()
-        ms = _median_ms(lambda: jitted(batch).block_until_ready(), repeats, warmup=3)
-        rows.append({"runtime": "jax jit float32", "records_per_call": count, "ms_per_record": ms / count,
-                     "load_before": before, "load_after": os.getloadavg()[0]})
+    rows = _latency_rows(sessions, jitted, raw[:per_record], args.repeats)
 
     auc_change = results["int8"]["val_macro_auc"] - results["float32"]["val_macro_auc"]
     print(f"\nresnet1d_wang lead-I student ({run}), {len(val)} validation records, {per_record} windows "
           f"per 10-s record, {os.cpu_count()} CPU cores\n")
-    print("| model | file KiB | val macro-AUC |")
-    print("|---|---:|---:|")
-    for name in ("float32", "int8"):
-        print(f"| ONNX {name} | {results[name]['bytes'] / 1024:.1f} | {results[name]['val_macro_auc']:.4f} |")
-    print(f"| JAX (jit) | | {results['jax']['val_macro_auc']:.4f} |")
-    print(f"\nint8 - float32 macro-AUC: {auc_change:+.4f} (target >= {-TARGET_AUC_LOSS})\n")
-    print("| runtime | records per call | ms per record | load before | load after |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        flag = "" if max(r["load_before"], r["load_after"]) <= 1.5 else " (loaded: not publishable)"
-        print(f"| {r['runtime']} | {r['records_per_call']} | {r['ms_per_record']:.3f} | {r['load_before']:.2f} | "
-              f"{r['load_after']:.2f}{flag} |")
+    _print_tables(results, auc_change, rows)
     ort_ms = next(r["ms_per_record"] for r in rows if r["runtime"] == "onnxruntime float32" and r["records_per_call"] == 1)
     out = {
         "command": "python -m benchmarks.export" + (f" --data_dir={args.data_dir}" if args.data_dir else ""),

@@ -216,18 +216,77 @@ def torch_param_shapes(module) -> list[tuple[int, ...]]:
 
 
 
-def torch_worker(args) -> None:
-    import numpy as np
+def _device(name: str):
+    """(torch device, whether it is a GPU), with the threads and precision of the comparison."""
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(harness.num_cores())
-    device = torch.device(args.torch_device)
+    device = torch.device(name)
     on_gpu = device.type == "cuda"
     if on_gpu:  # XLA's default float32 precision on GPU lets dots and convolutions use TF32: the same here
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest algorithms once
+    return device, on_gpu
+
+
+def _channels_first(host_batches: list[dict], device) -> list[dict]:
+    """The synthetic batches as torch tensors on ``device``, x as (B, 12, T)."""
+    import numpy as np
+    import torch
+
+    batches = []
+    for b in host_batches:
+        tb = {"x": torch.from_numpy(np.ascontiguousarray(b["x"].transpose(0, 2, 1))),
+              "y": torch.from_numpy(b["y"]), "index": torch.from_numpy(b["index"].astype(np.int64))}
+        for key in ("teacher_logits", "teacher_features"):
+            if key in b:
+                tb[key] = torch.from_numpy(b[key])
+        batches.append({k: v.to(device) for k, v in tb.items()})
+    return batches
+
+
+def _nets(arch: str, n_in: int, *, teacher: bool, clt_dim: int | None, device):
+    """(the trained net, the frozen 12-lead teacher or None, the two CLT heads or None)."""
+    model = build_torch_model(arch, n_in, harness.NUM_CLASSES).to(device).train()
+    frozen = heads = None
+    if teacher:
+        frozen = build_torch_model(arch, harness.NUM_LEADS, harness.NUM_CLASSES).to(device).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+    if clt_dim is not None:
+        feature_dim = model.head.layers[0].num_features
+        heads = [TorchProjectionHead.build(feature_dim, clt_dim).to(device) for _ in range(2)]
+    return model, frozen, heads
+
+
+def _optimizer(trainable: list, train_config, total_steps: int):
+    """AdamW with the one-cycle schedule of mvkt's default config (fastai's fit_one_cycle)."""
+    import torch
+
+    opt = torch.optim.AdamW(trainable, lr=train_config.learning_rate, weight_decay=train_config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train_config.learning_rate, total_steps=total_steps,
+                                                pct_start=0.3, div_factor=25.0, final_div_factor=1e4,
+                                                cycle_momentum=False)
+    return opt, sched
+
+
+def _report_ready(first_step_s: float, loss: float, model, teacher, heads, device) -> None:
+    import torch
+
+    count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    harness.emit({"event": "ready", "first_step_s": first_step_s, "warmup_loss": loss,
+                  "params": {"model": count([model]), "heads": count(heads or []),
+                             "teacher": count([teacher] if teacher is not None else [])},
+                  "threads": torch.get_num_threads(), "torch_device": str(device),
+                  "tf32": bool(device.type == "cuda" and torch.backends.cudnn.allow_tf32)})
+
+
+def torch_worker(args) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    device, on_gpu = _device(args.torch_device)
     baseline_mb = harness.rss_mb()
     torch.manual_seed(0)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -240,35 +299,19 @@ def torch_worker(args) -> None:
     uses_mkd = uses_clt = method == "mvkt"
     mkd, in_batch, Bank = torch_losses()
 
-    model = build_torch_model(args.arch, n_in, harness.NUM_CLASSES).to(device).train()
+    model, teacher, heads = _nets(args.arch, n_in, teacher=uses_mkd or uses_clt, clt_dim=cfg.clt.dim if uses_clt
+                                  else None, device=device)
     feature_dim = model.head.layers[0].num_features  # BatchNorm over the concat-pooled features
-    trainable = list(model.parameters())
-    teacher = heads = bank = None
-    if uses_mkd or uses_clt:
-        teacher = build_torch_model(args.arch, harness.NUM_LEADS, harness.NUM_CLASSES).to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    if uses_clt:
-        heads = [TorchProjectionHead.build(feature_dim, cfg.clt.dim).to(device) for _ in range(2)]
-        trainable += [p for h in heads for p in h.parameters()]
+    trainable = list(model.parameters()) + [p for h in (heads or []) for p in h.parameters()]
+    bank = None
     labels, host_batches = harness.make_data(batch_size=args.batch_size, crop=args.crop, num_batches=args.num_batches)
     if cache:
         harness.add_teacher_cache(host_batches, feature_dim=feature_dim)
     if uses_clt and variant == "memory_bank":
         bank = Bank(torch.from_numpy(labels), cfg.clt.dim, gen)
-    batches = []
-    for b in host_batches:
-        tb = {"x": torch.from_numpy(np.ascontiguousarray(b["x"].transpose(0, 2, 1))),  # (B, 12, T)
-              "y": torch.from_numpy(b["y"]), "index": torch.from_numpy(b["index"].astype(np.int64))}
-        if cache:
-            tb["teacher_logits"] = torch.from_numpy(b["teacher_logits"])
-            tb["teacher_features"] = torch.from_numpy(b["teacher_features"])
-        batches.append({k: v.to(device) for k, v in tb.items()})
+    batches = _channels_first(host_batches, device)
 
-    opt = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.train.learning_rate, total_steps=args.total_steps,
-                                                pct_start=0.3, div_factor=25.0, final_div_factor=1e4,
-                                                cycle_momentum=False)
+    opt, sched = _optimizer(trainable, cfg.train, args.total_steps)
     last = {}
     # bfloat16: PyTorch's mixed precision (autocast around the forward pass and the losses; float32
     # parameters, gradients and optimizer), the counterpart of mvkt's `student.dtype=bfloat16`.
@@ -324,13 +367,7 @@ def torch_worker(args) -> None:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     peak_reset = harness.reset_peak()
-    n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
-    harness.emit({"event": "ready", "first_step_s": first_step_s, "warmup_loss": float(last["loss"]),
-          "params": {"model": sum(p.numel() for p in model.parameters()),
-                     "heads": sum(p.numel() for h in (heads or []) for p in h.parameters()),
-                     "teacher": n_teacher},
-          "threads": torch.get_num_threads(), "torch_device": str(device),
-          "tf32": bool(on_gpu and torch.backends.cudnn.allow_tf32)})
+    _report_ready(first_step_s, float(last["loss"]), model, teacher, heads, device)
 
     def finish() -> dict:
         if on_gpu:

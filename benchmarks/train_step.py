@@ -352,6 +352,66 @@ def _args():
     return args
 
 
+def _torch_reference(args) -> tuple[bool, str | None]:
+    """(whether the PyTorch reference runs, why not); settles ``args.torch_device``."""
+    torch_version = harness.torch_version()
+    have_torch = torch_version is not None and not args.no_torch
+    why = None
+    if not have_torch:
+        why = "--no_torch given" if args.no_torch else f"torch is not installed; install it with `{TORCH_INSTALL}`"
+        print(f"PyTorch reference skipped ({why}): torch columns will be empty.", flush=True)
+    elif torch_version.split("+")[0] != "2.13.0":
+        print(f"note: torch {torch_version} installed; the reference numbers in docs/BENCHMARKS.md use 2.13.0")
+    if args.torch_device == "auto":
+        args.torch_device = "cpu"
+        if have_torch:
+            import torch
+            args.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if have_torch:
+        print(f"PyTorch reference on {args.torch_device}", flush=True)
+    return have_torch, why
+
+
+def _worker_report(args: list[str], env: dict | None = None) -> dict | None:
+    """The last report line of a one-shot worker process (None if it printed none)."""
+    cmd = [sys.executable, "-u", str(pathlib.Path(__file__).resolve()), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(harness.ROOT), env={**os.environ, **(env or {})})
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(harness.MARK)]
+    if out.returncode or not lines:
+        print(out.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len(harness.MARK):])
+
+
+def _parameter_check(archs: list[str], crop: int, have_torch: bool) -> dict:
+    """Flax and PyTorch parameter counts per net, in a fresh process (the coordinator stays
+    light); refuses to go on when the PyTorch port does not match the Flax nets."""
+    report = _worker_report(["--worker=params", f"--archs={','.join(archs)}", f"--crop={crop}"])
+    if report is None:
+        raise SystemExit("parameter check failed (its error output is above)")
+    counts = report["counts"]
+    print("Parameter counts (net only, PyTorch layout shapes compared one to one):")
+    mismatch = False
+    for name, c in counts.items():
+        if have_torch and "torch" in c:
+            ok = c["torch"] == c["flax"] and c["shapes_match"]
+            mismatch |= not ok
+            print(f"  {name:28s} flax {c['flax']:>10,d}  torch {c['torch']:>10,d}  "
+                  f"{'match' if ok else 'MISMATCH'}")
+        else:
+            print(f"  {name:28s} flax {c['flax']:>10,d}")
+    if mismatch:
+        raise SystemExit("the PyTorch reference does not match the Flax nets; refusing to compare them")
+    return counts
+
+
+def _matmul_rate(jax_env: dict) -> tuple[float | None, int]:
+    matmul = _worker_report(["--worker=matmul"], env=jax_env) or {}
+    matmul_gflops, matmul_n = matmul.get("gflops"), matmul.get("n", 2048)
+    print(f"float32 matrix-multiply rate: {_fmt(matmul_gflops, '.0f')} GFLOP/s (load {os.getloadavg()[0]:.2f})")
+    return matmul_gflops, matmul_n
+
+
 def main(argv) -> int:
     del argv
     args = _args()
@@ -374,50 +434,10 @@ def main(argv) -> int:
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {list(harness.CONFIGS)}")
     jax_env = dict(kv.split("=", 1) for kv in args.jax_env)
-    torch_version = harness.torch_version()
-    have_torch = torch_version is not None and not args.no_torch
-    why = None
-    if not have_torch:
-        why = "--no_torch given" if args.no_torch else f"torch is not installed; install it with `{TORCH_INSTALL}`"
-        print(f"PyTorch reference skipped ({why}): torch columns will be empty.", flush=True)
-    elif torch_version.split("+")[0] != "2.13.0":
-        print(f"note: torch {torch_version} installed; the reference numbers in docs/BENCHMARKS.md use 2.13.0")
-    if args.torch_device == "auto":
-        args.torch_device = "cpu"
-        if have_torch:
-            import torch
-            args.torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-    if have_torch:
-        print(f"PyTorch reference on {args.torch_device}", flush=True)
-
+    have_torch, why = _torch_reference(args)
     started = time.perf_counter()
-    # Parameter check (fresh process, so the coordinator stays light).
-    pcmd = [sys.executable, "-u", str(pathlib.Path(__file__).resolve()), "--worker=params",
-            f"--archs={','.join(archs)}", f"--crop={args.crop}"]
-    pout = subprocess.run(pcmd, capture_output=True, text=True, cwd=str(harness.ROOT))
-    param_lines = [ln for ln in pout.stdout.splitlines() if ln.startswith(harness.MARK)]
-    if pout.returncode or not param_lines:
-        raise SystemExit(f"parameter check failed:\n{pout.stderr[-3000:]}")
-    counts = json.loads(param_lines[-1][len(harness.MARK):])["counts"]
-    print("Parameter counts (net only, PyTorch layout shapes compared one to one):")
-    mismatch = False
-    for name, c in counts.items():
-        if have_torch and "torch" in c:
-            ok = c["torch"] == c["flax"] and c["shapes_match"]
-            mismatch |= not ok
-            print(f"  {name:28s} flax {c['flax']:>10,d}  torch {c['torch']:>10,d}  "
-                  f"{'match' if ok else 'MISMATCH'}")
-        else:
-            print(f"  {name:28s} flax {c['flax']:>10,d}")
-    if mismatch:
-        raise SystemExit("the PyTorch reference does not match the Flax nets; refusing to compare them")
-
-    mcmd = [sys.executable, "-u", str(pathlib.Path(__file__).resolve()), "--worker=matmul"]
-    mout = subprocess.run(mcmd, capture_output=True, text=True, cwd=str(harness.ROOT), env={**os.environ, **jax_env})
-    matmul_lines = [ln for ln in mout.stdout.splitlines() if ln.startswith(harness.MARK)]
-    matmul = json.loads(matmul_lines[-1][len(harness.MARK):]) if matmul_lines else {}
-    matmul_gflops, matmul_n = matmul.get("gflops"), matmul.get("n", 2048)
-    print(f"float32 matrix-multiply rate: {_fmt(matmul_gflops, '.0f')} GFLOP/s (load {os.getloadavg()[0]:.2f})")
+    counts = _parameter_check(archs, args.crop, have_torch)
+    matmul_gflops, matmul_n = _matmul_rate(jax_env)
 
     settings = {k: getattr(args, k) for k in ("archs", "configs", "steps", "repeats", "warmup", "batch_size",
                                               "crop", "num_batches", "total_steps", "quick", "torch_device",

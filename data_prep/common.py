@@ -253,6 +253,146 @@ def _as_json_rate(rate: float) -> int | float:
     return int(rate) if float(rate).is_integer() else float(rate)
 
 
+def _read_records(sources: Sequence[Source], signal_config: SignalConfig, scratch: pathlib.Path, *,
+                  num_workers: int | None, progress: bool):
+    """Every record read once into scratch part files (raw float32; train statistics later):
+    (accepted source indices, their lengths, per-record statistics, source rates, rejected
+    (id, reason), the part memmaps, where[j] = (part, first sample) of accepted record j)."""
+    accepted, lengths, stats, rates, rejected, parts, where = [], [], [], [], [], [], []
+    for path, results in iter_loaded(sources, signal_config, scratch_dir=scratch, num_workers=num_workers,
+                                     progress=progress):
+        pos = 0
+        for i, n, reason, st in results:
+            if reason is not None:
+                rejected.append((sources[i].record_id, reason))
+                continue
+            accepted.append(i)
+            lengths.append(n)
+            stats.append(st[:3])
+            rates.append(st[3])
+            where.append((len(parts), pos))
+            pos += n
+        parts.append(np.memmap(path, dtype=np.float32, mode="r", shape=(pos, len(LEADS))) if pos else None)
+    return accepted, lengths, stats, rates, rejected, parts, where
+
+
+def _check_rejected_fraction(counted: list, listed: list, *, total: int, accepted: int, limit: float,
+                             out: pathlib.Path, source_desc: str) -> None:
+    """Refuses (writing the reasons beside ``out``) when more than ``limit`` of the records were
+    rejected, and when none is left."""
+    if total == 0:
+        raise DataPrepError(f"no records found in {source_desc}")
+    frac = len(counted) / total
+    if frac > limit:
+        keep = out.parent / f"{out.name}.rejected.csv"
+        write_rejected(keep, listed)
+        first = "; ".join(reason for _, reason in counted[:3])
+        raise DataPrepError(
+            f"{len(counted)} of {total} records ({frac:.1%}) rejected, more than "
+            f"--max_rejected_fraction={limit:g}; nothing written to {out}. "
+            f"Reasons are listed in {keep}; first: {first}")
+    if not accepted:
+        raise DataPrepError(f"no usable records in {source_desc}")
+
+
+def _preprocessing(signal_config: SignalConfig, rates: Sequence[float], mean: np.ndarray, std: np.ndarray,
+                   n_fit: int) -> dict:
+    """The manifest's ``preprocessing``: source rates, resampling, band-pass, standardisation."""
+    src_rates = sorted({_as_json_rate(r) for r in rates})
+    resampled = [r for r in src_rates if abs(r - signal_config.target_fs) > 1e-6]
+    return {
+        "resampled_from": (None if not resampled else resampled[0] if len(src_rates) == 1 else src_rates),
+        "source_sampling_rates": src_rates,
+        "resampling": "scipy.signal.resample_poly" if resampled else None,
+        "band_pass": list(signal_config.band_pass) if signal_config.band_pass else None,
+        "band_pass_filter": (f"butterworth order {BAND_PASS_ORDER}, zero-phase (sosfiltfilt), "
+                             "at the source rate" if signal_config.band_pass else None),
+        "standardization": {
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "fitted_on": "train",
+            "num_samples": int(n_fit),
+        },
+    }
+
+
+def _assign_splits(labels: np.ndarray, folds: np.ndarray | None, split_folds: dict[str, Sequence[int]], *,
+                   num_folds: int, seed: int, record_ids: Sequence[str]):
+    """(fold of each accepted record, how folds were made, split -> record positions, rejected
+    (id, reason) of records whose fold is in no split). ``folds``: the official ones, or None
+    for ``num_folds`` iteratively stratified folds (seeded)."""
+    from data_prep.folds import iterative_stratification
+
+    if folds is None:
+        folds = iterative_stratification(labels, num_folds=num_folds, seed=seed)
+        fold_desc = {"source": "iterative_stratification", "num_folds": num_folds, "seed": seed}
+    else:
+        fold_desc = {"source": "strat_fold"}
+    members = {s: np.flatnonzero(np.isin(folds, list(split_folds[s]))) for s in SPLITS}
+    in_no_split = np.flatnonzero(~np.isin(folds, [f for s in SPLITS for f in split_folds[s]]))
+    folds_text = ", ".join(f"{s} {list(split_folds[s])}" for s in SPLITS)
+    rejected = [(record_ids[j], f"{record_ids[j]}: fold {int(folds[j])} is in no split ({folds_text})")
+                for j in in_no_split]
+    return folds, fold_desc, members, rejected
+
+
+def _write_split_arrays(tmp: pathlib.Path, split: str, *, labels: np.ndarray, folds: np.ndarray,
+                        record_ids: list[str], label_names: Sequence[str], split_folds: Sequence[int]) -> dict:
+    """A split's labels, record ids and folds files; returns its manifest entry."""
+    np.save(tmp / f"{split}_labels.npy", labels.astype(np.uint8))
+    np.save(tmp / f"{split}_record_ids.npy",
+            np.asarray(record_ids, dtype=np.str_) if record_ids else np.zeros(0, "<U1"))
+    np.save(tmp / f"{split}_folds.npy", folds.astype(np.int16))
+    counts = labels.sum(axis=0) if len(labels) else np.zeros(len(label_names), np.int64)
+    return {"num_records": int(len(labels)),
+            "label_counts": {name: int(c) for name, c in zip(label_names, counts)},
+            "folds": [int(f) for f in split_folds]}
+
+
+def _check_arguments(*, dtype: str, labels: np.ndarray, num_sources: int, label_names: Sequence[str],
+                     split_folds: dict[str, Sequence[int]]) -> np.ndarray:
+    """The labels as uint8, after checking the arguments of ``build_shards`` that a caller gives."""
+    if dtype not in DTYPES:
+        raise DataPrepError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    labels = np.asarray(labels, dtype=np.uint8)
+    if labels.shape != (num_sources, len(label_names)):
+        raise ValueError(f"labels shape {labels.shape} != ({num_sources}, {len(label_names)})")
+    _check_split_folds(split_folds)
+    return labels
+
+
+def _work_folder(out: pathlib.Path) -> pathlib.Path:
+    """A fresh ``.OUT.tmp-HOST-PID`` beside ``out`` (stale ones of dead runs removed first)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_folders(out)
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _train_statistics(stats: list, source_desc: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, std, samples) per lead over the train records; a constant lead cannot be standardised."""
+    mean, std, n_fit = _combine_stats(stats)
+    if (std < 1e-8).any():
+        lead = LEADS[int(np.argmin(std))]
+        raise DataPrepError(f"lead {lead} is constant over the train split of {source_desc}; "
+                            "cannot standardise")
+    return mean, std, n_fit
+
+
+def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Moves the finished folder into place: the output folder only ever appears complete."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], labels: np.ndarray,
                  label_names: Sequence[str], signal_config: SignalConfig, dataset: str, source_desc: str,
                  task: str, split_folds: dict[str, Sequence[int]], folds: np.ndarray | None = None,
@@ -269,86 +409,38 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
     uncounted_rejected: listed in rejected.csv but not counted (e.g. REFERENCE rows of
     records absent from a partial copy). Returns the manifest.
     """
-    from data_prep.folds import iterative_stratification
-
-    if dtype not in DTYPES:
-        raise DataPrepError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    labels = _check_arguments(dtype=dtype, labels=labels, num_sources=len(sources), label_names=label_names,
+                              split_folds=split_folds)
     out = check_output_dir(out_dir, overwrite)
-    labels = np.asarray(labels, dtype=np.uint8)
-    if labels.shape != (len(sources), len(label_names)):
-        raise ValueError(f"labels shape {labels.shape} != ({len(sources)}, {len(label_names)})")
-    _check_split_folds(split_folds)
     ragged = signal_config.fixed_seconds is None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_work_folders(out)
-    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _work_folder(out)
     try:
         # 1. Read every record once into scratch part files (raw float32, train stats later).
         scratch = tmp / "_scratch"
         scratch.mkdir()
-        accepted, lengths, stats, rates, rejected_read = [], [], [], [], []
-        parts, where = [], []  # where[j] = (part number, first sample in it) of accepted record j
-        for path, results in iter_loaded(sources, signal_config, scratch_dir=scratch,
-                                         num_workers=num_workers, progress=progress):
-            pos = 0
-            for i, n, reason, st in results:
-                if reason is not None:
-                    rejected_read.append((sources[i].record_id, reason))
-                    continue
-                accepted.append(i)
-                lengths.append(n)
-                stats.append(st[:3])
-                rates.append(st[3])
-                where.append((len(parts), pos))
-                pos += n
-            parts.append(np.memmap(path, dtype=np.float32, mode="r", shape=(pos, len(LEADS))) if pos else None)
+        accepted, lengths, stats, rates, rejected_read, parts, where = _read_records(
+            sources, signal_config, scratch, num_workers=num_workers, progress=progress)
         rejected_counted = list(pre_rejected) + rejected_read
-        total = len(sources) + len(pre_rejected)
         all_rejected = rejected_counted + list(uncounted_rejected)
-        if total == 0:
-            raise DataPrepError(f"no records found in {source_desc}")
-        frac = len(rejected_counted) / total
-        if frac > max_rejected_fraction:
-            keep = out.parent / f"{out.name}.rejected.csv"
-            write_rejected(keep, all_rejected)
-            first = "; ".join(reason for _, reason in rejected_counted[:3])
-            raise DataPrepError(
-                f"{len(rejected_counted)} of {total} records ({frac:.1%}) rejected, more than "
-                f"--max_rejected_fraction={max_rejected_fraction:g}; nothing written to {out}. "
-                f"Reasons are listed in {keep}; first: {first}")
-        if not accepted:
-            raise DataPrepError(f"no usable records in {source_desc}")
+        _check_rejected_fraction(rejected_counted, all_rejected, total=len(sources) + len(pre_rejected),
+                                 accepted=len(accepted), limit=max_rejected_fraction, out=out,
+                                 source_desc=source_desc)
 
         # 2. Folds and splits of the accepted records.
         accepted = np.asarray(accepted, dtype=np.int64)
         acc_labels = labels[accepted]
-        if folds is None:
-            acc_folds = iterative_stratification(acc_labels, num_folds=num_folds, seed=seed)
-            fold_desc = {"source": "iterative_stratification", "num_folds": num_folds, "seed": seed}
-        else:
-            acc_folds = np.asarray(folds, dtype=np.int16)[accepted]
-            fold_desc = {"source": "strat_fold"}
-        members = {s: np.flatnonzero(np.isin(acc_folds, list(split_folds[s]))) for s in SPLITS}
-        in_no_split = np.flatnonzero(~np.isin(acc_folds, [f for s in SPLITS for f in split_folds[s]]))
-        folds_text = ", ".join(f"{s} {list(split_folds[s])}" for s in SPLITS)
-        all_rejected += [(sources[accepted[j]].record_id,
-                          f"{sources[accepted[j]].record_id}: fold {int(acc_folds[j])} is in no split ({folds_text})")
-                         for j in in_no_split]
-        unassigned = len(in_no_split)
+        acc_folds, fold_desc, members, no_split = _assign_splits(
+            acc_labels, None if folds is None else np.asarray(folds, dtype=np.int16)[accepted],
+            split_folds, num_folds=num_folds, seed=seed, record_ids=[sources[i].record_id for i in accepted])
+        all_rejected += no_split
+        unassigned = len(no_split)
         if len(members["train"]) == 0:
             raise DataPrepError(f"train split (folds {list(split_folds['train'])}) is empty after "
                                 f"rejections in {source_desc}; cannot fit the standardisation")
 
         # 3. Standardisation statistics from the train split only.
-        mean, std, n_fit = _combine_stats([stats[j] for j in members["train"]])
-        if (std < 1e-8).any():
-            lead = LEADS[int(np.argmin(std))]
-            raise DataPrepError(f"lead {lead} is constant over the train split of {source_desc}; "
-                                "cannot standardise")
+        mean, std, n_fit = _train_statistics([stats[j] for j in members["train"]], source_desc)
 
         # 4. Standardised per-split files.
         def record_raw(j: int) -> np.ndarray:
@@ -361,22 +453,13 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
             idx = members[s]
             _write_split(tmp, s, idx, record_raw, np.asarray(lengths, np.int64), mean32, std32, dtype, ragged,
                          fixed_len=None if ragged else _fixed_len(lengths))
-            np.save(tmp / f"{s}_labels.npy", acc_labels[idx].astype(np.uint8))
-            ids = [sources[accepted[j]].record_id for j in idx]
-            np.save(tmp / f"{s}_record_ids.npy", np.asarray(ids, dtype=np.str_) if ids else np.zeros(0, "<U1"))
-            np.save(tmp / f"{s}_folds.npy", acc_folds[idx].astype(np.int16))
-            counts = acc_labels[idx].sum(axis=0) if len(idx) else np.zeros(len(label_names), np.int64)
-            split_info[s] = {
-                "num_records": int(len(idx)),
-                "label_counts": {name: int(c) for name, c in zip(label_names, counts)},
-                "folds": [int(f) for f in split_folds[s]],
-            }
+            split_info[s] = _write_split_arrays(tmp, s, labels=acc_labels[idx], folds=acc_folds[idx],
+                                                record_ids=[sources[accepted[j]].record_id for j in idx],
+                                                label_names=label_names, split_folds=split_folds[s])
         del parts, record_raw
         shutil.rmtree(scratch)
         write_rejected(tmp / "rejected.csv", all_rejected)
 
-        src_rates = sorted({_as_json_rate(r) for r in rates})
-        resampled = [r for r in src_rates if abs(r - signal_config.target_fs) > 1e-6]
         manifest = {
             "format_version": FORMAT_VERSION,
             "dataset": dataset,
@@ -388,21 +471,7 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
             "ragged": ragged,
             "dtype": dtype,
             "num_samples": None if ragged else _fixed_len(lengths),
-            "preprocessing": {
-                "resampled_from": (None if not resampled else resampled[0] if len(src_rates) == 1
-                                   else src_rates),
-                "source_sampling_rates": src_rates,
-                "resampling": "scipy.signal.resample_poly" if resampled else None,
-                "band_pass": list(signal_config.band_pass) if signal_config.band_pass else None,
-                "band_pass_filter": (f"butterworth order {BAND_PASS_ORDER}, zero-phase (sosfiltfilt), "
-                                     "at the source rate" if signal_config.band_pass else None),
-                "standardization": {
-                    "mean": [float(v) for v in mean],
-                    "std": [float(v) for v in std],
-                    "fitted_on": "train",
-                    "num_samples": int(n_fit),
-                },
-            },
+            "preprocessing": _preprocessing(signal_config, rates, mean, std, n_fit),
             "folds": fold_desc,
             "splits": split_info,
             "rejected": {"count": len(all_rejected), "file": "rejected.csv",
@@ -417,14 +486,7 @@ def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], label
             json.dump(manifest, f, indent=2)
             f.write("\n")
 
-        # 5. Publish: the output folder only ever appears complete.
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
+        _publish(tmp, out)
         return manifest
     finally:
         if tmp.exists():

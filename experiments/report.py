@@ -88,31 +88,11 @@ def verdict(row: dict, *, method: str, baseline: str) -> str:
     )
 
 
-def write_comparison_report(
-    study_dir: pathlib.Path,
-    *,
-    groups: dict[str, list[pathlib.Path]],
-    teacher_group: str | None,
-    baseline_group: str,
-    method_group: str,
-    n_resamples: int,
-    title: str,
-    command: str,
-    extra_sections: list[str] | None = None,
-) -> pathlib.Path:
-    """``report.md`` + ``report.json`` + PNGs comparing groups of runs (each group = seeds)."""
-    study_dir = pathlib.Path(study_dir)
+def _plots(groups: dict[str, list[pathlib.Path]], study_dir: pathlib.Path, *, label_names: list[str],
+           class_means: dict, baseline_group: str, method_group: str) -> list[str]:
+    """The report's figures (ROC curves of the first seed, per-class AUC gain, training curves)
+    as markdown image lines."""
     plot_dir = study_dir / "plots"
-    first_run = next(iter(groups.values()))[0]
-    data_text, manifest = data_section(first_run)
-    label_names = list(manifest["label_names"])
-
-    rows = study.comparison_rows(groups, baseline=baseline_group, n_resamples=n_resamples)
-    by_name = {r["method"]: r for r in rows}
-    teacher_row = by_name.get(teacher_group) if teacher_group else None
-    table = study.comparison_table(rows, baseline=baseline_group, teacher=teacher_row)
-    class_table, class_means = per_class_table(groups, label_names)
-
     seed0 = {g: dirs[0] for g, dirs in groups.items()}
     num_seeds = max(len(dirs) for dirs in groups.values())
     scores = {g: evaluate_lib.load_scores(d)["scores"] for g, d in seed0.items()}
@@ -143,6 +123,36 @@ def write_comparison_report(
         )
         curve_lines.append(f"![training curves {group}]({study.relative(png, study_dir)})")
 
+    return [f"![ROC curves]({study.relative(roc, study_dir)})", "",
+            f"![AUC gain per class]({study.relative(gain, study_dir)})", "", *curve_lines]
+
+
+def write_comparison_report(
+    study_dir: pathlib.Path,
+    *,
+    groups: dict[str, list[pathlib.Path]],
+    teacher_group: str | None,
+    baseline_group: str,
+    method_group: str,
+    n_resamples: int,
+    title: str,
+    command: str,
+    extra_sections: list[str] | None = None,
+) -> pathlib.Path:
+    """``report.md`` + ``report.json`` + PNGs comparing groups of runs (each group = seeds)."""
+    study_dir = pathlib.Path(study_dir)
+    first_run = next(iter(groups.values()))[0]
+    data_text, manifest = data_section(first_run)
+    label_names = list(manifest["label_names"])
+
+    rows = study.comparison_rows(groups, baseline=baseline_group, n_resamples=n_resamples)
+    by_name = {r["method"]: r for r in rows}
+    teacher_row = by_name.get(teacher_group) if teacher_group else None
+    table = study.comparison_table(rows, baseline=baseline_group, teacher=teacher_row)
+    class_table, class_means = per_class_table(groups, label_names)
+
+    plot_lines = _plots(groups, study_dir, label_names=label_names, class_means=class_means,
+                        baseline_group=baseline_group, method_group=method_group)
     lines = [
         f"# {title}",
         "",
@@ -175,11 +185,7 @@ def write_comparison_report(
         "",
         "## Plots",
         "",
-        f"![ROC curves]({study.relative(roc, study_dir)})",
-        "",
-        f"![AUC gain per class]({study.relative(gain, study_dir)})",
-        "",
-        *curve_lines,
+        *plot_lines,
         "",
     ]
     lines += extra_sections or []
