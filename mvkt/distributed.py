@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
+import threading
 from typing import IO, Callable, TypeVar
 
 import jax
@@ -196,3 +198,25 @@ def write_file(path: str | pathlib.Path, write: Callable[[IO[bytes]], None]) -> 
 def write_text(path: str | pathlib.Path, text: str) -> None:
     """``write_file`` for text (UTF-8)."""
     write_file(path, lambda f: f.write(text.encode()))
+
+
+class StopRequest:
+    """SIGTERM (preemption) -> ``requested``, which the trainer reduces with ``any_process`` at
+    its next log point, so that every process saves and exits at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -149,3 +149,19 @@ class Prefetcher:
             future.cancel()
         self._queue.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Standardised signals are z-scores: a sample this many standard deviations out is not an ECG.
+ABSURD_SAMPLE = 1e3
+
+
+def bad_records(loader: TrainBatches, steps: range) -> list[str]:
+    """Ids of the records with non-finite or absurd (|x| > ABSURD_SAMPLE) samples in the
+    crops of the global batches of ``steps`` (recomputed: batches are a function of the step)."""
+    bad = set()
+    for step in steps:
+        indices, starts = loader.indices_at(step)
+        x = loader.split.crop(indices, starts, loader.crop_length)
+        broken = ~np.isfinite(x).all(axis=(1, 2)) | (np.abs(np.nan_to_num(x)) > ABSURD_SAMPLE).any(axis=(1, 2))
+        bad.update(str(loader.split.record_ids[i]) for i in indices[broken])
+    return sorted(bad)

@@ -54,6 +54,26 @@ class TrainState:
     memory_bank: Any  # losses.MemoryBank for memory-bank CLT, else None
     teacher: Any  # frozen {"params", "batch_stats"} or None; never differentiated
 
+    # The checkpoint items (mvkt.checkpoints): "model" is what inference restores alone;
+    # "train" the rest of the state and the run's rng; the frozen teacher is never saved.
+    def model_items(self) -> dict:
+        return {"params": self.params["model"], "batch_stats": self.batch_stats}
+
+    def train_items(self, rng: jax.Array) -> dict:
+        items = {"step": self.step, "heads": self.params["heads"], "opt_state": self.opt_state, "rng": rng}
+        if self.memory_bank is not None:
+            items["memory_bank"] = self.memory_bank
+        return items
+
+    def restored(self, model_items: dict, train_items: dict) -> "TrainState":
+        return self.replace(
+            step=train_items["step"],
+            params={"model": model_items["params"], "heads": train_items["heads"]},
+            batch_stats=model_items["batch_stats"],
+            opt_state=train_items["opt_state"],
+            memory_bank=train_items.get("memory_bank", self.memory_bank),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class TermInputs:

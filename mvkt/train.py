@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import signal
-import threading
 import time
 
 import jax
@@ -36,7 +34,7 @@ from mvkt import step as step_lib
 from mvkt import teachers
 from mvkt.errors import TrainingDivergedError, TrainingPreempted
 
-__all__ = ["train_and_evaluate", "TrainingDivergedError", "TrainingPreempted", "bad_records"]
+__all__ = ["train_and_evaluate", "TrainingDivergedError", "TrainingPreempted"]
 
 
 def train_and_evaluate(
@@ -77,7 +75,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
     meter = _Meter(run, log, start_step)
     preempted = False
     bar = _progress_bar(progress and run.is_chief, start_step, run.total_steps, workdir.name)
-    with _StopRequest() as stop:
+    with distributed.StopRequest() as stop:
         try:
             for step, batch in input_pipeline.Prefetcher(run.produce, start_step, run.total_steps):
                 state, step_metrics = run.training.update(state, batch, rng)
@@ -95,7 +93,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
                     epoch = done // run.steps_per_epoch
                     results = None
                     if cadence.eval_point(done):
-                        results = evaluators_lib.evaluate(evaluators, _model_part(state))
+                        results = evaluators_lib.evaluate(evaluators, state.model_items())
                         _log_validation(run, log, done, epoch, means, results)
                     improved, best_auc = _selection(results, best_auc)
                     run.save(state, rng, done, epoch, results, best_auc, improved)
@@ -225,7 +223,7 @@ class _Run:
                 "val_macro_auc": (results or {}).get(evaluators_lib.SELECTION_METRIC),
                 "best_val_macro_auc": best_auc, "config_hash": self.info["config_hash"],
                 "label_names": self.info["label_names"], "leads": self.info["leads"]}
-        self.checkpoints.save(step, model=_model_part(state), train=_train_part(state, rng), meta=meta, best=best)
+        self.checkpoints.save(step, model=state.model_items(), train=state.train_items(rng), meta=meta, best=best)
 
 
 def _restore(run: _Run, state, rng) -> tuple:
@@ -235,14 +233,14 @@ def _restore(run: _Run, state, rng) -> tuple:
     if checkpoints.latest_step() is None:
         return state, rng, -math.inf
     try:
-        model_part, train_part, _ = checkpoints.restore_latest(model=_model_part(state),
-                                                               train=_train_part(state, rng))
+        model_part, train_part, _ = checkpoints.restore_latest(model=state.model_items(),
+                                                               train=state.train_items(rng))
     except BaseException:
         # Release the managers (and orbax's pending reads of the damaged steps) here, as the
         # training loop's `finally` does, not at interpreter exit after the error is printed.
         checkpoints.close()
         raise
-    state, rng = _merge(state, model_part, train_part), train_part["rng"]
+    state, rng = state.restored(model_part, train_part), train_part["rng"]
     best = checkpoints.best_meta()
     best_auc = best["val_macro_auc"] if best and best.get("val_macro_auc") is not None else -math.inf
     _say(run.is_chief, f"{run.workdir.name}: resumed at step {int(state.step)}/{run.total_steps}")
@@ -294,43 +292,6 @@ class _Meter:
         return means
 
 
-class _StopRequest:
-    """SIGTERM (preemption) -> save at the next step and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-# Standardised signals are z-scores: a sample this many standard deviations out is not an ECG.
-ABSURD_SAMPLE = 1e3
-
-
-def bad_records(loader: input_pipeline.TrainBatches, steps: range) -> list[str]:
-    """Ids of the records with non-finite or absurd (|x| > ABSURD_SAMPLE) samples in the
-    crops of the global batches of ``steps`` (recomputed: batches are a function of the step)."""
-    bad = set()
-    for step in steps:
-        indices, starts = loader.indices_at(step)
-        x = loader.split.crop(indices, starts, loader.crop_length)
-        broken = ~np.isfinite(x).all(axis=(1, 2)) | (np.abs(np.nan_to_num(x)) > ABSURD_SAMPLE).any(axis=(1, 2))
-        bad.update(str(loader.split.record_ids[i]) for i in indices[broken])
-    return sorted(bad)
-
-
 def _check_finite(values: dict, *, step: int, since: int, loader: input_pipeline.TrainBatches,
                   data_dir: str) -> None:
     """Raises ``TrainingDivergedError`` for a non-finite loss, saying whether the data of
@@ -338,12 +299,12 @@ def _check_finite(values: dict, *, step: int, since: int, loader: input_pipeline
     bad = {k: v for k, v in values.items() if not np.isfinite(v)}
     if not bad:
         return
-    records = bad_records(loader, range(since, step))
+    records = input_pipeline.bad_records(loader, range(since, step))
     if records:
         shown = ", ".join(records[:10]) + (f" and {len(records) - 10} more" if len(records) > 10 else "")
         raise TrainingDivergedError(
             f"non-finite loss at step {step}: {bad}. The training batches of steps {since + 1}-{step} hold "
-            f"non-finite or absurd (|x| > {ABSURD_SAMPLE:g}) samples in record(s) {shown} of {data_dir}: "
+            f"non-finite or absurd (|x| > {input_pipeline.ABSURD_SAMPLE:g}) samples in record(s) {shown} of {data_dir}: "
             f"check the shards (python -c \"from mvkt import data; data.verify_shards('{data_dir}')\") "
             "and prepare them again. The last good checkpoint is kept."
         )
@@ -351,27 +312,6 @@ def _check_finite(values: dict, *, step: int, since: int, loader: input_pipeline
         f"non-finite loss at step {step}: {bad}; the training batches of steps {since + 1}-{step} are "
         "finite, so the optimisation diverged. The run stopped; the last good checkpoint is kept. "
         "Lower the learning rate (--config.train.learning_rate) or enable gradient clipping."
-    )
-
-
-def _model_part(state: step_lib.TrainState) -> dict:
-    return {"params": state.params["model"], "batch_stats": state.batch_stats}
-
-
-def _train_part(state: step_lib.TrainState, rng: jax.Array) -> dict:
-    part = {"step": state.step, "heads": state.params["heads"], "opt_state": state.opt_state, "rng": rng}
-    if state.memory_bank is not None:
-        part["memory_bank"] = state.memory_bank
-    return part
-
-
-def _merge(state: step_lib.TrainState, model_part: dict, train_part: dict) -> step_lib.TrainState:
-    return state.replace(
-        step=train_part["step"],
-        params={"model": model_part["params"], "heads": train_part["heads"]},
-        batch_stats=model_part["batch_stats"],
-        opt_state=train_part["opt_state"],
-        memory_bank=train_part.get("memory_bank", state.memory_bank),
     )
 
 
