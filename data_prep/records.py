@@ -4,6 +4,7 @@
     signal, fs, leads = read_any("A0001.mat")      # CPSC 2018 original (struct ECG) or CinC (.hea beside it)
     signal, fs, leads = read_any("trace.csv", fs=250, leads=["I"])   # one column per lead
     signal, fs, leads = read_any("trace.npy", fs=250, leads=["I"])   # (T,) or (T, L)
+    signal, fs, leads = read_any("holter.edf")     # EDF/EDF+/BDF: its ECG signals, in mV, at their rate
 
 12-lead WFDB records are read by the same reader as data_prep (so a prediction sees the
 samples the shards hold); other WFDB records (fewer leads) through ``wfdb.rdrecord``.
@@ -21,12 +22,20 @@ import numpy as np
 from data_prep.wfdb_io import LEADS, RecordError, parse_header, read_record
 
 TRACE_SUFFIXES = (".csv", ".npy")
+EDF_SUFFIXES = (".edf", ".bdf")
 
 
 def read_any(path: str | os.PathLike, *, fs: float | None = None,
              leads: Sequence[str] | None = None) -> tuple[np.ndarray, float, list[str]]:
     """(samples (T, L) float32, sampling rate in Hz, lead names) of one record file."""
     path = pathlib.Path(path)
+    if path.suffix.lower() in EDF_SUFFIXES:
+        from data_prep.folder import canonical_lead, read_edf
+
+        if not path.is_file():
+            raise RecordError(f"{path}: no such file")
+        signal, rate, labels = read_edf(str(path))
+        return signal, rate, [canonical_lead(label) for label in labels]
     if path.suffix in TRACE_SUFFIXES:
         return _read_trace(path, fs=fs, leads=leads)
     base = path.with_suffix("") if path.suffix in (".hea", ".dat", ".mat") else path
@@ -38,7 +47,7 @@ def read_any(path: str | os.PathLike, *, fs: float | None = None,
         signal, rate = read_cpsc_mat(str(path))
         return signal, rate, list(LEADS)
     raise RecordError(f"{path}: no such record (expected a WFDB record NAME with NAME.hea, a CPSC 2018 .mat, "
-                      f"or a {'/'.join(TRACE_SUFFIXES)} trace with --fs and --lead)")
+                      f"an .edf/.bdf file, or a {'/'.join(TRACE_SUFFIXES)} trace with --fs and --lead)")
 
 
 def _read_wfdb(base: pathlib.Path) -> tuple[np.ndarray, float, list[str]]:
