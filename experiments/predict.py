@@ -4,7 +4,8 @@
     python -m experiments.predict --workdir=RUN trace.csv --fs=250 --lead=I
 
 RECORD: a WFDB record (``NAME`` with ``NAME.hea`` + ``.dat``/``.mat``), an original
-CPSC 2018 ``.mat``, an EDF/EDF+/BDF file (``.edf``/``.bdf``: its ECG signals, in mV), or a ``.csv``/``.npy`` trace (one column per lead) with ``--fs`` and
+CPSC 2018 ``.mat``, an EDF/EDF+/BDF file (``.edf``/``.bdf``: its ECG signals, in mV), or a
+``.csv``/``.npy`` trace (one column per lead) with ``--fs`` and
 ``--lead``. Each record gets the run's training preprocessing (its leads, band-pass,
 resampling to its rate, its standardisation) and the evaluation's sliding windows and
 aggregation; everything comes from the run folder, the shards are not needed. Decisions
