@@ -20,7 +20,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from data_prep.common import (DataPrepError, SignalConfig, Source, build_shards, check_output_dir,
+from data_prep.common import (DataPrepError, SignalConfig, Source, build_shards, source_folder,
                               multi_hot, parse_band_pass, read_wfdb_source)
 from data_prep.wfdb_io import scan_cinc_folder
 
@@ -77,10 +77,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, mapping: str | os
     ``allow_unknown_codes``: keep codes found in neither Challenge table as labels
     instead of rejecting their records.
     """
-    check_output_dir(out, overwrite)
-    src = pathlib.Path(src).absolute()
-    if not src.is_dir():
-        raise DataPrepError(f"--src {src} is not a folder")
+    src = source_folder(src, out, overwrite)
     code_map = read_mapping(mapping) if mapping else None
     scanned, rejected = scan_cinc_folder(src)
     if not scanned and not rejected:
@@ -139,14 +136,10 @@ def define_flags(fv) -> None:
 
 def run(fv) -> dict:
     from data_prep import cli
-    from data_prep.common import summarize
 
-    kwargs = cli.common_kwargs(fv)
-    manifest = prepare(mapping=fv["mapping"].value, num_folds=fv["num_folds"].value, seed=fv["seed"].value,
-                       expected_fs=fv["expected_fs"].value or None,
-                       allow_unknown_codes=fv["allow_unknown_codes"].value, **kwargs)
-    print(summarize(manifest, kwargs["out"]))
-    return manifest
+    return cli.prepare_and_summarize(fv, prepare, mapping=fv["mapping"].value, num_folds=fv["num_folds"].value,
+                                     seed=fv["seed"].value, expected_fs=fv["expected_fs"].value or None,
+                                     allow_unknown_codes=fv["allow_unknown_codes"].value)
 
 
 def main(argv: list[str] | None = None):

@@ -68,6 +68,16 @@ def common_kwargs(fv: flags.FlagValues) -> dict:
     )
 
 
+def prepare_and_summarize(fv: flags.FlagValues, prepare: Callable[..., dict], **own_kwargs) -> dict:
+    """An importer's ``prepare`` with the shared flags' arguments and its own; prints the summary."""
+    from data_prep.common import summarize
+
+    kwargs = common_kwargs(fv)
+    manifest = prepare(**own_kwargs, **kwargs)
+    print(summarize(manifest, kwargs["out"]))
+    return manifest
+
+
 def run_or_exit(prog: str, fn: Callable[[], object]) -> object:
     """Run `fn`; a DataPrepError becomes one line on stderr and exit status 1 (no traceback)."""
     try:

@@ -194,6 +194,15 @@ def iter_loaded(sources: Sequence[Source], cfg: SignalConfig, *, scratch_dir: st
 # Output folder handling
 
 
+def source_folder(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> pathlib.Path:
+    """The absolute ``--src`` folder, after checking it and the ``--out`` folder (nothing is read yet)."""
+    check_output_dir(out, overwrite)
+    folder = pathlib.Path(src).absolute()
+    if not folder.is_dir():
+        raise DataPrepError(f"--src {folder} is not a folder")
+    return folder
+
+
 def remove_stale_work_folders(out: pathlib.Path) -> list[pathlib.Path]:
     """Deletes ``.OUT.tmp-HOST-PID`` / ``.OUT.old-PID`` folders that a killed run of this
     host left beside ``out`` (they can hold the whole dataset); returns what was removed.

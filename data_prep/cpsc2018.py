@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.common import (DataPrepError, SignalConfig, Source, build_shards, check_output_dir,
+from data_prep.common import (DataPrepError, SignalConfig, Source, build_shards, source_folder,
                               multi_hot, parse_band_pass, read_wfdb_source)
 from data_prep.wfdb_io import RecordError, scan_cinc_folder
 
@@ -195,10 +195,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto"
             max_rejected_fraction: float = 0.05, overwrite: bool = False, num_workers: int | None = None,
             progress: bool = False) -> dict:
     """Prepare CPSC 2018 (original or CinC format) into ragged shards at `out`; returns the manifest."""
-    check_output_dir(out, overwrite)
-    src = pathlib.Path(src).absolute()
-    if not src.is_dir():
-        raise DataPrepError(f"--src {src} is not a folder")
+    src = source_folder(src, out, overwrite)
     if fmt == "auto":
         fmt = detect_format(src)
     if fmt == "original":
@@ -234,13 +231,9 @@ def define_flags(fv) -> None:
 
 def run(fv) -> dict:
     from data_prep import cli
-    from data_prep.common import summarize
 
-    kwargs = cli.common_kwargs(fv)
-    manifest = prepare(fmt=fv["format"].value, num_folds=fv["num_folds"].value, seed=fv["seed"].value,
-                       **kwargs)
-    print(summarize(manifest, kwargs["out"]))
-    return manifest
+    return cli.prepare_and_summarize(fv, prepare, fmt=fv["format"].value, num_folds=fv["num_folds"].value,
+                                     seed=fv["seed"].value)
 
 
 def main(argv: list[str] | None = None):

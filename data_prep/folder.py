@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.common import (DataPrepError, SignalConfig, Source, build_shards, check_output_dir,
+from data_prep.common import (DataPrepError, SignalConfig, Source, build_shards, source_folder,
                               multi_hot, parse_band_pass, read_wfdb_source)
 from data_prep.wfdb_io import LEADS, RecordError
 
@@ -265,7 +265,10 @@ def _match_rows(rows: dict[str, dict], files: dict, duplicated: set[str], reject
     by_stem: dict[str, list[str]] = {}
     for name in [*files, *duplicated]:
         by_stem.setdefault(name.rsplit("/", 1)[-1], []).append(name)
-    resolve = lambda record: [record] if record in files or record in duplicated else by_stem.get(record, [])  # noqa: E731
+
+    def resolve(record: str) -> list[str]:
+        return [record] if record in files or record in duplicated else by_stem.get(record, [])
+
     claimed = {name for record, _ in rejected for name in resolve(record)}  # rows rejected by the table reader
     sources, picked = [], []
     for record, row in rows.items():
@@ -289,10 +292,7 @@ def prepare(src: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pat
             max_rejected_fraction: float = 0.05, overwrite: bool = False, num_workers: int | None = None,
             progress: bool = False) -> dict:
     """Prepare the records under ``src`` with the label table ``labels`` into ragged shards at ``out``."""
-    check_output_dir(out, overwrite)
-    src = pathlib.Path(src).absolute()
-    if not src.is_dir():
-        raise DataPrepError(f"--src {src} is not a folder")
+    src = source_folder(src, out, overwrite)
     table_path = pathlib.Path(labels).absolute()
     rows, label_names, rejected = read_label_table(table_path)
     files, duplicates = find_records(src, label_table=table_path)
@@ -343,15 +343,11 @@ def define_flags(fv) -> None:
 
 def run(fv) -> dict:
     from data_prep import cli
-    from data_prep.common import summarize
 
     if not fv["labels"].value:
         raise DataPrepError("--labels is required (the label table)")
-    kwargs = cli.common_kwargs(fv)
-    manifest = prepare(labels=fv["labels"].value, fs=fv["fs"].value, leads=fv["leads"].value,
-                       num_folds=fv["num_folds"].value, seed=fv["seed"].value, **kwargs)
-    print(summarize(manifest, kwargs["out"]))
-    return manifest
+    return cli.prepare_and_summarize(fv, prepare, labels=fv["labels"].value, fs=fv["fs"].value,
+                                     leads=fv["leads"].value, num_folds=fv["num_folds"].value, seed=fv["seed"].value)
 
 
 def main(argv: list[str] | None = None):

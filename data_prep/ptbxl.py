@@ -255,13 +255,9 @@ def define_flags(fv) -> None:
 
 def run(fv) -> dict:
     from data_prep import cli
-    from data_prep.common import summarize
 
-    kwargs = cli.common_kwargs(fv)
-    manifest = prepare(task=fv["task"].value, min_samples=fv["min_samples"].value,
-                       download_first=fv["download"].value, **kwargs)
-    print(summarize(manifest, kwargs["out"]))
-    return manifest
+    return cli.prepare_and_summarize(fv, prepare, task=fv["task"].value, min_samples=fv["min_samples"].value,
+                                     download_first=fv["download"].value)
 
 
 def main(argv: list[str] | None = None):
