@@ -194,6 +194,9 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, task: str = "supe
         if not (row.strat_fold == row.strat_fold and row.patient_id == row.patient_id):  # NaN check
             rejected.append((rid, f"{rid}: missing strat_fold or patient_id in ptbxl_database.csv"))
             continue
+        if not _is_whole_number(row.strat_fold):
+            rejected.append((rid, f"{rid}: strat_fold {row.strat_fold!r} in ptbxl_database.csv is not an integer"))
+            continue
         fname = getattr(row, column)
         if not isinstance(fname, str) or not fname:
             rejected.append((rid, f"{rid}: empty {column} in ptbxl_database.csv"))
@@ -219,6 +222,15 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, task: str = "supe
         extra={"label_source": {"min_samples": min_samples, "statements": "scp_statements.csv"},
                "records_without_row": len(unlisted)},
     )
+
+
+def _is_whole_number(value) -> bool:
+    """A fold as pandas reads it (int, a float like 3.0, or text when a cell is not a number)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number.is_integer()
 
 
 def check_patient_disjoint(record_ids: Sequence[str], patient_ids: Sequence, folds: np.ndarray,

@@ -122,6 +122,41 @@ def trained_leads(config: ml_collections.ConfigDict) -> list[str]:
     return parse_leads(net_config(config).leads)
 
 
+# Fields checked before training: (field, allowed, description of the allowed range).
+_RANGES = (
+    ("train.epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("train.learning_rate", lambda v: v > 0, "a number > 0"),
+    ("train.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("train.grad_clip_norm", lambda v: v > 0, "a number > 0"),
+    ("train.log_every_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "an integer >= 1"),
+    ("train.stop_at_step", lambda v: v >= 0, "an integer >= 0 (0: no planned stop)"),
+    ("data.crop_seconds", lambda v: v > 0, "a number of seconds > 0"),
+    ("data.eval_stride_fraction", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    ("eval.every_epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.batch_size", lambda v: v >= 1, "an integer >= 1"),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Refuses, in one line naming the field and its allowed range, a config that would train
+    nothing or diverge at once (epochs 0, a negative learning rate, batch 0, ...)."""
+    for field, allowed, description in _RANGES:
+        group, name = field.split(".")
+        value = config[group][name]
+        if not allowed(value):
+            raise ValueError(f"config.{field}={value!r}: must be {description}")
+
+
+def check_crop(config: ml_collections.ConfigDict, longest_samples: int, sampling_rate: int) -> None:
+    """A crop longer than every training record would train on zero padding."""
+    crop = int(round(config.data.crop_seconds * sampling_rate))
+    if crop > longest_samples:
+        raise ValueError(f"config.data.crop_seconds={config.data.crop_seconds:g}: longer than every training "
+                         f"record ({longest_samples / sampling_rate:g} s at most); use at most that")
+
+
 def upgrade(raw: Mapping[str, Any]) -> dict:
     """A run folder's config.json in today's layout: folders written before ``config.teacher``
     kept its fields at the top level (``teacher_workdir="A,B"``, ``teacher_cache``, ...) and

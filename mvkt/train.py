@@ -60,6 +60,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
     run = _Run.build(config, workdir, parallel)
     state, rng, best_auc = _restore(run, run.training.state, parallel.replicate(run.rng))
     start_step = int(state.step)
+    stop_at = run.cadence().stop_at
+    if stop_at is not None and start_step >= stop_at and start_step < run.total_steps:
+        run.checkpoints.close()
+        _say(run.is_chief, f"{workdir.name}: stopped at step {start_step} by train.stop_at_step={stop_at}; nothing "
+                           "to train (rerun without it, or with a later one, to continue)")
+        return {"workdir": str(workdir), "step": start_step, "total_steps": run.total_steps,
+                "best_val_macro_auc": best_auc, "resumed_finished": False, "finished": False,
+                "stopped_at_step": stop_at}
     if start_step >= run.total_steps:
         run.checkpoints.close()
         _say(run.is_chief, f"{workdir.name}: already finished ({start_step}/{run.total_steps} steps), nothing to train")
@@ -151,6 +159,7 @@ class _Run:
     def build(cls, config: ml_collections.ConfigDict, workdir: pathlib.Path,
               parallel: parallel_lib.Parallelism) -> "_Run":
         is_chief = distributed.is_chief()
+        run_config.validate(config)
         loss_spec = step_lib.LossSpec.from_config(config)
         # Damaged shards are found before training, not as a diverged loss hours later; each
         # host checks its own copy (hashed once per change of the files).
@@ -163,6 +172,7 @@ class _Run:
         train_split = data_lib.open_split(config.data.dir, "train", folds=folds)
         val_split = data_lib.open_split(config.data.dir, "val", folds=folds)
         label_names = list(train_split.label_names)
+        run_config.check_crop(config, int(np.max(train_split.lengths)), train_split.sampling_rate)
         crop_length = int(round(config.data.crop_seconds * train_split.sampling_rate))
         batch_size = int(config.train.batch_size)
         loader = input_pipeline.TrainBatches(

@@ -92,7 +92,9 @@ def get_config(arg=None):
     config.train.grad_clip_norm = 1.0
     config.train.log_every_steps = 10
     config.train.keep_checkpoints = 3
-    config.train.stop_at_step = 0  # > 0: save and stop there (planned interruption)
+    # > 0: save and stop there (planned interruption); a rerun with the same value does nothing,
+    # one without it (or with a later one) continues.
+    config.train.stop_at_step = 0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_epochs = 1

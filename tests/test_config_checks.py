@@ -1,0 +1,50 @@
+"""Hardening, round 2 (issue 24), the config cases: a config that would train nothing, diverge
+at once or train on padding is refused before training with one line naming the field; a
+rerun with the same train.stop_at_step does nothing; a non-integer PTB-XL fold is a named
+rejection."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from data_prep import ptbxl
+from experiments.configs import teacher as teacher_config
+from helpers import tiny
+from mvkt import run_dir, train
+from test_data_prep import copy_ptbxl, read_rejected
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.epochs", 0, r"config.train.epochs=0: must be an integer >= 1"),
+    ("train.learning_rate", -0.01, r"config.train.learning_rate=-0.01: must be a number > 0"),
+    ("train.batch_size", 0, r"config.train.batch_size=0: must be an integer >= 1"),
+    ("data.crop_seconds", 20.0, r"config.data.crop_seconds=20: longer than every training record \(10 s at most\)"),
+])
+def test_a_config_that_cannot_train_is_refused_before_training(ptbxl_sample_shards, tmp_path, field, value, message):
+    config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **{field: value})
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_rerun_with_the_same_stop_does_nothing_and_one_without_it_continues(ptbxl_sample_shards, tmp_path):
+    stopped = tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"train.stop_at_step": 2})
+    train.train_and_evaluate(stopped, tmp_path, progress=False)
+    again = train.train_and_evaluate(stopped, tmp_path, progress=False)
+    assert again["stopped_at_step"] == 2 and again["step"] == 2 and not again["finished"]
+    assert run_dir.checkpoint_steps(tmp_path) == [2]
+    finished = train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards), tmp_path,
+                                        progress=False)
+    assert finished["finished"] and finished["step"] == 4
+
+
+def test_a_non_integer_ptbxl_fold_is_a_named_rejection(tmp_path):
+    src = copy_ptbxl(tmp_path / "src")
+    db = pd.read_csv(src / "ptbxl_database.csv")
+    db["strat_fold"] = db["strat_fold"].astype(str)
+    db.loc[db.ecg_id == 1, "strat_fold"] = "x"
+    db.to_csv(src / "ptbxl_database.csv", index=False)
+    manifest = ptbxl.main(["ptbxl", f"--src={src}", f"--out={tmp_path / 'o'}", "--max_rejected_fraction=0.2"])
+    assert manifest["rejected"]["counted"] >= 1
+    assert "strat_fold 'x' in ptbxl_database.csv is not an integer" in read_rejected(tmp_path / "o" / "rejected.csv")["1"]
