@@ -168,8 +168,9 @@ def find_records(src: pathlib.Path, *, label_table: pathlib.Path | None = None
     """{record name: (format, path)} of every record file under ``src`` (the label table, if it
     is there, excluded), and the names found twice (rejected, both files named)."""
     found: dict[str, list[tuple[str, pathlib.Path]]] = {}
+    table = label_table.resolve() if label_table is not None else None
     for path in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES):
-        if label_table is not None and path.resolve() == label_table.resolve():
+        if path.resolve() == table:
             continue
         name = path.relative_to(src).with_suffix("").as_posix()
         found.setdefault(name, []).append((SUFFIXES[path.suffix.lower()], path))
@@ -210,9 +211,11 @@ def read_label_table(path: pathlib.Path) -> tuple[dict[str, dict], list[str], li
         label_sets = [{c for c in class_columns if row[c].strip() == "1"} for _, row in table.iterrows()]
         names = class_columns
     rows, rejected, counts = {}, [], table["record"].str.strip().value_counts()
+    named_twice: set[str] = set()
     for i, record in enumerate(table["record"].str.strip()):
         if counts[record] > 1:
-            if record not in {r for r, _ in rejected}:
+            if record not in named_twice:  # one rejection per record, not per row
+                named_twice.add(record)
                 rejected.append((record, f"{record}: {counts[record]} rows in {path.name}"))
             continue
         fold = table["fold"].iloc[i].strip() if "fold" in table.columns else ""

@@ -45,7 +45,7 @@ from mvkt import train as train_lib
 OVERRIDES_FILE = "overrides.json"
 ERROR_FILE = "error.json"
 # Paths are made absolute so that hashes and printed commands do not depend on the cwd.
-PATH_FIELDS = ("data.dir", "teacher.runs")
+PATH_FIELDS = ("data.dir", "teacher.runs")  # teacher.runs may list an ensemble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
     for name, value in overrides.items():
         if hyper.field_path(name) == "data.dir" and isinstance(value, str) and value:
             out[name] = str(pathlib.Path(value).absolute())
-        elif hyper.field_path(name) in PATH_FIELDS and value:  # teacher.runs may list an ensemble
+        elif hyper.field_path(name) == "teacher.runs" and value:
             out[name] = tuple(str(pathlib.Path(v).absolute()) for v in run_config.path_list(value))
     return out
 

@@ -112,7 +112,7 @@ def teacher_runs(config: ml_collections.ConfigDict) -> list[str]:
 
 def net_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The group (``student`` or ``teacher``) describing the net this run trains."""
-    trains = config.get("trains", "student")
+    trains = config.trains
     if trains not in TRAINED_NETS:
         raise ValueError(f"config.trains must be one of {TRAINED_NETS}, not {trains!r}")
     return config[trains]
@@ -149,10 +149,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{field}={value!r}: must be {description}")
 
 
-def check_crop(config: ml_collections.ConfigDict, longest_samples: int, sampling_rate: int) -> None:
+def check_crop(config: ml_collections.ConfigDict, crop_length: int, longest_samples: int, sampling_rate: int) -> None:
     """A crop longer than every training record would train on zero padding."""
-    crop = int(round(config.data.crop_seconds * sampling_rate))
-    if crop > longest_samples:
+    if crop_length > longest_samples:
         raise ValueError(f"config.data.crop_seconds={config.data.crop_seconds:g}: longer than every training "
                          f"record ({longest_samples / sampling_rate:g} s at most); use at most that")
 
@@ -179,7 +178,7 @@ def training_fields(raw: Mapping[str, Any]) -> dict:
     """The flattened fields that decide what a run trains, in today's layout: the trained net
     under ``net.*`` and the other net's group left out (it describes nothing of this run)."""
     config = upgrade(raw)
-    trains = config.get("trains", "student")
+    trains = config["trains"]
     net = config.get(trains, {})
     flat = _flatten({k: v for k, v in config.items() if k not in ("student", "trains")})
     for field in NET_FIELDS:

@@ -155,8 +155,6 @@ class LossSpec:
     """Which loss terms a method uses and their hyper-parameters."""
 
     method: str
-    alpha: float
-    beta: float
     temperature: float
     clt_variant: str
     clt_temperature: float
@@ -165,7 +163,7 @@ class LossSpec:
     momentum: float
     mask_mode: str
     terms: tuple[str, ...] = ()
-    weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    weights: Mapping[str, float] = dataclasses.field(default_factory=dict)  # term -> its config weight
 
     @property
     def uses_mkd(self) -> bool:
@@ -189,8 +187,6 @@ class LossSpec:
         temperature = config.kd_temperature if config.method == "kd" else config.mkd_temperature
         return cls(
             method=config.method,
-            alpha=float(config.alpha),
-            beta=float(config.beta),
             temperature=float(temperature),
             clt_variant=config.clt.variant,
             clt_temperature=float(config.clt.temperature),

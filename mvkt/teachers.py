@@ -99,7 +99,7 @@ def provide(config: ml_collections.ConfigDict, *, needs_teacher: bool, label_nam
     """The run's target source, or None when its method learns from labels alone."""
     if not needs_teacher:
         return None
-    name = config.teacher.get("source", "runs")
+    name = config.teacher.source
     if name not in SOURCES:
         raise ValueError(f"config.teacher.source={name!r}: not one of {sorted(SOURCES)}")
     return SOURCES[name](config, label_names=label_names, folds=folds, parallel=parallel)

@@ -60,26 +60,23 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
     run = _Run.build(config, workdir, parallel)
     state, rng, best_auc = _restore(run, run.training.state, parallel.replicate(run.rng))
     start_step = int(state.step)
-    stop_at = run.cadence().stop_at
-    if stop_at is not None and start_step >= stop_at and start_step < run.total_steps:
+    cadence = run.cadence()
+    if cadence.stop_at is not None and start_step >= cadence.stop_at and start_step < run.total_steps:
         run.checkpoints.close()
-        _say(run.is_chief, f"{workdir.name}: stopped at step {start_step} by train.stop_at_step={stop_at}; nothing "
-                           "to train (rerun without it, or with a later one, to continue)")
-        return {"workdir": str(workdir), "step": start_step, "total_steps": run.total_steps,
-                "best_val_macro_auc": best_auc, "resumed_finished": False, "finished": False,
-                "stopped_at_step": stop_at}
+        _say(run.is_chief, f"{workdir.name}: stopped at step {start_step} by train.stop_at_step={cadence.stop_at}; "
+                           "nothing to train (rerun without it, or with a later one, to continue)")
+        return _summary(run, start_step, best_auc, resumed_finished=False, finished=False,
+                        stopped_at_step=cadence.stop_at)
     if start_step >= run.total_steps:
         run.checkpoints.close()
         _say(run.is_chief, f"{workdir.name}: already finished ({start_step}/{run.total_steps} steps), nothing to train")
-        return {"workdir": str(workdir), "step": start_step, "total_steps": run.total_steps,
-                "best_val_macro_auc": best_auc, "resumed_finished": True}
+        return _summary(run, start_step, best_auc, resumed_finished=True)
     log = run_dir.MetricsLog(workdir, resume_step=start_step, enabled=run.is_chief)
     # Nobody reads the run folder's files before the chief has (re)written them.
     distributed.barrier(f"run-files-written:{workdir}:{start_step}")
     if run.source is not None:
         run.source.start(run.loader, batch_size=run.batch_size, parallel=parallel)
-    evaluators = evaluators_lib.build(list(config.eval.get("evaluators", ("val_auc",))), run.eval_context())
-    cadence = run.cadence()
+    evaluators = evaluators_lib.build(list(config.eval.evaluators), run.eval_context())
     meter = _Meter(run, log, start_step)
     preempted = False
     bar = _progress_bar(progress and run.is_chief, start_step, run.total_steps, workdir.name)
@@ -122,8 +119,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
         raise TrainingPreempted(f"{workdir}: SIGTERM at step {int(state.step)}/{run.total_steps}; "
                                 "checkpoint saved, rerun the same command to continue")
     final_step = int(state.step)
-    return {"workdir": str(workdir), "step": final_step, "total_steps": run.total_steps,
-            "best_val_macro_auc": best_auc, "resumed_finished": False, "finished": final_step >= run.total_steps}
+    return _summary(run, final_step, best_auc, resumed_finished=False, finished=final_step >= run.total_steps)
+
+
+def _summary(run: "_Run", step: int, best_auc: float, **status) -> dict:
+    """What ``train_and_evaluate`` returns: where the run stands and how this call ended."""
+    return {"workdir": str(run.workdir), "step": step, "total_steps": run.total_steps,
+            "best_val_macro_auc": best_auc, **status}
 
 
 @dataclasses.dataclass
@@ -172,8 +174,8 @@ class _Run:
         train_split = data_lib.open_split(config.data.dir, "train", folds=folds)
         val_split = data_lib.open_split(config.data.dir, "val", folds=folds)
         label_names = list(train_split.label_names)
-        run_config.check_crop(config, int(np.max(train_split.lengths)), train_split.sampling_rate)
         crop_length = int(round(config.data.crop_seconds * train_split.sampling_rate))
+        run_config.check_crop(config, crop_length, int(np.max(train_split.lengths)), train_split.sampling_rate)
         batch_size = int(config.train.batch_size)
         loader = input_pipeline.TrainBatches(
             train_split, global_batch_size=batch_size, crop_length=crop_length,
