@@ -68,8 +68,13 @@ class Parallelism:
 
         def place(leaf):
             if isinstance(leaf, jax.Array):
-                if leaf.sharding.is_equivalent_to(target, leaf.ndim):
+                if leaf.sharding == target:
                     return leaf
+                if leaf.sharding.is_equivalent_to(target, leaf.ndim):
+                    # Same devices, no copy; but the step is compiled for the sharding the
+                    # arrays carry, and its outputs carry ``target``: an equivalent
+                    # single-device sharding here would compile the step twice.
+                    return jax.device_put(leaf, target)
                 leaf = np.asarray(leaf)
             return jax.device_put(leaf, target)
 
