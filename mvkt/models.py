@@ -12,6 +12,8 @@ repository helme/ecg_ptbxl_benchmarking, `code/models/`:
   shortcut = AvgPool(2, ceil_mode) then 1x1 conv+BN when the width changes.
 * `resnet1d_wang`: `resnet1d.py` (Wang et al. 2017 ResNet as configured there): stem
   conv 7, 128 filters everywhere, three BasicBlocks with kernels (5, 3), strides 1-2-2.
+* `fcn_wang`: `basic_conv1d.py` (Wang et al. 2017 FCN): conv 8-5-3 with 128-256-128
+  filters, stride 1, no pooling.
 * `inception1d`: `inception1d.py` (InceptionTime): depth 6, kernels 39/19/9,
   bottleneck 32, 32 filters per branch, residual shortcut every 3 blocks.
 
@@ -264,6 +266,30 @@ class ResNet1dWang(nn.Module):
         return _pooled_head(x, self.num_classes, self.width_mult, d, train)
 
 
+# --------------------------------------------------------------------------- fcn_wang
+
+
+class FCNWang(nn.Module):
+    """fcn_wang of the PTB-XL benchmark (basic_conv1d.py; Wang et al. 2017's fully
+    convolutional baseline): three conv+BN+ReLU layers, 128-256-128 filters, kernels 8-5-3,
+    stride 1, no pooling between them, then the common head. The smallest net here (three
+    convolutions): quick to compile, which is why the test suite trains it where a test is
+    not about the architecture."""
+
+    num_classes: int
+    width_mult: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        d = self.dtype
+        x = x.astype(d)
+        for filters, kernel_size in ((128, 8), (256, 5), (128, 3)):
+            x = _conv(scaled_width(filters, self.width_mult), kernel_size, dtype=d)(x)
+            x = nn.relu(_batch_norm(train, dtype=d)(x))
+        return _pooled_head(x, self.num_classes, self.width_mult, d, train)
+
+
 # ------------------------------------------------------------------------ inception1d
 
 
@@ -355,6 +381,8 @@ for _name, (_expansion, _layers) in _XRESNET_CONFIGS.items():
         functools.partial(lambda w, e: 2 * scaled_width(64, w) * e, e=_expansion)))
 register("resnet1d_wang", Architecture(lambda c, w, d: ResNet1dWang(c, width_mult=w, dtype=d),
                                        lambda w: 2 * scaled_width(128, w)))
+register("fcn_wang", Architecture(lambda c, w, d: FCNWang(c, width_mult=w, dtype=d),
+                                  lambda w: 2 * scaled_width(128, w)))
 register("inception1d", Architecture(lambda c, w, d: Inception1d(c, width_mult=w, dtype=d),
                                      lambda w: 2 * 4 * scaled_width(32, w)))
 

@@ -81,6 +81,12 @@ def _torch_resnet1d_wang(cin: int, nc: int) -> int:
     return n + _head(128, nc)
 
 
+def _torch_fcn_wang(cin: int, nc: int) -> int:
+    # basic_conv1d(filters=[128, 256, 128], kernel_size=[8, 5, 3]): bias-free convs with BN
+    return (_conv(cin, 128, 8) + _bn(128) + _conv(128, 256, 5) + _bn(256) + _conv(256, 128, 3) + _bn(128)
+            + _head(128, nc))
+
+
 def _torch_inception1d(cin: int, nc: int) -> int:
     n = 0
     for d in range(6):  # InceptionBlock1d(ni, 32, [39, 19, 9], bottleneck_size=32)
@@ -97,6 +103,7 @@ TORCH_REFERENCE = {
     "xresnet1d50": lambda cin, nc: _torch_xresnet1d(4, [3, 4, 6, 3], cin, nc),
     "xresnet1d101": lambda cin, nc: _torch_xresnet1d(4, [3, 4, 23, 3], cin, nc),
     "resnet1d_wang": _torch_resnet1d_wang,
+    "fcn_wang": _torch_fcn_wang,
     "inception1d": _torch_inception1d,
 }
 
@@ -120,7 +127,7 @@ def test_param_count_matches_pytorch_reference(arch):
 
 def test_full_size_feature_dims():
     expected = {"xresnet1d18": 128, "xresnet1d34": 128, "xresnet1d50": 512, "xresnet1d101": 512,
-                "resnet1d_wang": 256, "inception1d": 256}
+                "resnet1d_wang": 256, "fcn_wang": 256, "inception1d": 256}
     for arch, dim in expected.items():
         assert models.feature_dim(arch) == dim
     model = models.create_model("xresnet1d101", num_classes=NUM_CLASSES)
@@ -172,7 +179,7 @@ def test_output_shapes_every_arch(arch, leads):
 
 
 # Numerics for the cheap nets (the 12-lead xresnet1d18 runs in test_deterministic_given_params).
-@pytest.mark.parametrize(("arch", "leads"), [("xresnet1d18", 1), ("resnet1d_wang", 1), ("inception1d", 1)])
+@pytest.mark.parametrize(("arch", "leads"), [("xresnet1d18", 1), ("resnet1d_wang", 1), ("fcn_wang", 1), ("inception1d", 1)])
 def test_forward_is_finite(arch, leads, tiny_variables):
     model, variables = tiny_variables(arch, leads)
     x = jax.random.normal(jax.random.key(1), (2, T_SHORT, leads))  # batch 2 everywhere: shared op compilations
@@ -442,9 +449,11 @@ def test_resnet1d_wangs_gradients_equal_those_with_xlas_convolutions(monkeypatch
 
 
 def test_a_bottleneck_nets_gradients_equal_those_with_xlas_convolutions(monkeypatch):
-    """xresnet1d50 (pointwise convolutions in every block): the whole net's loss and
-    gradients are those of the same net on XLA's convolutions."""
-    model = models.create_model("xresnet1d50", num_classes=5, width_mult=0.25)
+    """A bottleneck XResNet1d (expansion 4 as in xresnet1d50/101, one block per stage instead
+    of 3-4-6-3: pointwise convolutions in every block, three strided stages, a quarter of the
+    compilation): the whole net's loss and gradients are those of the same net on XLA's
+    convolutions."""
+    model = models.XResNet1d(4, (1, 1, 1, 1), num_classes=5, width_mult=0.25)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 100, 12)), jnp.float32)
     loss, params = _train_loss(model, x)
     _assert_net_matches_xlas_convolutions(monkeypatch, loss, params, lambda jaxpr: "custom_vjp" in str(jaxpr))

@@ -52,7 +52,7 @@ def get_config(arg=None):
 
     # The student's net (config.trains = "student").
     config.student = ml_collections.ConfigDict()
-    config.student.arch = "resnet1d_wang"  # xresnet1d18/34/50/101 | resnet1d_wang | inception1d
+    config.student.arch = "resnet1d_wang"  # xresnet1d18/34/50/101 | resnet1d_wang | fcn_wang | inception1d
     config.student.width_mult = 1.0
     config.student.leads = "I"  # "I", "I,II,V2" or "all"
     config.student.dtype = "float32"  # bfloat16 for GPU/TPU compute
