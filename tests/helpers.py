@@ -6,11 +6,27 @@ from mvkt import run_dir
 
 TIMING_KEYS = {"step_time_s", "samples_per_s"}
 
+# The net of tests that are not about the architecture: fcn_wang, the smallest registered net
+# (three convolutions), at quarter width. A cold suite spends most of its time compiling and
+# tracing train steps; the architectures themselves are tested in test_models.py, and the
+# default resnet1d_wang is still trained end to end by test_train's learning test,
+# tests/multidevice_check.py and the README pipeline test.
+TEST_ARCH = "fcn_wang"
+# The same for the command-line entry points.
+TINY_NET_FLAGS = [
+    f"--config.student.arch={TEST_ARCH}",
+    f"--config.teacher.arch={TEST_ARCH}",
+    "--config.student.width_mult=0.25",
+    "--config.teacher.width_mult=0.25",
+]
+
 
 def tiny(config, shards, **overrides):
-    """A config small enough for CI: quarter-width nets (student and teacher), batch 32 (2 steps per epoch on the
-    67 train records of the PTB-XL sample), 2 epochs; ``overrides`` as ``{"train.epochs": 3}``."""
+    """A config small enough for CI: quarter-width TEST_ARCH nets (student and teacher), batch 32 (2 steps per
+    epoch on the 67 train records of the PTB-XL sample), 2 epochs; ``overrides`` as ``{"train.epochs": 3}``."""
     config.data.dir = str(shards)
+    config.student.arch = TEST_ARCH
+    config.teacher.arch = TEST_ARCH
     config.student.width_mult = 0.25
     config.teacher.width_mult = 0.25
     config.train.batch_size = 32

@@ -16,7 +16,7 @@ from experiments import report as report_lib
 from experiments import study
 from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
-from helpers import tiny
+from helpers import TEST_ARCH, tiny
 from mvkt import run_config
 from mvkt import data as data_lib
 from mvkt import train
@@ -76,7 +76,7 @@ def test_a_student_refuses_a_teacher_of_another_round(ptbxl_sample_shards, tmp_p
 def test_crossval_pools_out_of_fold_scores_and_reruns_train_nothing(ptbxl_sample_shards, tmp_path):
     workdir = tmp_path / "cv"
     kwargs = dict(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "mvkt"], seeds=[0], rounds=[0, 8],
-                  epochs=1, batch_size=16, width_mult=0.25, n_resamples=50, progress=False)
+                  epochs=1, batch_size=16, arch=TEST_ARCH, width_mult=0.25, n_resamples=50, progress=False)
     report = crossval.run_crossval(**kwargs)
     out = json.loads((workdir / "crossval.json").read_text())
     scored = {f: len(data_lib.open_split(ptbxl_sample_shards, "test", crossval.round_folds(SAMPLE_FOLDS, r)))
@@ -104,7 +104,7 @@ def test_pilot_mode_scores_only_validation_folds_and_trains_recipe_teachers_once
     with its own teacher (lead dropout) trains that teacher once per round."""
     workdir = tmp_path / "pilot"
     crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "kd_lead_dropout_teacher"],
-                          seeds=[0], rounds=[9, 7], epochs=1, batch_size=16, width_mult=0.25, n_resamples=50,
+                          seeds=[0], rounds=[9, 7], epochs=1, batch_size=16, arch=TEST_ARCH, width_mult=0.25, n_resamples=50,
                           split="val", progress=False)
     out = json.loads((workdir / "crossval_val.json").read_text())
     assert out["split"] == "val" and not (workdir / "crossval.json").exists()
@@ -133,7 +133,7 @@ def test_an_ensemble_recipe_uses_the_next_seeds_teacher_and_keeps_the_groups_of_
     seed 0 reuses the teacher that seed 1 trains anyway, and no seed adds a group of its own."""
     workdir = tmp_path / "ensemble"
     crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "kd_ensemble2"],
-                          seeds=[0, 1], rounds=[9], epochs=1, batch_size=16, width_mult=0.25, n_resamples=20,
+                          seeds=[0, 1], rounds=[9], epochs=1, batch_size=16, arch=TEST_ARCH, width_mult=0.25, n_resamples=20,
                           split="val", progress=False)
     out = json.loads((workdir / "crossval_val.json").read_text())
     assert set(out["methods"]) == {"teacher", "bce", "kd_ensemble2"}
@@ -152,7 +152,7 @@ def test_a_cross_fit_recipe_trains_teachers_on_disjoint_halves_of_the_round(ptbx
     through the grid cache, each record's targets from the teacher that never saw it."""
     workdir = tmp_path / "cross_fit"
     crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce", "kd_cross_fit2"],
-                          seeds=[0], rounds=[9], epochs=1, batch_size=16, width_mult=0.25, n_resamples=20,
+                          seeds=[0], rounds=[9], epochs=1, batch_size=16, arch=TEST_ARCH, width_mult=0.25, n_resamples=20,
                           split="val", progress=False)
     out = json.loads((workdir / "crossval_val.json").read_text())
     assert list(out["methods"]) == ["teacher", "teacher_part1of2", "teacher_part2of2", "bce", "kd_cross_fit2"]

@@ -23,7 +23,7 @@ from mvkt import evaluate as evaluate_lib
 from mvkt import run_dir, train
 
 import helpers
-from helpers import read_metrics
+from helpers import TINY_NET_FLAGS, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 300
@@ -61,8 +61,7 @@ def train_args(workdir, shards, *extra):
         "--config=experiments/configs/teacher.py",
         f"--workdir={workdir}",
         f"--config.data.dir={shards}",
-        "--config.student.width_mult=0.25",
-        "--config.teacher.width_mult=0.25",
+        *TINY_NET_FLAGS,
         "--config.train.batch_size=32",
         "--config.train.epochs=3",
         "--config.eval.batch_size=64",

@@ -27,13 +27,14 @@ import pytest
 
 from mvkt import distributed
 
+from helpers import TINY_NET_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEADLINE_S = 240  # one launch: start-up, compilation (cached after the first) and 8 steps
 TINY = [
     "--config.train.epochs=2",
     "--config.train.batch_size=16",
-    "--config.student.width_mult=0.25",
-    "--config.teacher.width_mult=0.25",
+    *TINY_NET_FLAGS,
     "--config.train.log_every_steps=1",
     "--config.eval.batch_size=64",
     "--config.clt.num_negatives=16",

@@ -10,7 +10,7 @@ import pytest
 import tensorboardX
 
 from experiments.configs import teacher as teacher_config
-from helpers import read_events, tiny
+from helpers import TINY_NET_FLAGS, read_events, tiny
 from mvkt import run_dir, train
 
 
@@ -71,7 +71,7 @@ def _train_cli(workdir, shards, *extra):
     repo = pathlib.Path(__file__).resolve().parents[1]
     return subprocess.run(
         [sys.executable, "-m", "experiments.train", "--config=experiments/configs/teacher.py", f"--workdir={workdir}",
-         f"--config.data.dir={shards}", "--config.student.width_mult=0.25", "--config.teacher.width_mult=0.25",
+         f"--config.data.dir={shards}", *TINY_NET_FLAGS,
          "--config.train.batch_size=32",
          "--config.train.epochs=1", "--config.eval.batch_size=64", "--config.train.log_every_steps=1", *extra],
         cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True, timeout=600)

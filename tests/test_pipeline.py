@@ -14,6 +14,8 @@ import pytest
 from experiments import pipeline, study
 from mvkt import evaluate
 
+from helpers import TEST_ARCH
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--epochs=1", "--width_mult=0.25", "--bootstrap_resamples=50"]
 
@@ -98,7 +100,7 @@ def test_half_finished_pipeline_resumes(ptbxl_sample_shards, tmp_path, monkeypat
         data_dir=str(ptbxl_sample_shards),
         leads="I",
         epochs=1,
-        arch="resnet1d_wang",
+        arch=TEST_ARCH,
         width_mult=0.25,
         seeds=[0],
         batch_size=0,

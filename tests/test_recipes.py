@@ -22,11 +22,8 @@ from mvkt import parallel as parallel_lib
 
 
 @pytest.fixture(scope="module")
-def teacher(ptbxl_sample_shards, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("recipes") / "teacher"
-    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"train.epochs": 1}),
-                             workdir, progress=False)
-    return workdir
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 def test_augmentations_do_what_they_say():

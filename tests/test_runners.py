@@ -23,12 +23,14 @@ from experiments import lead_sweep
 from experiments import sweep
 from mvkt import run_dir
 
+from helpers import TEST_ARCH
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SWEEP_MVKT = "experiments/configs/sweep_mvkt.py"
 RESAMPLES = 50
 # Shared by the lead sweep and the sweep runs below (same programs, compiled once).
-TINY = {"student.width_mult": 0.25, "teacher.width_mult": 0.25, "train.batch_size": 32, "train.epochs": 1,
-        "eval.bootstrap_resamples": RESAMPLES}
+TINY = {"student.arch": TEST_ARCH, "teacher.arch": TEST_ARCH, "student.width_mult": 0.25, "teacher.width_mult": 0.25,
+        "train.batch_size": 32, "train.epochs": 1, "eval.bootstrap_resamples": RESAMPLES}
 
 
 # ----------------------------------------------------------------------------- hyper
@@ -131,8 +133,9 @@ def test_lead_sets_from_flags():
 
 def _lead_sweep_args(shards):
     overrides = {k: v for k, v in TINY.items()
-                 if k not in ("student.width_mult", "teacher.width_mult", "train.batch_size", "train.epochs")}
-    return dict(data_dir=shards, seeds=[0], epochs=1, width_mult=0.25, batch_size=32,
+                 if k not in ("student.arch", "teacher.arch", "student.width_mult", "teacher.width_mult",
+                              "train.batch_size", "train.epochs")}
+    return dict(data_dir=shards, seeds=[0], epochs=1, arch=TEST_ARCH, width_mult=0.25, batch_size=32,
                 n_resamples=RESAMPLES, overrides=overrides, progress=False)
 
 

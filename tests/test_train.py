@@ -25,7 +25,7 @@ from mvkt import parallel as parallel_lib
 from mvkt import run_dir
 from mvkt import train
 
-from helpers import read_metrics, tiny
+from helpers import TINY_NET_FLAGS, read_metrics, tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,9 +47,10 @@ def lead_i_student_step(config, split, *, teacher_model, teacher_vars, parallel)
 
 
 @pytest.fixture(scope="module")
-def teacher_run(ptbxl_sample_shards, tmp_path_factory):
+def teacher_run(tiny_teacher, tmp_path_factory):
+    """This module's copy of the session's teacher: the rerun tests below take its lock."""
     workdir = tmp_path_factory.mktemp("teacher") / "run"
-    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards), workdir, progress=False)
+    shutil.copytree(tiny_teacher, workdir)
     return workdir
 
 
@@ -88,7 +89,7 @@ def test_few_steps_on_real_records_lower_the_training_loss(ptbxl_sample_shards):
     loader = input_pipeline.TrainBatches(
         split, global_batch_size=64, crop_length=250, random_crop=False, seed=0
     )
-    config = tiny(teacher_config.get_config(), ptbxl_sample_shards)
+    config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **{"teacher.arch": "resnet1d_wang"})  # the default net
     config.train.schedule = "constant"
     config.train.learning_rate = 3e-3
     parallel = parallel_lib.make_parallelism()
@@ -314,8 +315,7 @@ def test_cli_acceptance_commands_with_overrides(ptbxl_sample_shards, tmp_path):
     common = [
         f"--config.data.dir={ptbxl_sample_shards}",
         "--config.train.epochs=1",
-        "--config.student.width_mult=0.25",
-        "--config.teacher.width_mult=0.25",
+        *TINY_NET_FLAGS,
         "--config.train.batch_size=32",
     ]
     teacher = tmp_path / "T"
@@ -355,8 +355,7 @@ def test_sigterm_saves_and_exits_cleanly(ptbxl_sample_shards, tmp_path):
             f"--workdir={workdir}",
             f"--config.data.dir={ptbxl_sample_shards}",
             "--config.train.epochs=500",
-            "--config.student.width_mult=0.25",
-            "--config.teacher.width_mult=0.25",
+            *TINY_NET_FLAGS,
             "--config.train.batch_size=32",
             "--config.train.log_every_steps=1",
         ],
