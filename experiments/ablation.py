@@ -135,4 +135,4 @@ def main(argv):
 
 if __name__ == "__main__":
     study.define_flags(workdir="runs/ablation", methods=METHODS)
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -17,6 +17,7 @@ log warnings and errors only.
 import contextlib
 import logging as std_logging
 import os
+import re
 import sys
 import traceback
 
@@ -106,6 +107,38 @@ def _quiet_closed_loop_callbacks(unraisable, _default=sys.unraisablehook):
     if any(_BackgroundErrorFilter.SOURCES[0] in frame.filename for frame in frames):
         return
     _default(unraisable)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.run(main, flags_parser=cli.parse_flags)``), ending a bad
+    command line with one line and exit 1 instead of a traceback: an override naming no config
+    field (with ml_collections' "did you mean"), a config file that does not load (its own
+    error and where), any other flag error. Help flags still print help and exit 0."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - whatever parsing raises, the command line is at fault
+        sys.exit(f"error: {flag_error(e, argv)}")
+
+
+def flag_error(error: Exception, argv: list[str]) -> str:
+    """One line for an exception raised while parsing ``argv``."""
+    text = str(error)
+    if isinstance(error, (AttributeError, KeyError)):  # ml_collections: --config.a.b=... names no field
+        field = re.search(r"'(\w+)\\?'", text)
+        name = field.group(1) if field else text.strip("'\"")
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        given = next((a.split("=", 1)[0] for a in argv[1:] if re.search(rf"\.{name}(\.|=|$)", a.split("=", 1)[0])),
+                     f"--config...{name}")
+        return f"{given}: the config has no field {name!r}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+    if isinstance(error, SyntaxError):  # a config file that does not compile
+        return f"{error.filename}, line {error.lineno}: {type(error).__name__}: {error.msg}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in text:  # a config file's get_config raised
+        places = re.findall(r'File "([^"]+)", line (\d+)', text)
+        where = next((f"{f}, line {n}: " for f, n in reversed(places) if "site-packages" not in f), "")
+        flag = lines[0].split(": Error whilst parsing config file")[0]
+        return f"{flag}: {where}{lines[-1]}"
+    return " ".join(lines)
 
 
 def start() -> None:

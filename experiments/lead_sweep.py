@@ -185,4 +185,4 @@ if __name__ == "__main__":
     study.define_flags(workdir="runs/lead_sweep", leads=ALL_SINGLE,
                        leads_help="students' lead sets: all12 (one per single lead) or ';'-separated sets, "
                                   "e.g. 'I;II;I,II,V2'")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

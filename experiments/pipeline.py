@@ -89,4 +89,4 @@ def main(argv):
 
 if __name__ == "__main__":
     study.define_flags(workdir="runs/pipeline")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

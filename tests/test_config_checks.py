@@ -1,9 +1,15 @@
 """Hardening, round 2 (issue 24), the config cases: a config that would train nothing, diverge
 at once or train on padding is refused before training with one line naming the field; a
 rerun with the same train.stop_at_step does nothing; a non-integer PTB-XL fold is a named
-rejection."""
+rejection; a bad command line (an override naming no field, a config file that does not
+compile, an unknown sweep name) ends with one line."""
 
 from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -13,6 +19,8 @@ from experiments.configs import teacher as teacher_config
 from helpers import tiny
 from mvkt import run_dir, train
 from test_data_prep import copy_ptbxl, read_rejected
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -48,3 +56,30 @@ def test_a_non_integer_ptbxl_fold_is_a_named_rejection(tmp_path):
     manifest = ptbxl.main(["ptbxl", f"--src={src}", f"--out={tmp_path / 'o'}", "--max_rejected_fraction=0.2"])
     assert manifest["rejected"]["counted"] >= 1
     assert "strat_fold 'x' in ptbxl_database.csv is not an integer" in read_rejected(tmp_path / "o" / "rejected.csv")["1"]
+
+
+SYNTAX_ERROR_CONFIG = "import ml_collections\n\ndef get_config(arg=None)\n    return ml_collections.ConfigDict()\n"
+
+
+@pytest.mark.parametrize("command,line", [
+    (["experiments.train", "--config=experiments/configs/teacher.py", "--workdir={tmp}/run", "--config.train.epoch=5"],
+     "error: --config.train.epoch: the config has no field 'epoch'; did you mean 'epochs'?"),
+    (["experiments.train", "--config=experiments/configs/teacher.py", "--workdir={tmp}/run", "--config.trian.epochs=5"],
+     "error: --config.trian.epochs: the config has no field 'trian'; did you mean 'train'?"),
+    (["experiments.train", "--config={tmp}/broken.py", "--workdir={tmp}/run"],
+     "error: {tmp}/broken.py, line 3: SyntaxError: expected ':'"),
+    (["experiments.sweep", "--config=experiments/configs/sweep_mvkt.py:nope", "--mode=print"],
+     "error: flag --config=experiments/configs/sweep_mvkt.py:nope: experiments/configs/sweep_mvkt.py, line 53: "
+     "ValueError: unknown sweep 'nope' in sweep_mvkt.py; choose one of alpha_beta, alpha, beta, temperature, "
+     "negatives, lr, seeds"),
+])
+def test_a_bad_command_line_ends_with_one_line(tmp_path, command, line):
+    """A typo in a config override, a config file that does not compile and an unknown sweep
+    name end before anything starts: exit 1 and one line (ml_collections' traceback before)."""
+    (tmp_path / "broken.py").write_text(SYNTAX_ERROR_CONFIG)
+    args = [a.format(tmp=tmp_path) for a in command]
+    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [line.format(tmp=tmp_path)], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
