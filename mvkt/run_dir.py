@@ -72,6 +72,13 @@ def _read_json(path: pathlib.Path, what: str) -> dict:
         raise ValueError(f"{path}: damaged {what} ({e}); restore it or use a new run folder") from None
 
 
+def check_run_files(workdir: str | pathlib.Path) -> None:
+    """Raises, naming the file, when a run folder's config.json or run_info.json is missing or
+    damaged: before anything reads the run's checkpoints or its progress."""
+    load_config(workdir)
+    load_info(workdir)
+
+
 def check_resume_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume a run under a config that would train something else. Both sides are
     compared in today's layout (``run_config.training_fields``), so folders written before

@@ -12,6 +12,7 @@ targets (``batch_targets``). Sources are looked up by ``config.teacher.source``:
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -169,6 +170,10 @@ register_source("runs", _from_runs)
 def load_member(config: ml_collections.ConfigDict, workdir: str, label_names: Sequence[str],
                 parallel: parallel_lib.Parallelism) -> Member:
     """A finished teacher run, checked against this run's labels and leads."""
+    if not pathlib.Path(workdir).is_dir():
+        raise FileNotFoundError(f"teacher {workdir}: no such folder; config.teacher.runs names finished teacher "
+                                "run folders")
+    run_dir.check_run_files(workdir)  # a missing or damaged file by name, not as "stopped at step 0"
     if not run_dir.is_finished(workdir):
         done, total = run_dir.trained_steps(workdir)
         where = f"teacher {workdir} stopped at step {done}/{total}"

@@ -2,12 +2,14 @@
 at once or train on padding is refused before training with one line naming the field; a
 rerun with the same train.stop_at_step does nothing; a non-integer PTB-XL fold is a named
 rejection; a bad command line (an override naming no field, a config file that does not
-compile, an unknown sweep name) ends with one line."""
+compile, an unknown sweep name) ends with one line; a missing or damaged teacher folder is
+named as such."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import pandas as pd
 import pytest
 
 from data_prep import ptbxl
+from experiments.configs import student as student_config
 from experiments.configs import teacher as teacher_config
 from helpers import tiny
 from mvkt import run_dir, train
@@ -83,3 +86,21 @@ def test_a_bad_command_line_ends_with_one_line(tmp_path, command, line):
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [line.format(tmp=tmp_path)], result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_or_damaged_teacher_folder_is_named(ptbxl_sample_shards, tiny_teacher, tmp_path):
+    """Not 'teacher ... stopped at step 0/None: finish it', which sent users to rerun a
+    training that did not exist."""
+    def student(teacher):
+        return tiny(student_config.get_config(), ptbxl_sample_shards, method="kd", **{"teacher.runs": (str(teacher),)})
+
+    with pytest.raises(FileNotFoundError, match=rf"^teacher {tmp_path / 'nowhere'}: no such folder"):
+        train.train_and_evaluate(student(tmp_path / "nowhere"), tmp_path / "s1", progress=False)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_teacher, damaged)
+    (damaged / "config.json").write_text('{"seed": 0, "trai')
+    with pytest.raises(ValueError, match=rf"^{damaged / 'config.json'}: damaged config \("):
+        train.train_and_evaluate(student(damaged), tmp_path / "s2", progress=False)
+    (damaged / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{damaged / 'config.json'} not found"):
+        train.train_and_evaluate(student(damaged), tmp_path / "s3", progress=False)
