@@ -173,6 +173,20 @@ def _log_devices() -> None:
                  jax.local_device_count())
 
 
+def check_finished(workdir, *, allow_unfinished: bool) -> None:
+    """Predict and export use finished runs: an unfinished one (stopped by train.stop_at_step,
+    a preemption or a crash) is refused with one line, or with --allow_unfinished used with a
+    warning; its outputs say so (run_finished false)."""
+    status = run_dir.training_status(workdir)
+    if status["run_finished"]:
+        return
+    where = f"{workdir} is an unfinished run ({status['trained_steps']} of {status['total_steps']} steps trained)"
+    if not allow_unfinished:
+        raise errors.UnfinishedRunError(f"{where}: finish its training (rerun its command) or pass "
+                                        "--allow_unfinished to use it anyway")
+    logging.warning("%s: used anyway (--allow_unfinished); the output is marked run_finished false", where)
+
+
 def echo_run(workdir) -> None:
     """Logs (INFO) which trained run an evaluation, prediction or export uses."""
     info = run_dir.load_info(workdir)

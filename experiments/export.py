@@ -27,6 +27,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "output file", required=True)
     flags.DEFINE_enum("quantize", None, ["int8"], "ONNX only: int8 quantization")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+    flags.DEFINE_bool("allow_unfinished", False, "use a run that stopped before its last step (warned, and marked "
+                      "run_finished false in the output)")
 
 
 def main(argv):
@@ -34,6 +36,7 @@ def main(argv):
     with cli.exit_on_known_errors():
         cli.start()
         cli.echo_run(flags.FLAGS.workdir)
+        cli.check_finished(flags.FLAGS.workdir, allow_unfinished=flags.FLAGS.allow_unfinished)
         import importlib.util
 
         from mvkt import export

@@ -33,6 +33,8 @@ def define_flags() -> None:
     flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces")
     flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+    flags.DEFINE_bool("allow_unfinished", False, "use a run that stopped before its last step (warned, and marked "
+                      "run_finished false in the output)")
 
 
 def format_record(path: str, predictor: inference.Predictor, probabilities) -> str:
@@ -52,6 +54,7 @@ def write_out(path: pathlib.Path, rows: list[dict], predictor: inference.Predict
         path.write_text(json.dumps({
             "run": str(predictor.workdir.absolute()),
             "checkpoint_step": predictor.meta.get("step"),
+            **predictor.training,
             "label_names": predictor.label_names,
             "thresholds": predictor.thresholds,
             "records": rows,
@@ -76,6 +79,7 @@ def main(argv):
     with cli.exit_on_known_errors():
         cli.start()
         cli.echo_run(flags.FLAGS.workdir)
+        cli.check_finished(flags.FLAGS.workdir, allow_unfinished=flags.FLAGS.allow_unfinished)
         if not records:
             raise ValueError("give one or more records after the flags: python -m experiments.predict "
                              "--workdir=RUN RECORD [RECORD ...]")

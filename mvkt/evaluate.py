@@ -288,16 +288,13 @@ def evaluate_run(
 
 
 def _run_status(workdir: pathlib.Path, scorer: _Scorer, which: str) -> dict:
-    finished = run_dir.is_finished(workdir)
-    done, total = run_dir.trained_steps(workdir)
-    if not finished:
+    status = run_dir.training_status(workdir)
+    if not status["run_finished"]:
         logging.warning("%s is an unfinished run (%d of %s steps trained); its evaluation is marked so",
-                        workdir, done, total)
+                        workdir, status["trained_steps"], status["total_steps"])
     return {
         "workdir": str(workdir),
-        "run_finished": finished,
-        "trained_steps": done,
-        "total_steps": total,
+        **status,
         "method": scorer.info["method"],
         "leads": scorer.info["leads"],
         "checkpoint": which,

@@ -89,6 +89,8 @@ def exported_net(workdir: str | pathlib.Path, *, which: str = "best") -> Exporte
         "thresholds": json.dumps(thresholds),
         "source_run": str(workdir.absolute()),
         "checkpoint": f"{which} (step {meta.get('step')})",
+        # {"run_finished": false, ...} marks a net exported from a run that stopped early.
+        "training": json.dumps(run_dir.training_status(workdir)),
         "input": f"{INPUT_NAME}: float32 (batch, {prep.window}, {len(prep.leads)}) raw samples at "
         f"{prep.sampling_rate} Hz, leads {','.join(prep.leads)}",
         "output": f"{OUTPUT_NAME}: float32 (batch, {len(info['label_names'])}) sigmoid probabilities",

@@ -212,6 +212,7 @@ class Predictor:
         self.label_names = list(info["label_names"])
         self.preprocessing = Preprocessing.of_run(workdir)
         self.thresholds = load_thresholds(workdir)
+        self.training = run_dir.training_status(workdir)  # run_finished False: a run that stopped early
         self.batch_size = batch_size
         model = self.model
         self._probabilities = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, x, train=False)[0]))

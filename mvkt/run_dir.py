@@ -211,6 +211,13 @@ def trained_steps(workdir: str | pathlib.Path) -> tuple[int, int | None]:
     return (steps[-1] if steps else 0), total
 
 
+def training_status(workdir: str | pathlib.Path) -> dict:
+    """How far a run got: ``{"run_finished", "trained_steps", "total_steps"}`` (evaluations,
+    predictions and exports of an unfinished run carry it)."""
+    done, total = trained_steps(workdir)
+    return {"run_finished": is_finished(workdir), "trained_steps": done, "total_steps": total}
+
+
 def is_finished(workdir: str | pathlib.Path) -> bool:
     """Training reached its last step and that checkpoint is complete on disk."""
     workdir = pathlib.Path(workdir)

@@ -3,10 +3,11 @@ at once or train on padding is refused before training with one line naming the 
 rerun with the same train.stop_at_step does nothing; a non-integer PTB-XL fold is a named
 rejection; a bad command line (an override naming no field, a config file that does not
 compile, an unknown sweep name) ends with one line; a missing or damaged teacher folder is
-named as such."""
+named as such; predict and export refuse an unfinished run unless allowed, and mark it."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -104,3 +105,34 @@ def test_a_missing_or_damaged_teacher_folder_is_named(ptbxl_sample_shards, tiny_
     (damaged / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=rf"^{damaged / 'config.json'} not found"):
         train.train_and_evaluate(student(damaged), tmp_path / "s3", progress=False)
+
+
+def _entry_point(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_and_export_refuse_an_unfinished_run_unless_allowed_and_mark_it(ptbxl_sample_shards, tmp_path):
+    """A run stopped at step 2 of 4 gave predictions and an ONNX model without a word."""
+    from mvkt import export, run_dir
+
+    run = tmp_path / "stopped"
+    train.train_and_evaluate(tiny(student_config.get_config(), ptbxl_sample_shards, method="bce",
+                                  **{"train.stop_at_step": 2}), run, progress=False)
+    record = str(REPO / "data_prep" / "samples" / "ptbxl" / "records100" / "00000" / "00001_lr")
+    refusal = f"error: {run} is an unfinished run (2 of 4 steps trained): finish its training (rerun its command) " \
+              "or pass --allow_unfinished to use it anyway"
+    for command in (["experiments.predict", f"--workdir={run}", record],
+                    ["experiments.export", f"--workdir={run}", f"--out={tmp_path / 'net.onnx'}"]):
+        result = _entry_point(*command)
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == refusal, result.stderr[-2000:]
+    assert not (tmp_path / "net.onnx").exists()
+    allowed = _entry_point("experiments.predict", f"--workdir={run}", "--allow_unfinished",
+                           f"--out={tmp_path / 'p.json'}", record)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "used anyway (--allow_unfinished)" in allowed.stderr
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert (out["run_finished"], out["trained_steps"], out["total_steps"]) == (False, 2, 4)
+    metadata = export.exported_net(run, which="latest").metadata
+    assert json.loads(metadata["training"]) == run_dir.training_status(run) == {
+        "run_finished": False, "trained_steps": 2, "total_steps": 4}
