@@ -65,6 +65,12 @@ class SignalConfig:
     band_pass: tuple[float, float] | None = None
 
 
+# A record is flat when the peak-to-peak range of every lead is below this (mV, the unit of the
+# shards): a tenth of a small box on ECG paper, far below any recorded QRS complex. A record
+# with only some flat leads is kept (a lead off for a while is a real-world condition).
+FLAT_SPAN_MV = 0.01
+
+
 def read_wfdb_source(path: str) -> tuple[np.ndarray, float]:
     return read_record(path)
 
@@ -109,6 +115,10 @@ def load_signal(source: Source, cfg: SignalConfig) -> tuple[np.ndarray, float]:
     if not finite.all():
         lead = LEADS[int(np.nonzero(~finite.all(axis=0))[0][0])]
         raise RecordError(f"{rid}: NaN/inf samples in lead {lead}")
+    span = sig.max(axis=0) - sig.min(axis=0)
+    if (span < FLAT_SPAN_MV).all():  # contact loss or an all-zero export: nothing to learn or score
+        what = "all samples are 0" if not sig.any() else f"every lead's peak-to-peak range is below {FLAT_SPAN_MV:g} mV"
+        raise RecordError(f"{rid}: flat on all {sig.shape[1]} leads ({what})")
     if cfg.band_pass is not None:
         try:
             sig = band_pass_filter(sig, fs, cfg.band_pass)

@@ -1,7 +1,7 @@
 """Hardening, round 2 (issue 24), the config cases: a config that would train nothing, diverge
 at once or train on padding is refused before training with one line naming the field; a
 rerun with the same train.stop_at_step does nothing; a non-integer PTB-XL fold is a named
-rejection; a bad command line (an override naming no field, a config file that does not
+rejection; flat, all-zero and partly missing records are rejected; a bad command line (an override naming no field, a config file that does not
 compile, an unknown sweep name) ends with one line; a missing or damaged teacher folder is
 named as such; predict and export refuse an unfinished run unless allowed, and mark it."""
 
@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -136,3 +137,32 @@ def test_predict_and_export_refuse_an_unfinished_run_unless_allowed_and_mark_it(
     metadata = export.exported_net(run, which="latest").metadata
     assert json.loads(metadata["training"]) == run_dir.training_status(run) == {
         "run_finished": False, "trained_steps": 2, "total_steps": 4}
+
+
+def _rewrite_samples(record: pathlib.Path, change) -> None:
+    """Rewrites a WFDB record's digital samples through ``change`` with a valid header checksum."""
+    import wfdb
+
+    r = wfdb.rdrecord(str(record), physical=False)
+    wfdb.wrsamp(record.name, fs=r.fs, units=r.units, sig_name=r.sig_name, d_signal=change(r.d_signal.copy()),
+                fmt=r.fmt, adc_gain=r.adc_gain, baseline=r.baseline, write_dir=str(record.parent))
+
+
+def test_flat_and_all_zero_records_and_missing_samples_anywhere_are_rejected(tmp_path):
+    """An all-zero and an all-flat PTB-XL record (valid checksums) were prepared and trained on."""
+    src = copy_ptbxl(tmp_path / "src")
+    records = src / "records100" / "00000"
+
+    def some_missing(d):
+        d[100:200, 3] = -32768  # WFDB's invalid sample: NaN in 100 samples of one lead
+        return d
+
+    _rewrite_samples(records / "00001_lr", some_missing)
+    _rewrite_samples(records / "00002_lr", np.zeros_like)
+    _rewrite_samples(records / "00003_lr", lambda d: np.repeat(d[:1], len(d), axis=0))
+    ptbxl.main(["ptbxl", f"--src={src}", f"--out={tmp_path / 'o'}", "--max_rejected_fraction=0.2"])
+    rejected = read_rejected(tmp_path / "o" / "rejected.csv")
+    assert "missing samples (NaN, digital -32768) in lead AVR" in rejected["1"]
+    assert rejected["2"] == "2: flat on all 12 leads (all samples are 0)"
+    assert rejected["3"] == "3: flat on all 12 leads (every lead's peak-to-peak range is below 0.01 mV)"
+    assert len(rejected) == 3  # the real records are not flat
