@@ -157,6 +157,14 @@ def start() -> None:
         process_id=_PROCESS_ID.value,
         heartbeat_timeout_seconds=_HEARTBEAT.value,
     )
+    per_process = {"process_id", "coordinator_address"}
+    command = [line for line in flags.FLAGS.flags_into_string().splitlines()
+               if line.lstrip("-").split("=", 1)[0] not in per_process]
+    distributed.check_same_everywhere({
+        "--num_processes": str(_NUM_PROCESSES.value if _NUM_PROCESSES.value is not None
+                               else os.environ.get(distributed.ENV_NUM_PROCESSES, "(auto-detected)")),
+        "command line (flags and config)": " ".join(command),
+    })
     if not distributed.is_chief():
         # Results are the chief's to print; the others keep warnings and errors (stderr).
         if logging.get_verbosity() > logging.WARNING:

@@ -24,6 +24,7 @@ unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import signal
@@ -134,6 +135,25 @@ def barrier(name: str) -> None:
     """
     if multi_process():
         multihost_utils.sync_global_devices(name)
+
+
+def check_same_everywhere(values: dict[str, str]) -> None:
+    """Raises ValueError on every process unless all processes hold the same ``values``
+    (name -> text, e.g. the command's flags), naming the first that differs (a collective:
+    all must call it). Two processes started with different --num_processes or configs
+    otherwise both trained, each on its own idea of the job."""
+    if not multi_process():
+        return
+    names = sorted(values)
+    digest = b"".join(hashlib.sha256(values[n].encode()).digest() for n in names)
+    rows = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8).astype(np.int32)))
+    rows = rows.reshape(jax.process_count(), len(names), -1)
+    for k, name in enumerate(names):
+        differ = [p for p in range(len(rows)) if not np.array_equal(rows[p, k], rows[0, k])]
+        if differ:
+            here = f"{values[name]} here" if len(values[name]) <= 40 else "see each process's command"
+            raise ValueError(f"process {differ[0]} was started with another {name} than process 0 ({here}): "
+                             "every process must run the same command, only the process id differs")
 
 
 def any_process(flag: bool) -> bool:

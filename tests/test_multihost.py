@@ -279,3 +279,35 @@ def test_process_flags_without_distributed_are_refused(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: --process_id given without --distributed"
+
+
+@pytest.mark.parametrize("differs", ["--num_processes=3", "--config.train.epochs=3"])
+def test_processes_started_with_different_commands_all_stop_with_one_line(ptbxl_sample_shards, tmp_path, differs):
+    """Process 1 given --num_processes=3 (or another config) while process 0 says 2: both
+    trained and exited 0. Now both exit 1 before the first step, naming what differs."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_NUM_CPU_DEVICES="1")
+    procs, logs = [], []
+    for i in range(2):
+        args = train_args("teacher", tmp_path / "run", ptbxl_sample_shards)
+        multi = ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+        if i == 1:
+            name = differs.split("=")[0]
+            multi = [a for a in multi if not a.startswith(name)]
+            args = [a for a in args if not a.startswith(name)] + [differs]
+        logs.append(tmp_path / f"p{i}.log")
+        with logs[-1].open("w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train", *args, *multi], cwd=REPO,
+                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=DEADLINE_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    what = "--num_processes" if differs.startswith("--num") else "command line (flags and config)"
+    for log, code in zip(logs, codes):
+        last = log.read_text().strip().splitlines()[-1]
+        assert code == 1 and last.startswith(f"error: process 1 was started with another {what} than process 0"), \
+            log.read_text()[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
