@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -412,7 +413,24 @@ def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
         shutil.rmtree(old)
 
 
-def build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], labels: np.ndarray,
+# A write that fails for one of these is the output's fault (full or read-only disk, quota,
+# file size limit): one line naming --out, not a traceback from a worker process.
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def build_shards(**kwargs) -> dict:
+    """``_build_shards`` (below), with a disk that cannot take the shards as a DataPrepError."""
+    try:
+        return _build_shards(**kwargs)
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise DataPrepError(f"{kwargs['out_dir']}: cannot write the shards: {e.strerror.lower()}{where}; free space "
+                            "or choose another --out (nothing was written to it)") from None
+
+
+def _build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], labels: np.ndarray,
                  label_names: Sequence[str], signal_config: SignalConfig, dataset: str, source_desc: str,
                  task: str, split_folds: dict[str, Sequence[int]], folds: np.ndarray | None = None,
                  num_folds: int = 10, seed: int = 0, dtype: str = "float32",

@@ -166,3 +166,39 @@ def test_flat_and_all_zero_records_and_missing_samples_anywhere_are_rejected(tmp
     assert rejected["2"] == "2: flat on all 12 leads (all samples are 0)"
     assert rejected["3"] == "3: flat on all 12 leads (every lead's peak-to-peak range is below 0.01 mV)"
     assert len(rejected) == 3  # the real records are not flat
+
+
+def test_data_prep_on_a_full_or_read_only_disk_ends_with_one_line(tmp_path, monkeypatch, capsys):
+    """--out on a full disk (ENOSPC in a worker's _load_chunk) and on a read-only filesystem
+    (the work folder's mkdir) printed tracebacks."""
+    import errno as errno_lib
+    import resource
+
+    def small_files():  # as a full disk: writes past 64 KiB fail (EFBIG; Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    out = tmp_path / "full"
+    result = subprocess.run([sys.executable, "-m", "data_prep.ptbxl", f"--src={REPO / 'data_prep/samples/ptbxl'}",
+                             f"--out={out}"], cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True,
+                            text=True, timeout=300, preexec_fn=small_files)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"data_prep.ptbxl: error: {out}: cannot write the shards: file too large; free space or choose another "
+        "--out (nothing was written to it)")
+    assert not out.exists() and not list(tmp_path.glob(".full*"))
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith(".shards.tmp-"):
+            raise OSError(errno_lib.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        ptbxl.main(["ptbxl", f"--src={REPO / 'data_prep/samples/ptbxl'}", f"--out={tmp_path / 'shards'}"])
+    assert exit_info.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"data_prep.ptbxl: error: {tmp_path / 'shards'}: cannot write the shards: read-only "
+                           f"file system ({tmp_path / '.shards.tmp-'}"), line
