@@ -14,8 +14,10 @@ The frozen teacher is never saved here: it lives in its own run directory.
 from __future__ import annotations
 
 import datetime
+import errno
 import logging as std_logging
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -80,11 +82,37 @@ class RunCheckpoints:
         )
 
     def save(self, step: int, *, model: Any, train: Any, meta: dict, best: bool) -> None:
-        """Asynchronous save; ``best`` also replaces the best checkpoint."""
+        """Asynchronous save; ``best`` also replaces the best checkpoint. A failed write (this
+        one, or the previous save finishing in the background) raises ``_write_failed``'s OSError."""
         args = self._save_args(model, train, meta)
-        self.latest.save(step, args=args, force=True)
-        if best:
-            self.best.save(step, args=self._save_args(model, train, meta), force=True)
+        try:
+            self.latest.save(step, args=args, force=True)
+            if best:
+                self.best.save(step, args=self._save_args(model, train, meta), force=True)
+        except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise many types for one cause
+            raise self._write_failed(e) from None
+
+    def _write_failed(self, error: Exception) -> OSError:
+        """One line for a checkpoint that could not be written (a full disk gave a tensorstore
+        OUT_OF_RANGE message), after removing the partial ``*.orbax-checkpoint-tmp`` folders
+        it left, which a rerun would otherwise have to step over."""
+        leftovers = sorted(p for folder in (self.workdir / "checkpoints", self.workdir / "best")
+                           for p in folder.glob("*.orbax-checkpoint-tmp*"))
+        if distributed.is_chief():
+            for path in leftovers:
+                shutil.rmtree(path, ignore_errors=True)
+        text = str(error)
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os_error_code='28'" in text:
+            reason = "no space left on device"
+        elif getattr(error, "errno", None) == errno.EFBIG or "File too large" in text:
+            reason = "file too large"
+        else:
+            reason = (text.strip().splitlines() or [type(error).__name__])[0][:300]
+        steps = sorted({int(p.name.split(".")[0]) for p in leftovers if p.name.split(".")[0].isdigit()})
+        which = f"checkpoint step {', '.join(map(str, steps))}" if steps else "a checkpoint"
+        return OSError(f"{self.workdir / 'checkpoints'}: {which} could not be written ({reason}); the partial "
+                       "checkpoint was removed. Free space and rerun the same command: training continues from "
+                       "the last complete checkpoint")
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -116,8 +144,11 @@ class RunCheckpoints:
             return None
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        try:
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - see save
+            raise self._write_failed(e) from None
 
     def close(self) -> None:
         self.latest.close()
