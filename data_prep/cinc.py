@@ -79,7 +79,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, mapping: str | os
     """
     src = source_folder(src, out, overwrite)
     code_map = read_mapping(mapping) if mapping else None
-    scanned, rejected = scan_cinc_folder(src)
+    scanned, rejected, stray = scan_cinc_folder(src)
     if not scanned and not rejected:
         raise DataPrepError(f"no WFDB headers (*.hea) under {src}")
     known = known_codes()
@@ -110,7 +110,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, mapping: str | os
         task="snomed" if code_map is None else f"mapping:{pathlib.Path(mapping).name}",
         split_folds=split_folds, folds=None, num_folds=num_folds, seed=seed, dtype=dtype,
         max_rejected_fraction=max_rejected_fraction, pre_rejected=rejected,
-        uncounted_rejected=unlabelled, dropped_no_label=len(unlabelled),
+        uncounted_rejected=unlabelled + stray, dropped_no_label=len(unlabelled),
         overwrite=overwrite, num_workers=num_workers, progress=progress,
         extra={"mapping": None if mapping is None else str(pathlib.Path(mapping).absolute()),
                "expected_fs": expected_fs, "allow_unknown_codes": allow_unknown_codes,

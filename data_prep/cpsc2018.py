@@ -175,7 +175,7 @@ def _record_number(rid: str) -> int:
 
 
 def _collect_cinc(src: pathlib.Path):
-    scanned, rejected = scan_cinc_folder(src, "A*")
+    scanned, rejected, stray = scan_cinc_folder(src, "A*")
     sources, label_sets = [], []
     for record in scanned:
         rid = record.record_id
@@ -186,7 +186,7 @@ def _collect_cinc(src: pathlib.Path):
             continue
         sources.append(Source(rid, str(record.header_path.with_suffix("")), read_wfdb_source))
         label_sets.append({SNOMED[c] for c in record.codes})
-    return sources, label_sets, rejected, [], sum(r.leads_reordered for r in scanned)
+    return sources, label_sets, rejected, stray, sum(r.leads_reordered for r in scanned)
 
 
 def prepare(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto", sampling_rate: int = 100,

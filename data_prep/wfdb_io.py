@@ -238,14 +238,17 @@ class ScannedRecord:
     leads_reordered: bool  # header lists the 12 leads in another order (reading reorders by name)
 
 
-def scan_cinc_folder(src: pathlib.Path, pattern: str = "*") -> tuple[list[ScannedRecord], list[tuple[str, str]]]:
+def scan_cinc_folder(src: pathlib.Path, pattern: str = "*") -> tuple[list[ScannedRecord], list[tuple[str, str]],
+                                                                      list[tuple[str, str]]]:
     """Every ``<pattern>.hea`` under ``src`` (any depth) with its #Dx codes and lead order.
 
-    Returns (records, rejected (record, reason)): duplicate record names, unreadable
-    headers, missing or invalid #Dx lines, non-standard lead names, and signal files
-    (``.mat``) that have no header beside them.
+    Returns (records, rejected (record, reason), stray (file, reason)): rejected are duplicate
+    record names, unreadable headers, missing or invalid #Dx lines and non-standard lead names;
+    stray are signal files (``.mat``) with no header beside them. Without a header a file is
+    not a record (a stray ``junk.mat`` counted as a rejected record blocked an 11-record
+    folder under the 5% limit), so importers list them without counting them.
     """
-    records, rejected = [], []
+    records, rejected, stray = [], [], []
     seen: dict[str, pathlib.Path] = {}
     for hea in sorted(src.rglob(f"{pattern}.hea")):
         rid = hea.stem
@@ -263,5 +266,6 @@ def scan_cinc_folder(src: pathlib.Path, pattern: str = "*") -> tuple[list[Scanne
         records.append(ScannedRecord(rid, hea, codes, order != list(range(len(LEADS)))))
     for mat in sorted(src.rglob(f"{pattern}.mat")):
         if not mat.with_suffix(".hea").exists():
-            rejected.append((mat.stem, f"{mat.stem}: {mat} has no header {mat.stem}.hea beside it"))
-    return records, rejected
+            stray.append((mat.stem, f"{mat.stem}: {mat} has no header {mat.stem}.hea beside it (not a record; "
+                                    "listed, not counted)"))
+    return records, rejected, stray

@@ -202,3 +202,17 @@ def test_data_prep_on_a_full_or_read_only_disk_ends_with_one_line(tmp_path, monk
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"data_prep.ptbxl: error: {tmp_path / 'shards'}: cannot write the shards: read-only "
                            f"file system ({tmp_path / '.shards.tmp-'}"), line
+
+
+def test_a_stray_signal_file_in_a_cinc_folder_does_not_count_as_a_rejected_record(samples_dir, tmp_path):
+    """junk.mat without a header counted as a rejected record: one stray file blocked the
+    11-record CinC sample under the default 5% limit."""
+    from data_prep import cinc
+
+    src = tmp_path / "src"
+    shutil.copytree(samples_dir / "cinc", src)
+    (src / "junk.mat").write_bytes(b"not a record")
+    manifest = cinc.prepare(src, tmp_path / "o")  # the default --max_rejected_fraction
+    assert manifest["rejected"]["counted"] == 0 and manifest["rejected"]["not_counted"] == 1
+    assert read_rejected(tmp_path / "o" / "rejected.csv")["junk"] == (
+        f"junk: {src / 'junk.mat'} has no header junk.hea beside it (not a record; listed, not counted)")

@@ -572,9 +572,9 @@ def test_cinc_signal_without_header_and_unknown_codes_are_rejections(tmp_path):
     edit_header(src / "JS00001", lambda ls: [l.replace("#Dx: 164889003", "#Dx: 999999999") for l in ls])
     m = cinc.prepare(src, tmp_path / "o", max_rejected_fraction=0.5)
     rejected = read_rejected(tmp_path / "o" / "rejected.csv")
-    assert "E00002.mat has no header E00002.hea beside it" in rejected["E00002"]
+    assert "E00002.mat has no header E00002.hea beside it (not a record; listed, not counted)" in rejected["E00002"]
     assert "unknown SNOMED code(s) ['999999999']" in rejected["JS00001"]
-    assert m["rejected"]["counted"] == 2 and "999999999" not in m["label_names"]
+    assert m["rejected"]["counted"] == 1 and "999999999" not in m["label_names"]
     m = cinc.prepare(src, tmp_path / "p", max_rejected_fraction=0.5, allow_unknown_codes=True)
     assert "999999999" in m["label_names"]
 
