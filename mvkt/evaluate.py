@@ -167,12 +167,18 @@ def read_label_map(path: str | pathlib.Path, *, source_labels: Sequence[str], ru
         if source in mapping and mapping[source] != target:
             raise ValueError(f"{path}: {source} maps to both {mapping[source]} and {target}")
         mapping[source] = target
-    bad_targets = sorted({t for t in mapping.values() if t not in run_labels})
-    if bad_targets:
-        raise ValueError(f"{path}: target label(s) {bad_targets} are not labels of the run ({list(run_labels)})")
+    # Row numbers count the header as row 1, as a spreadsheet shows them.
+    bad = [f"row {i} {s} -> {t}" for i, (s, t) in enumerate(pairs, start=2) if t not in run_labels]
+    if bad:
+        raise ValueError(f"{path}: {', '.join(bad)}: not a label of the run ({list(run_labels)})")
+    unknown = sorted({s for s in mapping if s not in source_labels})
     present = {s: t for s, t in mapping.items() if s in source_labels}
     if not present:
-        raise ValueError(f"{path}: none of its source labels occurs in the shards ({list(source_labels)})")
+        raise ValueError(f"{path}: none of its source labels {sorted(mapping)} occurs in the shards "
+                         f"({list(source_labels)})")
+    if unknown:  # a typo would silently drop a class; a label absent from these shards is fine
+        logging.warning("%s: source label(s) %s do not occur in the shards (%s); their rows are unused",
+                        path, unknown, list(source_labels))
     return present
 
 
@@ -357,6 +363,10 @@ def _evaluate_external(workdir: pathlib.Path, scorer: _Scorer, *, data_dir: str,
     record_ids = np.concatenate([np.asarray(s.record_ids) for s in splits])
     covered = [k for k, label in enumerate(run_labels) if label in mapping.values()]
     excluded = [label for k, label in enumerate(run_labels) if k not in covered]
+    if not any(0 < y[:, k].sum() < len(y) for k in covered):
+        source = f"the label map {label_map}" if label_map else "the shared labels"
+        raise ValueError(f"{data_dir}: no class that {source} gives ({[run_labels[k] for k in covered]}) has both "
+                         f"positive and negative records among the {len(y)} scored: the macro-AUC is undefined")
     _save_scores(workdir / SCORES_FILE.format(split=EXTERNAL_SPLIT.format(name=name)), scores=scores, y=y,
                  record_ids=record_ids, label_names=run_labels)
     result = evaluate_scores(

@@ -12,6 +12,7 @@ measured in benchmarks/export.py, not here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -201,12 +202,20 @@ def test_external_evaluation_on_the_cpsc_sample_keeps_the_in_domain_files(studen
     assert no_name.returncode == 1 and "needs --name=NAME" in no_name.stderr
 
 
-def test_label_maps_are_checked(student, tmp_path):
+def test_label_maps_are_checked(student, tmp_path, caplog):
     workdir, _ = student
     bad = tmp_path / "bad.csv"
-    bad.write_text("source_label,target_label\nNormal,NORMAL\n")
-    with pytest.raises(ValueError, match=r"target label\(s\) \['NORMAL'\] are not labels of the run"):
+    bad.write_text("source_label,target_label\nNormal,NORMAL\nRBBB,CD\n")
+    # The row, with its source and target, not only the unknown target (issue 24).
+    with pytest.raises(ValueError, match=rf"^{bad}: row 2 Normal -> NORMAL: not a label of the run"):
         evaluate.read_label_map(bad, source_labels=["Normal"], run_labels=["NORM", "CD"])
+    bad.write_text("source_label,target_label\nNormal,NORM\nRBB,CD\n")  # a typo of a source label: warned
+    with caplog.at_level(logging.WARNING):
+        assert evaluate.read_label_map(bad, source_labels=["Normal", "RBBB"], run_labels=["NORM", "CD"]) == {
+            "Normal": "NORM"}
+    assert f"{bad}: source label(s) ['RBB'] do not occur in the shards" in caplog.text
+    with pytest.raises(ValueError, match=rf"^{bad}: none of its source labels \['Normal', 'RBB'\] occurs"):
+        evaluate.read_label_map(bad, source_labels=["AF"], run_labels=["NORM", "CD"])
     for shipped in MAPS.glob("*_to_ptbxl_*.csv"):
         rows = shipped.read_text().splitlines()
         assert rows[0] == "source_label,target_label" and len(rows) > 3
