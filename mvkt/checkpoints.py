@@ -96,6 +96,11 @@ class RunCheckpoints:
         """One line for a checkpoint that could not be written (a full disk gave a tensorstore
         OUT_OF_RANGE message), after removing the partial ``*.orbax-checkpoint-tmp`` folders
         it left, which a rerun would otherwise have to step over."""
+        for manager in (self.latest, self.best):  # the other save may still be writing its folder
+            try:
+                manager.wait_until_finished()
+            except Exception:  # noqa: BLE001 - the same cause; reported once, below
+                pass
         leftovers = sorted(p for folder in (self.workdir / "checkpoints", self.workdir / "best")
                            for p in folder.glob("*.orbax-checkpoint-tmp*"))
         if distributed.is_chief():

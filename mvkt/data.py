@@ -85,8 +85,26 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
+def _first_non_finite_record(out_dir: pathlib.Path, name: str) -> str | None:
+    """The record id of the first record of ``{split}_signals.npy`` holding a NaN or inf
+    sample, anywhere in it (random crops can miss a few bad samples for a whole run), or None."""
+    split = name[: -len("_signals.npy")]
+    signals = np.load(out_dir / name, mmap_mode="r")
+    rows = signals.reshape(len(signals), -1) if signals.ndim == 3 else signals  # fixed (N, T, 12) / ragged (sum T, 12)
+    step = max(1, (1 << 24) // max(1, rows[0].size * rows.itemsize)) if len(rows) else 1
+    for lo in range(0, len(rows), step):
+        bad = np.flatnonzero(~np.isfinite(rows[lo:lo + step]).all(axis=1))
+        if len(bad):
+            row = lo + int(bad[0])
+            if signals.ndim == 2:  # ragged: the record whose samples hold this row
+                row = int(np.searchsorted(np.load(out_dir / f"{split}_offsets.npy"), row, side="right")) - 1
+            return str(np.load(out_dir / f"{split}_record_ids.npy")[row])
+    return None
+
+
 def verify_shards(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> int:
-    """Check the sha256 of every file in the manifest; returns the number of files checked.
+    """Check the sha256 of every file in the manifest, and that every signal sample is finite;
+    returns the number of files checked.
 
     With ``cache_dir`` a file whose size, modification time and inode are unchanged since
     it last matched is not hashed again (a dataset is hashed once per change; any write
@@ -110,8 +128,12 @@ def verify_shards(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | 
         if known and known["key"] == key and known["sha256"] == digest:
             continue
         actual = _sha256(path)
+        non_finite = _first_non_finite_record(out_dir, name) if name.endswith("_signals.npy") else None
         if actual != digest:
             bad.append(f"{name}: sha256 {actual[:12]}... != manifest {digest[:12]}...")
+            cache.pop(str(path), None)
+        elif non_finite is not None:  # data_prep rejects such records: these shards were written otherwise
+            bad.append(f"{name}: NaN/inf samples in record {non_finite}")
             cache.pop(str(path), None)
         else:
             cache[str(path)] = {"key": key, "sha256": actual}
@@ -125,7 +147,7 @@ def verify_shards(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | 
             pass
     if bad:
         raise ShardError(
-            f"{out_dir}: {len(bad)} file(s) do not match manifest.json (damaged or changed since "
+            f"{out_dir}: {len(bad)} file(s) fail verification against manifest.json (damaged or changed since "
             f"data_prep wrote them): " + "; ".join(bad) + ". Prepare the shards again"
         )
     return len(manifest["files"])

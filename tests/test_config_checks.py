@@ -216,3 +216,22 @@ def test_a_stray_signal_file_in_a_cinc_folder_does_not_count_as_a_rejected_recor
     assert manifest["rejected"]["counted"] == 0 and manifest["rejected"]["not_counted"] == 1
     assert read_rejected(tmp_path / "o" / "rejected.csv")["junk"] == (
         f"junk: {src / 'junk.mat'} has no header junk.hea beside it (not a record; listed, not counted)")
+
+
+def test_shard_verification_finds_a_few_non_finite_samples_anywhere(ptbxl_sample_shards, tmp_path):
+    """NaN in 100 samples of one training record, in shards whose manifest hashes match
+    (written by other code than data_prep): training went on with finite losses because
+    its random crops missed them. Verification scans every sample."""
+    from mvkt import data as data_lib
+
+    shards = tmp_path / "shards"
+    shutil.copytree(ptbxl_sample_shards, shards)
+    signals = np.load(shards / "train_signals.npy")
+    signals[5, 100:200, 3] = np.nan
+    np.save(shards / "train_signals.npy", signals)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["files"]["train_signals.npy"] = data_lib._sha256(shards / "train_signals.npy")
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    record = np.load(shards / "train_record_ids.npy")[5]
+    with pytest.raises(data_lib.ShardError, match=rf"train_signals.npy: NaN/inf samples in record {record}\b"):
+        data_lib.verify_shards(shards, cache_dir=tmp_path / "cache")
