@@ -128,7 +128,9 @@ def verify_shards(out_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | 
         if known and known["key"] == key and known["sha256"] == digest:
             continue
         actual = _sha256(path)
-        non_finite = _first_non_finite_record(out_dir, name) if name.endswith("_signals.npy") else None
+        # Scanned only when the hash matches: a mismatched file is reported as such already.
+        non_finite = (_first_non_finite_record(out_dir, name)
+                      if actual == digest and name.endswith("_signals.npy") else None)
         if actual != digest:
             bad.append(f"{name}: sha256 {actual[:12]}... != manifest {digest[:12]}...")
             cache.pop(str(path), None)
