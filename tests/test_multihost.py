@@ -62,9 +62,11 @@ class Job:
         processes: int,
         devices: int,
         from_env: bool = False,
+        extra_args: dict[int, list[str]] | None = None,
     ):
         """``from_env``: the coordinator, process count and id come from the ``JAX_*``
-        variables instead of flags."""
+        variables instead of flags. ``extra_args``: flags appended to one process's command
+        (the last occurrence of a flag wins), to start a process unlike the others."""
         self.procs, self.logs = [], []
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_NUM_CPU_DEVICES=str(devices))
         port = free_port()
@@ -84,6 +86,7 @@ class Job:
                     f"--num_processes={processes}",
                     f"--process_id={i}",
                 ]
+            cmd += (extra_args or {}).get(i, [])
             log = log_dir / f"{module.rsplit('.', 1)[-1]}-{time.monotonic_ns()}-p{i}.log"
             self.logs.append(log)
             with log.open("w") as out:
@@ -285,29 +288,11 @@ def test_process_flags_without_distributed_are_refused(tmp_path):
 def test_processes_started_with_different_commands_all_stop_with_one_line(ptbxl_sample_shards, tmp_path, differs):
     """Process 1 given --num_processes=3 (or another config) while process 0 says 2: both
     trained and exited 0. Now both exit 1 before the first step, naming what differs."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_NUM_CPU_DEVICES="1")
-    procs, logs = [], []
-    for i in range(2):
-        args = train_args("teacher", tmp_path / "run", ptbxl_sample_shards)
-        multi = ["--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-        if i == 1:
-            name = differs.split("=")[0]
-            multi = [a for a in multi if not a.startswith(name)]
-            args = [a for a in args if not a.startswith(name)] + [differs]
-        logs.append(tmp_path / f"p{i}.log")
-        with logs[-1].open("w") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train", *args, *multi], cwd=REPO,
-                                          env=env, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=DEADLINE_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    job = Job("experiments.train", train_args("teacher", tmp_path / "run", ptbxl_sample_shards), tmp_path,
+              processes=2, devices=1, extra_args={1: [differs]})
     what = "--num_processes" if differs.startswith("--num") else "command line (flags and config)"
-    for log, code in zip(logs, codes):
-        last = log.read_text().strip().splitlines()[-1]
+    for code, output in job.wait():
+        last = output.strip().splitlines()[-1]
         assert code == 1 and last.startswith(f"error: process 1 was started with another {what} than process 0"), \
-            log.read_text()[-3000:]
+            output[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
