@@ -256,6 +256,9 @@ def _with_leads(overrides: Mapping[str, Any], leads: str) -> dict[str, Any]:
 _FUNCTION_MATCHING = {"augment.mixup_alpha": 0.4, "augment.amplitude_scale_std": 0.1,
                       "augment.noise_std": 0.05, "augment.baseline_wander": 0.1}
 _CROSS_FIT_STUDENT = {"teacher.cross_fit": True, "teacher.cache": True, "teacher.cache_stride_seconds": 0.25}
+# Real NSTDB noise (training half of each record) on half of the student's training crops, at
+# SNR 0-24 dB; the teacher sees the clean crop. The noise records: --override=augment.nstdb_dir=...
+_NSTDB_NOISE = {"augment.nstdb_noise": 0.5}
 _LEAD_DROPOUT_TEACHER = {"augment.lead_dropout": 0.5, "augment.lead_dropout_keep": LEADS}
 TRANSFER_METHODS: dict[str, Recipe] = {
     "bce": Recipe("bce", about="the student alone (baseline)"),
@@ -271,6 +274,12 @@ TRANSFER_METHODS: dict[str, Recipe] = {
         "mkd", student=_FUNCTION_MATCHING,
         about="MKD with mixup, gain, noise and baseline wander applied alike to teacher and student input"),
     "mvkt_function_matching": Recipe("mvkt", student=_FUNCTION_MATCHING, about="MVKT with the same transforms"),
+    "bce_nstdb_noise": Recipe(
+        "bce", student=_NSTDB_NOISE,
+        about="the BCE student trained on crops half of which carry NSTDB noise (bw, em, ma) at 0-24 dB"),
+    "mvkt_nstdb_noise": Recipe(
+        "mvkt", student=_NSTDB_NOISE,
+        about="MVKT with the same noise on the student's input; the teacher sees the clean crop"),
     "mkd_lead_dropout_teacher": Recipe(
         "mkd", teacher=_LEAD_DROPOUT_TEACHER, teacher_name="teacher_lead_dropout",
         about="MKD from a teacher trained with the student's missing leads zeroed at p=0.5"),

@@ -162,6 +162,7 @@ def upgrade(raw: Mapping[str, Any]) -> dict:
     described every trained net, teachers too, in ``config.student``."""
     config = copy.deepcopy(dict(raw))
     config.setdefault("eval", {}).setdefault("evaluators", ["val_auc"])
+    config.setdefault("augment", {}).setdefault("nstdb_snr_max_db", 24.0)  # added with the NSTDB noise
     if "teacher" in config and "trains" in config:
         return config
     teacher = {new: config.pop(old) for old, new in _LEGACY_TEACHER_FIELDS.items() if old in config}

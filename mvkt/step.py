@@ -285,12 +285,14 @@ def make_update_fn(
     teacher_leads: list[int] | None = None,
     augment: augment_lib.Augmentation | None = None,
     mkd_class_weights: np.ndarray | None = None,
+    corrupt: augment_lib.Corruption | None = None,
 ) -> Callable:
     """The pure ``update_fn(state, batch, rng) -> (state, metrics)`` (jit it, donate state).
 
     ``teacher_leads``: the teacher's input leads in the 12-lead crop (default all 12; fewer
     for a teacher assistant). ``augment``: transforms of the crop before teacher and student.
-    ``mkd_class_weights``: (C,) per-class weights of the MKD term.
+    ``mkd_class_weights``: (C,) per-class weights of the MKD term. ``corrupt``: wearable
+    corruptions of the trained net's input only (the teacher sees the clean crop).
 
     ``rng`` is the run's base key (not part of the donated state); each step folds
     its own step number into it, so a resumed run draws the same randomness.
@@ -303,6 +305,7 @@ def make_update_fn(
     lead_index = np.asarray(student_leads)
     teacher_index = np.asarray(teacher_leads if teacher_leads is not None else range(len(data_lib.LEADS)))
     augment = augment if augment is not None and augment.active else None
+    corrupt = corrupt if corrupt is not None and corrupt.active else None
 
     def gather(x):
         # The whole global batch on every device: each anchor contrasts with all
@@ -317,6 +320,8 @@ def make_update_fn(
             # Its own stream: dropout and CLT draw what they drew without augmentation.
             x, labels, mask_labels = augment(jax.random.fold_in(step_rng, 0xA06), x, labels)
         x_student = x[..., lead_index]
+        if corrupt is not None:
+            x_student = corrupt(jax.random.fold_in(step_rng, 0xC0A), x_student)
 
         teacher_logits = teacher_features = None
         if loss_spec.needs_teacher:
@@ -392,6 +397,7 @@ def build_training(
     teacher_leads: list[str] | None = None,
     label_names: list[str] | None = None,
     sampling_rate: int = 100,
+    band_pass: tuple[float, float] | None = None,
 ) -> Training:
     """The one place a train state and its jitted step are made from a config.
 
@@ -400,8 +406,8 @@ def build_training(
     ``optimizer``: ``(tx, schedule)`` instead of the config's (tests use plain SGD).
     ``donate``: donate the state to the step (off when a test reuses a state).
     ``teacher_leads``: the teacher's leads (default all 12; fewer for a teacher assistant).
-    ``label_names``: needed for ``config.mkd_class_weights``; ``sampling_rate`` for the
-    baseline-wander augmentation.
+    ``label_names``: needed for ``config.mkd_class_weights``; ``sampling_rate`` (and the
+    shards' ``band_pass``) for the baseline-wander augmentation and the NSTDB noise.
     """
     loss_spec = LossSpec.from_config(config)
     if loss_spec.needs_teacher and teacher is None:
@@ -414,6 +420,7 @@ def build_training(
     if config.teacher.cache and loss_spec.needs_teacher and augment.active:
         raise ValueError("config.augment changes the teacher's input every step: precomputed teacher outputs "
                          "cannot follow it; set --config.teacher.cache=False (function matching runs the teacher online)")
+    corrupt = augment_lib.Corruption.from_config(config, sampling_rate, band_pass)
     teacher_model, teacher_variables = teacher if loss_spec.needs_teacher else (None, None)
     teacher_index = data_lib.lead_indices(teacher_leads or list(data_lib.LEADS))
     teacher_feature_dim = None
@@ -445,6 +452,7 @@ def build_training(
         teacher_leads=teacher_index,
         augment=augment,
         mkd_class_weights=run_config.mkd_class_weights(config, label_names or [], num_classes),
+        corrupt=corrupt,
     )
     return Training(
         model=model,

@@ -204,7 +204,8 @@ class _Run:
             config, num_classes=len(label_names), crop_length=crop_length, total_steps=info["total_steps"],
             parallel=parallel, rng=init_rng, train_labels=train_split.y,
             teacher=source.teacher if source else None, teacher_leads=source.leads if source else None,
-            label_names=label_names, sampling_rate=train_split.sampling_rate)
+            label_names=label_names, sampling_rate=train_split.sampling_rate,
+            band_pass=(train_split.manifest.get("preprocessing") or {}).get("band_pass"))
         checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
         return cls(config, workdir, parallel, train_split, val_split, loader, info, source, training, rng,
                    checkpoints, is_chief)

@@ -74,6 +74,15 @@ def get_config(arg=None):
     config.augment.baseline_wander = 0.0  # amplitude of a random 0.05-0.5 Hz sinusoid
     config.augment.lead_dropout = 0.0  # probability of zeroing each lead not in lead_dropout_keep
     config.augment.lead_dropout_keep = ""  # leads never dropped, e.g. "I" (the student's)
+    # Wearable corruptions of the trained net's input only (a frozen teacher sees the clean crop):
+    # real NSTDB noise from the training half of each noise record (mvkt/noise.py), reversed
+    # electrodes, contact loss. Each is a probability per record.
+    config.augment.nstdb_noise = 0.0  # add bw/em/ma noise at an SNR uniform in [min, max] dB
+    config.augment.nstdb_snr_min_db = 0.0
+    config.augment.nstdb_snr_max_db = 24.0
+    config.augment.nstdb_dir = ""  # NSTDB records (bw, em, ma); "" = the excerpt in data_prep/samples/nstdb
+    config.augment.polarity_flip = 0.0  # invert the trace
+    config.augment.contact_loss = 0.0  # a flat stretch of 0.5-2 s
 
     config.clt = ml_collections.ConfigDict()
     config.clt.variant = "memory_bank"  # memory_bank (CRD, paper) | in_batch (global-batch InfoNCE)
