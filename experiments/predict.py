@@ -12,6 +12,11 @@ aggregation; everything comes from the run folder, the shards are not needed. De
 use the per-class thresholds chosen on the run's validation split (``thresholds.json``,
 written by ``experiments.evaluate``). A record that cannot be scored gets one error line;
 the others are still scored, and the exit status is 1.
+
+Every record first gets its signal-quality indices (``mvkt.quality``: flat line, clipping,
+baseline-wander and high-frequency power, kurtosis, on the model's leads as given). A record
+that fails them is reported ``unusable`` and not classified (its decision withheld), unless
+``--no_quality_gate``; the indices are printed and written to ``--out`` either way.
 """
 
 import csv
@@ -33,11 +38,26 @@ def define_flags() -> None:
     flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces")
     flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+    flags.DEFINE_bool("quality_gate", True, "withhold the decision on records whose signal-quality indices fail "
+                      "(mvkt/quality.py); --no_quality_gate classifies them anyway (still reported)")
     flags.DEFINE_bool("allow_unfinished", False, "use a run that stopped before its last step (warned, and marked "
                       "run_finished false in the output)")
 
 
-def format_record(path: str, predictor: inference.Predictor, probabilities) -> str:
+def format_quality(assessment: dict) -> str:
+    verdict = "usable" if assessment["usable"] else "UNUSABLE"
+    indices = "; ".join(f"{lead}: " + " ".join(f"{k} {v:.3g}" for k, v in values.items())
+                        for lead, values in assessment["leads"].items())
+    failed = f" (failed: {', '.join(assessment['reasons'])})" if assessment["reasons"] else ""
+    return f"  quality: {verdict}{failed}\n    {indices}"
+
+
+def format_unusable(path: str, assessment: dict) -> str:
+    return f"{path}\n  unusable: decision withheld (signal quality; --no_quality_gate classifies anyway)\n" \
+           f"{format_quality(assessment)}"
+
+
+def format_record(path: str, predictor: inference.Predictor, probabilities, assessment: dict | None = None) -> str:
     lines = [f"{path}", f"  {'class':>10s}  probability  decision (threshold from validation)"]
     thresholds = predictor.thresholds or {}
     for name, prob, decision in zip(predictor.label_names, probabilities, predictor.decisions(probabilities)):
@@ -46,6 +66,8 @@ def format_record(path: str, predictor: inference.Predictor, probabilities) -> s
         else:
             why = f"{'yes' if decision else 'no ':3s} ({thresholds[name]:.3f})"
         lines.append(f"  {name:>10s}  {prob:11.4f}  {why}")
+    if assessment is not None:
+        lines.append(format_quality(assessment))
     return "\n".join(lines)
 
 
@@ -57,19 +79,24 @@ def write_out(path: pathlib.Path, rows: list[dict], predictor: inference.Predict
             **predictor.training,
             "label_names": predictor.label_names,
             "thresholds": predictor.thresholds,
+            "quality_thresholds": predictor.quality_thresholds.as_dict(),
             "records": rows,
         }, indent=2))
     elif path.suffix == ".csv":
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["record", "class", "probability", "threshold", "decision"])
+            writer.writerow(["record", "status", "class", "probability", "threshold", "decision",
+                             "quality_failures"])
             for row in rows:
+                failures = "; ".join(row["quality"]["reasons"])
                 for name in predictor.label_names:
                     threshold = (predictor.thresholds or {}).get(name)
-                    decision = row["decisions"][name]
-                    writer.writerow([row["record"], name, f"{row['probabilities'][name]:.6f}",
+                    probability = (row["probabilities"] or {}).get(name)
+                    decision = (row["decisions"] or {}).get(name)
+                    writer.writerow([row["record"], row["status"], name,
+                                     "" if probability is None else f"{probability:.6f}",
                                      "" if threshold is None else f"{threshold:.6f}",
-                                     "" if decision is None else int(decision)])
+                                     "" if decision is None else int(decision), failures])
     else:
         raise ValueError(f"--out={path}: write .json or .csv")
 
@@ -93,16 +120,25 @@ def main(argv):
         for path in records:
             try:
                 signal, fs, leads = read_any(path, fs=flags.FLAGS.fs, leads=flags.FLAGS.lead)
-                probabilities = predictor.predict(signal, fs=fs, leads=leads, record=path)
+                assessment = predictor.assess_quality(signal, fs=fs, leads=leads, record=path)
+                withheld = flags.FLAGS.quality_gate and not assessment["usable"]
+                probabilities = None if withheld else predictor.predict(signal, fs=fs, leads=leads, record=path)
             except inference.RecordError as e:  # unreadable files too (data_prep raises the same class)
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            print(format_record(path, predictor, probabilities))
+            if withheld:
+                print(format_unusable(path, assessment))
+                rows.append({"record": path, "status": "unusable", "probabilities": None, "decisions": None,
+                             "quality": assessment})
+                continue
+            print(format_record(path, predictor, probabilities, assessment))
             rows.append({
                 "record": path,
+                "status": "classified",
                 "probabilities": dict(zip(predictor.label_names, map(float, probabilities))),
                 "decisions": dict(zip(predictor.label_names, predictor.decisions(probabilities))),
+                "quality": assessment,
             })
         if out is not None:
             write_out(out, rows, predictor)

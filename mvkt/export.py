@@ -41,6 +41,7 @@ from mvkt import data as data_lib
 from mvkt import inference
 from mvkt import onnx_graph
 from mvkt import parallel as parallel_lib
+from mvkt import quality as quality_lib
 from mvkt import run_dir
 
 INPUT_NAME = "ecg"
@@ -87,6 +88,10 @@ def exported_net(workdir: str | pathlib.Path, *, which: str = "best") -> Exporte
         "band_pass_hz": json.dumps(list(prep.band_pass) if prep.band_pass else None),
         "standardization": json.dumps({"mean": mean.tolist(), "std": std.tolist(), "in_graph": True}),
         "thresholds": json.dumps(thresholds),
+        # Decisions are withheld on a record whose quality indices (mvkt/quality.py, on the raw
+        # model leads in mV at their own rate) fail these thresholds.
+        "quality_gate": json.dumps({"thresholds": quality_lib.DEFAULT_THRESHOLDS.as_dict(),
+                                    "indices": list(quality_lib.INDEX_NAMES), "definitions": "mvkt/quality.py"}),
         "source_run": str(workdir.absolute()),
         "checkpoint": f"{which} (step {meta.get('step')})",
         # {"run_finished": false, ...} marks a net exported from a run that stopped early.

@@ -25,6 +25,7 @@ from mvkt import errors
 from mvkt import input_pipeline
 from mvkt import metrics as metrics_lib
 from mvkt import parallel as parallel_lib
+from mvkt import quality as quality_lib
 from mvkt import run_dir
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -150,11 +151,8 @@ class Preprocessing:
             aggregate=str(infer["aggregate"]),
         )
 
-    def __call__(self, signal: np.ndarray, *, fs: float, leads: Sequence[str], record: str) -> np.ndarray:
-        """Raw (T, L) samples named ``leads`` at ``fs`` Hz -> (T', len(self.leads)) float32 as
-        in the shards: band-pass, resampling and standardisation exactly as data_prep."""
-        from data_prep import common as prep_lib  # the same filters data_prep used
-
+    def model_leads(self, signal: np.ndarray, *, leads: Sequence[str], record: str) -> np.ndarray:
+        """Raw (T, L) samples named ``leads`` -> (T, len(self.leads)) float32: the model's leads, in order."""
         signal = np.asarray(signal, dtype=np.float32)
         if signal.ndim == 1:
             signal = signal[:, None]
@@ -164,7 +162,14 @@ class Preprocessing:
         missing = [name for name in self.leads if name not in names]
         if missing:
             raise RecordError(f"{record}: has leads {list(leads)}, the model needs {missing} (trained on {self.leads})")
-        signal = signal[:, [names[name] for name in self.leads]]
+        return signal[:, [names[name] for name in self.leads]]
+
+    def __call__(self, signal: np.ndarray, *, fs: float, leads: Sequence[str], record: str) -> np.ndarray:
+        """Raw (T, L) samples named ``leads`` at ``fs`` Hz -> (T', len(self.leads)) float32 as
+        in the shards: band-pass, resampling and standardisation exactly as data_prep."""
+        from data_prep import common as prep_lib  # the same filters data_prep used
+
+        signal = self.model_leads(signal, leads=leads, record=record)
         if not np.isfinite(signal).all():
             raise RecordError(f"{record}: NaN or infinite samples")
         if not fs or fs <= 0:
@@ -203,7 +208,8 @@ def load_thresholds(workdir: str | pathlib.Path) -> dict[str, float | None] | No
 class Predictor:
     """A trained run, ready to score raw records: ``Predictor(run).predict(signal, fs=, leads=)``."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, which: str = "best", batch_size: int = 64):
+    def __init__(self, workdir: str | pathlib.Path, *, which: str = "best", batch_size: int = 64,
+                 quality_thresholds: quality_lib.Thresholds = quality_lib.DEFAULT_THRESHOLDS):
         self.workdir = pathlib.Path(workdir)
         self.parallel = parallel_lib.make_parallelism(jax.devices()[:1])
         self.model, self.variables, _, info, self.meta = run_dir.load_trained_model(
@@ -214,6 +220,7 @@ class Predictor:
         self.thresholds = load_thresholds(workdir)
         self.training = run_dir.training_status(workdir)  # run_finished False: a run that stopped early
         self.batch_size = batch_size
+        self.quality_thresholds = quality_thresholds
         model = self.model
         self._probabilities = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, x, train=False)[0]))
 
@@ -236,6 +243,16 @@ class Predictor:
         return metrics_lib.aggregate_windows(
             scores=probs, record_index=np.zeros(len(starts), np.int64), num_records=1, how=p.aggregate
         )[0]
+
+    def assess_quality(self, signal: np.ndarray, *, fs: float, leads: Sequence[str], record: str = "record") -> dict:
+        """Signal-quality indices of the model's leads of one raw record, in mV at ``fs``
+        (``mvkt.quality.assess``): ``usable`` False means decisions should be withheld."""
+        raw = self.preprocessing.model_leads(signal, leads=leads, record=record)
+        if not np.isfinite(raw).all():
+            raise RecordError(f"{record}: NaN or infinite samples")
+        if not fs or fs <= 0:
+            raise RecordError(f"{record}: invalid sampling rate {fs}")
+        return quality_lib.assess(raw, fs, self.preprocessing.leads, thresholds=self.quality_thresholds)
 
     def decisions(self, probabilities: np.ndarray) -> list[bool | None]:
         """Per class: probability >= its validation threshold (None when the run is not evaluated)."""

@@ -91,10 +91,18 @@ def test_predict_cli_equals_the_evaluation_score_without_the_shards(student, tmp
         probs = [predicted[k]["probabilities"][name] for name in scores["label_names"]]
         np.testing.assert_allclose(probs, scores["scores"][k], atol=1e-5)
     assert "probability" in result.stdout and "threshold from validation" in result.stdout
+    # A flat trace (contact loss) is reported unusable and not classified; the record beside it is.
+    flat = tmp_path / "flat.csv"
+    np.savetxt(flat, np.zeros(1000), delimiter=",")
     csv_out = tmp_path / "p.csv"
-    assert cli("experiments.predict", f"--workdir={workdir}", _record_path(int(ids[0])),
-               f"--out={csv_out}").returncode == 0
-    assert csv_out.read_text().splitlines()[0] == "record,class,probability,threshold,decision"
+    result = cli("experiments.predict", f"--workdir={workdir}", _record_path(int(ids[0])), str(flat), "--fs=100",
+                 "--lead=I", f"--out={csv_out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{flat}\n  unusable: decision withheld" in result.stdout
+    rows = csv_out.read_text().splitlines()
+    assert rows[0] == "record,status,class,probability,threshold,decision,quality_failures"
+    assert [r.split(",")[1] for r in rows[1:]] == ["classified"] * 5 + ["unusable"] * 5
+    assert all(r.split(",")[3] == "" and "flat_fraction" in r for r in rows[6:])
 
 
 def test_the_python_call_and_a_single_lead_trace(student, tmp_path):
