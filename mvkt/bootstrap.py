@@ -226,3 +226,33 @@ def paired_bootstrap(
         y_true=y_true, scores_a=[score_a], scores_b=[score_b], metric_fn=metric_fn,
         n_resamples=n_resamples, alpha=alpha, seed=seed,
     )
+
+
+def bootstrap_contrast(
+    *,
+    y_true: Any,
+    terms: Sequence[tuple[float, Any]],
+    metric_fn: metrics.MetricFn,
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> PairedBootstrapResult:
+    """Bootstrap of ``sum_i w_i * metric(scores_i)`` for ``terms`` [(w_i, scores_i)] of models
+    scored on the same records, on shared resamples: e.g. a difference of differences
+    ``[m(B, noisy) - m(B, clean)] - [m(A, noisy) - m(A, clean)]`` (does B lose less than A?).
+    ``p_value``: share of resamples with a contrast <= 0."""
+    y = metrics._as_labels(y_true)
+    if not terms:
+        raise ValueError("a contrast needs at least one (weight, scores) term")
+    weighted = [(float(w), metrics._as_scores(s, like=y, name=f"scores of term {i}")) for i, (w, s) in enumerate(terms)]
+    point = float(sum(w * _quiet(metric_fn, y_true=y, y_score=s) for w, s in weighted))
+    chunks, rejected = _draw_resamples(y_true=y, n_resamples=n_resamples, seed=seed)
+    contrast = np.zeros(sum(len(c) for c in chunks))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for w, s in weighted:
+            contrast += w * _resample_stats(y_true=y, y_score=s, metric_fn=metric_fn, index_chunks=chunks)
+    lower, upper = _percentile_interval(contrast, alpha)
+    return PairedBootstrapResult(difference=point, lower=lower, upper=upper,
+                                 p_value=float(np.mean(contrast <= 0.0)), n_resamples=len(contrast),
+                                 n_rejected=rejected, alpha=alpha)

@@ -116,7 +116,7 @@ def evaluate_scores(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Scorer:
+class Scorer:
     """A trained run loaded once per evaluation."""
 
     variables: Any
@@ -130,7 +130,7 @@ class _Scorer:
     parallel: parallel_lib.Parallelism
 
     @classmethod
-    def load(cls, workdir, *, which: str, aggregate: str | None, parallel: parallel_lib.Parallelism) -> "_Scorer":
+    def load(cls, workdir, *, which: str, aggregate: str | None, parallel: parallel_lib.Parallelism) -> "Scorer":
         model, variables, run_config, info, meta = run_dir.load_trained_model(workdir, which=which, parallel=parallel)
         prep = inference.Preprocessing.of_run(workdir)
         return cls(
@@ -205,14 +205,14 @@ def score_split(
     which: str = "best",
     aggregate: str | None = None,
     parallel: parallel_lib.Parallelism | None = None,
-    scorer: _Scorer | None = None,
+    scorer: Scorer | None = None,
     save: bool = True,
 ) -> dict:
     """Per-record sigmoid scores of a trained run on one split of its own shards (saved to
     ``scores_<split>.npz`` unless ``save=False``)."""
     workdir = pathlib.Path(workdir)
     parallel = parallel or parallel_lib.make_parallelism()
-    scorer = scorer or _Scorer.load(workdir, which=which, aggregate=aggregate, parallel=parallel)
+    scorer = scorer or Scorer.load(workdir, which=which, aggregate=aggregate, parallel=parallel)
     info = scorer.info
     data = data_lib.open_split(info["data_dir"], split, folds=info.get("folds"))
     if list(data.label_names) != list(info["label_names"]):
@@ -286,14 +286,14 @@ def evaluate_run(
     if label_map and not external:
         raise ValueError("--label_map is for other shards: give --data_dir=OTHER_SHARDS and --name=NAME")
     with run_dir.writer(workdir):
-        scorer = _Scorer.load(workdir, which=which, aggregate=aggregate, parallel=parallel)
+        scorer = Scorer.load(workdir, which=which, aggregate=aggregate, parallel=parallel)
         if external:
             return _evaluate_external(workdir, scorer, data_dir=data_dir, label_map=label_map, name=name,
                                       n_resamples=n_resamples, seed=seed, which=which)
         return _evaluate_run(workdir, scorer, split=split, n_resamples=n_resamples, seed=seed, which=which)
 
 
-def _run_status(workdir: pathlib.Path, scorer: _Scorer, which: str) -> dict:
+def _run_status(workdir: pathlib.Path, scorer: Scorer, which: str) -> dict:
     status = run_dir.training_status(workdir)
     if not status["run_finished"]:
         logging.warning("%s is an unfinished run (%d of %s steps trained); its evaluation is marked so",
@@ -312,7 +312,7 @@ def _run_status(workdir: pathlib.Path, scorer: _Scorer, which: str) -> dict:
     }
 
 
-def _evaluate_run(workdir: pathlib.Path, scorer: _Scorer, *, split: str, n_resamples: int, seed: int,
+def _evaluate_run(workdir: pathlib.Path, scorer: Scorer, *, split: str, n_resamples: int, seed: int,
                   which: str) -> dict:
     val = score_split(workdir, "val", scorer=scorer)
     target = val if split == "val" else score_split(workdir, split, scorer=scorer)
@@ -337,7 +337,7 @@ def _evaluate_run(workdir: pathlib.Path, scorer: _Scorer, *, split: str, n_resam
     return result
 
 
-def _evaluate_external(workdir: pathlib.Path, scorer: _Scorer, *, data_dir: str, label_map: str | None,
+def _evaluate_external(workdir: pathlib.Path, scorer: Scorer, *, data_dir: str, label_map: str | None,
                        name: str, n_resamples: int, seed: int, which: str) -> dict:
     info = scorer.info
     run_labels = list(info["label_names"])

@@ -352,3 +352,45 @@ def plot_ablation(
               ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_robustness_snr(
+    path: str | os.PathLike,
+    *,
+    panels: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    title: str = "Macro-AUC under noise",
+) -> str:
+    """One panel per noise type: macro-AUC against SNR (high SNR, little noise, on the left),
+    one line per model with its 95% CI band, and the model's clean score as a dotted line.
+
+    ``panels``: {panel title: {model: {"snr": [...], "auc": [...], "ci": [[lo, hi], ...],
+    "clean": float}}}.
+    """
+    titles = list(panels)
+    fig, axes = plt.subplots(1, len(titles), figsize=(3.6 * len(titles), 3.6), sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    models = list(dict.fromkeys(m for t in titles for m in panels[t]))
+    for ax, panel in zip(axes[0], titles):
+        for k, model in enumerate(models):
+            line = panels[panel].get(model)
+            if line is None:
+                continue
+            color = colors[k % len(colors)]
+            snr = np.asarray(line["snr"], float)
+            order = np.argsort(-snr)
+            auc = np.asarray(line["auc"], float)[order]
+            ci = np.asarray(line["ci"], float)[order]
+            ax.plot(snr[order], auc, "o-", color=color, label=model, markersize=3.5)
+            ax.fill_between(snr[order], ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
+            ax.axhline(line["clean"], color=color, linestyle=":", linewidth=1)
+        ax.invert_xaxis()
+        ax.set_xlabel("SNR (dB)")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("macro-AUC (dotted: clean)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(models), 4), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(models) / 4)))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
