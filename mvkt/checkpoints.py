@@ -18,6 +18,7 @@ import errno
 import logging as std_logging
 import pathlib
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -101,11 +102,9 @@ class RunCheckpoints:
                 manager.wait_until_finished()
             except Exception:  # noqa: BLE001 - the same cause; reported once, below
                 pass
-        leftovers = sorted(p for folder in (self.workdir / "checkpoints", self.workdir / "best")
-                           for p in folder.glob("*.orbax-checkpoint-tmp*"))
-        if distributed.is_chief():
-            for path in leftovers:
-                shutil.rmtree(path, ignore_errors=True)
+        leftovers = (self._remove_partial() if distributed.is_chief() else  # the chief removes, all name them
+                     sorted(p for folder in (self.workdir / "checkpoints", self.workdir / "best")
+                            for p in folder.glob("*.orbax-checkpoint-tmp*")))
         text = str(error)
         if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os_error_code='28'" in text:
             reason = "no space left on device"
@@ -118,6 +117,23 @@ class RunCheckpoints:
         return OSError(f"{self.workdir / 'checkpoints'}: {which} could not be written ({reason}); the partial "
                        "checkpoint was removed. Free space and rerun the same command: training continues from "
                        "the last complete checkpoint")
+
+    def _remove_partial(self, *, settle_s: float = 0.5, deadline_s: float = 10.0) -> list[pathlib.Path]:
+        """Removes the ``*.orbax-checkpoint-tmp*`` folders until none reappears for ``settle_s``:
+        after a failed save, orbax's writer threads of the other items may still create theirs
+        (seen on a loaded machine: ``best/2.orbax-checkpoint-tmp/train...`` after the cleanup)."""
+        removed: set[pathlib.Path] = set()
+        start = quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < settle_s and time.monotonic() - start < deadline_s:
+            found = [p for folder in (self.workdir / "checkpoints", self.workdir / "best")
+                     for p in folder.glob("*.orbax-checkpoint-tmp*")]
+            if found:
+                quiet_since = time.monotonic()
+            for path in found:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.add(path)
+            time.sleep(0.05)
+        return sorted(removed)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
