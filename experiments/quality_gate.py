@@ -83,7 +83,7 @@ def measure(*, data_dir: str | None = None, split: str = "test", noise_dir=noise
         rows[f"NSTDB {kind} noise alone, 10 s, lead I"] = _rate([
             quality.assess(bank.segment(kind, 1000, rng, num_leads=1), 100, ["I"], thresholds=thresholds)
             for _ in range(segments)])
-    return {"thresholds": thresholds.as_dict(), "noise_dir": str(pathlib.Path(noise_dir).absolute()),
+    return {"thresholds": thresholds.as_dict(), "noise_dir": str(pathlib.Path(noise_dir).resolve()),
             "rows": rows}
 
 

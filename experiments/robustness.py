@@ -24,6 +24,7 @@ condition under ``--out/scores``, so a rerun continues where it stopped.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import pathlib
@@ -54,7 +55,8 @@ RESULT_FILE = "robustness.json"
 
 
 def define_flags() -> None:
-    flags.DEFINE_multi_string("workdir", None, "trained run folder (repeat for several)", required=True)
+    flags.DEFINE_multi_string("workdir", None, "trained run folder (repeat for several; globs allowed, quoted: "
+                              "'runs/study/runs/*_seed[01]')", required=True)
     flags.DEFINE_string("out", None, "output folder (robustness.json, report.md, plots, cached scores)",
                         required=True)
     flags.DEFINE_string("data_dir", None, "shards to score (default: each run's own shards and folds)")
@@ -74,6 +76,17 @@ def define_flags() -> None:
 def model_name(workdir: pathlib.Path) -> str:
     """The model a run belongs to: its folder name without ``_seed<N>``."""
     return re.sub(r"_seed\d+$", "", pathlib.Path(workdir).name)
+
+
+def expand_workdirs(patterns: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
+    """Run folders from folders and glob patterns, in the given order (a pattern's matches sorted)."""
+    found: list[pathlib.Path] = []
+    for pattern in map(str, patterns):
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"--workdir={pattern} matches no folder")
+        found += [pathlib.Path(m).absolute() for m in matches]
+    return list(dict.fromkeys(found))
 
 
 def _cache_key(workdir: pathlib.Path) -> str:
@@ -184,6 +197,12 @@ def summarise(scores: dict[str, dict[str, dict]], groups: dict[str, list[pathlib
             cell["num_records"] = int(len(y))
             entry["conditions"][condition.name] = cell
             bar.update()
+        for family in ("nstdb", "white"):
+            names = [c.name for c in conditions if c.family == family]
+            if names:
+                w = 1.0 / len(runs)
+                terms = [(w / len(names), s[n]["scores"]) for n in names for s in per_run] + [(-w, c) for c in clean]
+                entry[f"{family}_mean_vs_clean"] = _contrast(y, terms, n_resamples)
         models[group] = entry
     comparisons = []
     for a, b in compare:
@@ -224,7 +243,7 @@ def run_robustness(*, workdirs: Sequence[str | pathlib.Path], out: str | pathlib
                    allow_unfinished: bool = False, command: str = "experiments.robustness.run_robustness",
                    progress: bool = True) -> dict:
     out = pathlib.Path(out).absolute()
-    workdirs = [pathlib.Path(w).absolute() for w in workdirs]
+    workdirs = expand_workdirs(workdirs)
     for w in workdirs:
         cli.check_finished(w, allow_unfinished=allow_unfinished)
     chosen = robustness_lib.default_conditions(snrs)
@@ -261,7 +280,7 @@ def run_robustness(*, workdirs: Sequence[str | pathlib.Path], out: str | pathlib
         "n_resamples": n_resamples,
         "label_names": list(label_names),
         "num_records": int(len(next(iter(next(iter(scores.values())).values()))["y"])),
-        "noise": {"dir": str(pathlib.Path(noise_dir).absolute()), "part": "eval",
+        "noise": {"dir": str(pathlib.Path(noise_dir).resolve()), "part": "eval",
                   "source_samples_360Hz": list(bank.source_samples) if bank else None,
                   "training_part": list(noise_lib.PARTS["train"]), "evaluation_part": list(noise_lib.PARTS["eval"])},
         "snr_definition": "per lead: 10 log10(var(lead over the record) / mean square of the added noise)",
@@ -314,6 +333,14 @@ def report(result: dict, png: str | None) -> str:
              "seeds are seed-averaged. Unusable: records the signal-quality gate withholds (per seed).", ""]
     if png:
         lines += [f"![macro-AUC against SNR]({png})", ""]
+    lines += ["## Summary", "", "Mean drop: the mean over the noise conditions of (macro-AUC under the condition - "
+              "clean macro-AUC), paired over records and seeds.", "",
+              "| model | clean macro-AUC [95% CI] | mean drop, NSTDB bw/em/ma 24-0 dB [95% CI] | "
+              "mean drop, white noise [95% CI] |", "|---|---|---|---|"]
+    for model, entry in result["models"].items():
+        lines.append(f"| {model} | {_ci(entry['conditions']['clean'])} | {_diff(entry.get('nstdb_mean_vs_clean'))} | "
+                     f"{_diff(entry.get('white_mean_vs_clean'))} |")
+    lines.append("")
     for model, entry in result["models"].items():
         lines += [f"## {model} ({len(entry['runs'])} run(s))", "",
                   "| condition | macro-AUC [95% CI] | vs clean [paired 95% CI] | P(diff <= 0) | unusable |",
