@@ -29,7 +29,7 @@ from data_prep.records import read_any
 from data_prep.wfdb_io import RecordError as ReadError
 from experiments.configs import student as student_config
 from helpers import tiny
-from mvkt import evaluate, export, inference, run_dir, train
+from mvkt import evaluate, export, inference, quality, run_dir, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data_prep" / "samples"
@@ -157,6 +157,7 @@ def test_onnx_export_equals_the_jax_forward_on_real_records_and_int8_is_close(st
     assert (inp.name, inp.shape) == ("ecg", ["batch", 250, 1])
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["label_names"]) == run_dir.load_info(workdir)["label_names"]
+    assert json.loads(meta["quality_gate"])["thresholds"] == quality.DEFAULT_THRESHOLDS.as_dict()
     import onnx
 
     ops = {node.op_type for node in onnx.load(str(out)).graph.node}
