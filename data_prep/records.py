@@ -9,6 +9,10 @@
 12-lead WFDB records are read by the same reader as data_prep (so a prediction sees the
 samples the shards hold); other WFDB records (fewer leads) through ``wfdb.rdrecord``.
 Errors are ``RecordError`` naming the file.
+
+Samples come back in **mV**: WFDB records from their header's units (uV, mV or V), EDF/BDF
+from their physical dimension, CPSC 2018 ``.mat`` files are mV; ``.csv``/``.npy`` traces carry
+no units, so they are read in ``units`` (default mV) and converted.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import numpy as np
 from data_prep.wfdb_io import LEADS, RecordError, parse_header, read_record
 
 TRACE_SUFFIXES = (".csv", ".npy")
+# Factor to mV of each accepted unit name (WFDB headers, --units).
+TO_MILLIVOLTS = {"mV": 1.0, "uV": 1e-3, "µV": 1e-3, "V": 1e3}
 EDF_SUFFIXES = (".edf", ".bdf")
 
 
-def read_any(path: str | os.PathLike, *, fs: float | None = None,
-             leads: Sequence[str] | None = None) -> tuple[np.ndarray, float, list[str]]:
-    """(samples (T, L) float32, sampling rate in Hz, lead names) of one record file."""
+def read_any(path: str | os.PathLike, *, fs: float | None = None, leads: Sequence[str] | None = None,
+             units: str = "mV") -> tuple[np.ndarray, float, list[str]]:
+    """(samples (T, L) float32 in mV, sampling rate in Hz, lead names) of one record file;
+    ``units``: what a ``.csv``/``.npy`` trace is in (other formats say so themselves)."""
     path = pathlib.Path(path)
     if path.suffix.lower() in EDF_SUFFIXES:
         from data_prep.folder import canonical_lead, read_edf
@@ -37,7 +44,10 @@ def read_any(path: str | os.PathLike, *, fs: float | None = None,
         signal, rate, labels = read_edf(str(path))
         return signal, rate, [canonical_lead(label) for label in labels]
     if path.suffix in TRACE_SUFFIXES:
-        return _read_trace(path, fs=fs, leads=leads)
+        if units not in TO_MILLIVOLTS:
+            raise RecordError(f"{path}: unknown units {units!r}: one of {', '.join(TO_MILLIVOLTS)}")
+        signal, rate, names = _read_trace(path, fs=fs, leads=leads)
+        return (signal * np.float32(TO_MILLIVOLTS[units])).astype(np.float32), rate, names
     base = path.with_suffix("") if path.suffix in (".hea", ".dat", ".mat") else path
     if base.with_suffix(".hea").is_file():
         return _read_wfdb(base)
@@ -53,9 +63,16 @@ def read_any(path: str | os.PathLike, *, fs: float | None = None,
 def _read_wfdb(base: pathlib.Path) -> tuple[np.ndarray, float, list[str]]:
     header = parse_header(base.with_suffix(".hea"))
     names = [s.description for s in header.signals]
+    unknown = sorted({s.units for s in header.signals} - set(TO_MILLIVOLTS))
+    if unknown:
+        raise RecordError(f"{base.with_suffix('.hea')}: signal units {unknown} are not uV, mV or V")
+    scales = [TO_MILLIVOLTS[s.units] for s in header.signals]
     try:
         signal, rate = read_record(base, header)
-        return signal, rate, list(LEADS)
+        if len(set(scales)) > 1:
+            raise RecordError(f"{base.with_suffix('.hea')}: its 12 leads are in different units "
+                              f"({sorted({s.units for s in header.signals})}); convert them to mV")
+        return (signal * np.float32(scales[0])).astype(np.float32), rate, list(LEADS)
     except RecordError as e:
         if "lead" not in str(e):  # damaged file, not a lead set other than the standard 12
             raise
@@ -65,7 +82,7 @@ def _read_wfdb(base: pathlib.Path) -> tuple[np.ndarray, float, list[str]]:
         record = wfdb.rdrecord(str(base))
     except Exception as e:  # wfdb raises many types for damaged files
         raise RecordError(f"{base}: unreadable WFDB record ({type(e).__name__}: {e})") from None
-    return np.asarray(record.p_signal, np.float32), float(record.fs), names
+    return (np.asarray(record.p_signal, np.float64) * np.asarray(scales)).astype(np.float32), float(record.fs), names
 
 
 def _read_trace(path: pathlib.Path, *, fs: float | None, leads: Sequence[str] | None):

@@ -4,9 +4,11 @@
     python -m experiments.predict --workdir=RUN trace.csv --fs=250 --lead=I
 
 RECORD: a WFDB record (``NAME`` with ``NAME.hea`` + ``.dat``/``.mat``), an original
-CPSC 2018 ``.mat``, an EDF/EDF+/BDF file (``.edf``/``.bdf``: its ECG signals, in mV), or a
-``.csv``/``.npy`` trace (one column per lead) with ``--fs`` and
-``--lead``. Each record gets the run's training preprocessing (its leads, band-pass,
+CPSC 2018 ``.mat``, an EDF/EDF+/BDF file (``.edf``/``.bdf``: its ECG signals), or a
+``.csv``/``.npy`` trace (one column per lead) with ``--fs`` and ``--lead``. The net expects
+**millivolts**: WFDB and EDF files are converted from the units their headers name, CPSC
+``.mat`` files are mV, traces are read in ``--units`` (default mV). A trace whose amplitude
+looks like microvolts (a lead spanning more than 20 mV) is refused with one line naming it. Each record gets the run's training preprocessing (its leads, band-pass,
 resampling to its rate, its standardisation) and the evaluation's sliding windows and
 aggregation; everything comes from the run folder, the shards are not needed. Decisions
 use the per-class thresholds chosen on the run's validation split (``thresholds.json``,
@@ -36,6 +38,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
     flags.DEFINE_string("out", None, "also write the predictions to FILE.json or FILE.csv")
     flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces")
+    flags.DEFINE_enum("units", "mV", ["mV", "uV", "V"], "units of .csv/.npy traces (converted to mV; WFDB and "
+                      "EDF files carry their own). A trace that looks like microvolts is refused")
     flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
     flags.DEFINE_bool("quality_gate", True, "withhold the decision on records whose signal-quality indices fail "
@@ -119,7 +123,8 @@ def main(argv):
         rows, failed = [], 0
         for path in records:
             try:
-                signal, fs, leads = read_any(path, fs=flags.FLAGS.fs, leads=flags.FLAGS.lead)
+                signal, fs, leads = read_any(path, fs=flags.FLAGS.fs, leads=flags.FLAGS.lead,
+                                             units=flags.FLAGS.units)
                 assessment = predictor.assess_quality(signal, fs=fs, leads=leads, record=path)
                 withheld = flags.FLAGS.quality_gate and not assessment["usable"]
                 probabilities = None if withheld else predictor.predict(signal, fs=fs, leads=leads, record=path)

@@ -1,11 +1,14 @@
 """Export of a trained run's net for deployment: ONNX (float32, int8) and StableHLO.
 
-ONNX graph: input ``ecg`` float32 ``(batch, window, leads)`` (raw samples at the run's
+ONNX graph: input ``ecg`` float32 ``(batch, window, leads)`` (raw samples in mV at the run's
 sampling rate, after its band-pass if it had one; the run's standardisation is the graph's
 first op), output ``probabilities`` float32 ``(batch, classes)`` (sigmoid), batch axis
-dynamic, BatchNorm folded into the convolutions. The run's label names, leads, sampling
-rate, window, stride, aggregation, standardisation and validation thresholds are stored
-in the model's metadata (``metadata_props``).
+dynamic, BatchNorm folded into the convolutions. The model's metadata (``metadata_props``)
+describes everything around the graph: label names, leads, units, sampling rate, window,
+stride, aggregation, the band-pass, resampler and window rules as text
+(``preprocessing_rules``), validation thresholds, the quality gate's thresholds, and the run
+it came from by content (``run``: folder name, config hash, git commit; no local path).
+``examples/onnx_predict.py`` reproduces ``experiments.predict`` from the file alone.
 
 Why a converter of its own: jax2onnx (the maintained JAX -> ONNX exporter) pins
 ``orbax-checkpoint<0.11.37`` in 0.16 and 0.17, which conflicts with the project's orbax,
@@ -64,6 +67,63 @@ class ExportedNet:
     metadata: dict[str, str]
 
 
+def preprocessing_rules() -> dict[str, str]:
+    """How a raw record becomes the model's windows and one answer: enough to reproduce
+    experiments.predict from the .onnx file alone (examples/onnx_predict.py does)."""
+    from data_prep import common as prep_lib
+
+    return {
+        "units": "mV (convert uV or V first; predict refuses a trace spanning more than "
+                 f"{quality_lib.MAX_PLAUSIBLE_SPAN_MV:g} mV as microvolts)",
+        "band_pass": f"if band_pass_hz is not null: scipy.signal.butter({prep_lib.BAND_PASS_ORDER}, band_pass_hz, "
+                     "btype='bandpass', fs=source rate, output='sos') applied zero-phase with "
+                     "scipy.signal.sosfiltfilt along time, at the source rate, before resampling",
+        "resampler": "when the source rate differs from sampling_rate_hz: scipy.signal.resample_poly(x, up, down, "
+                     "axis=0), up/down = Fraction(sampling_rate_hz) / Fraction(str(source rate))"
+                     ".limit_denominator(1000) reduced (its default Kaiser-window FIR, beta 5)",
+        "windows": "starts 0, stride, 2*stride, ... while start + window <= length; if the last window does not "
+                   "end at the record's last sample, one more window ending there (start = length - window); a "
+                   "record shorter than one window is refused",
+        "aggregation": "per class, the max (aggregate=max) or the mean (aggregate=mean) over the windows' "
+                       "probabilities",
+        "decisions": "probability >= thresholds[class] (chosen on the run's validation split; null: never decided)",
+    }
+
+
+def model_metadata(workdir: pathlib.Path, *, which: str, step, mean, std, thresholds) -> dict[str, str]:
+    """The exported model's ``metadata_props``: what the net is, how its input is made, and
+    which run it came from (by content: config hash and commit, not a local path)."""
+    info = run_dir.load_info(workdir)
+    prep = inference.Preprocessing.of_run(workdir)
+    provenance = info.get("provenance") or {}
+    return {
+        "label_names": json.dumps(list(info["label_names"])),
+        "leads": json.dumps(prep.leads),
+        "units": "mV",
+        "sampling_rate_hz": str(prep.sampling_rate),
+        "window_samples": str(prep.window),
+        "stride_samples": str(prep.stride),
+        "aggregate": prep.aggregate,
+        "band_pass_hz": json.dumps(list(prep.band_pass) if prep.band_pass else None),
+        "standardization": json.dumps({"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist(),
+                                       "in_graph": True}),
+        "preprocessing_rules": json.dumps(preprocessing_rules()),
+        "thresholds": json.dumps(thresholds),
+        # Decisions are withheld on a record whose quality indices (mvkt/quality.py, on the raw
+        # model leads in mV at their own rate) fail these thresholds.
+        "quality_gate": json.dumps({"thresholds": quality_lib.DEFAULT_THRESHOLDS.as_dict(),
+                                    "indices": list(quality_lib.INDEX_NAMES), "definitions": "mvkt/quality.py"}),
+        "run": json.dumps({"name": pathlib.Path(workdir).absolute().name, "config_hash": info.get("config_hash"),
+                           "git_commit": provenance.get("git_commit"), "git_dirty": provenance.get("git_dirty"),
+                           "method": info.get("method"), "checkpoint": f"{which} (step {step})"}),
+        # {"run_finished": false, ...} marks a net exported from a run that stopped early.
+        "training": json.dumps(run_dir.training_status(workdir)),
+        "input": f"{INPUT_NAME}: float32 (batch, {prep.window}, {len(prep.leads)}) raw samples in mV at "
+        f"{prep.sampling_rate} Hz, leads {','.join(prep.leads)}",
+        "output": f"{OUTPUT_NAME}: float32 (batch, {len(info['label_names'])}) sigmoid probabilities",
+    }
+
+
 def exported_net(workdir: str | pathlib.Path, *, which: str = "best") -> ExportedNet:
     workdir = pathlib.Path(workdir)
     parallel = parallel_lib.make_parallelism(jax.devices()[:1])
@@ -78,28 +138,7 @@ def exported_net(workdir: str | pathlib.Path, *, which: str = "best") -> Exporte
         return jax.nn.sigmoid(logits.astype(jnp.float32))
 
     thresholds = inference.load_thresholds(workdir)
-    metadata = {
-        "label_names": json.dumps(list(info["label_names"])),
-        "leads": json.dumps(prep.leads),
-        "sampling_rate_hz": str(prep.sampling_rate),
-        "window_samples": str(prep.window),
-        "stride_samples": str(prep.stride),
-        "aggregate": prep.aggregate,
-        "band_pass_hz": json.dumps(list(prep.band_pass) if prep.band_pass else None),
-        "standardization": json.dumps({"mean": mean.tolist(), "std": std.tolist(), "in_graph": True}),
-        "thresholds": json.dumps(thresholds),
-        # Decisions are withheld on a record whose quality indices (mvkt/quality.py, on the raw
-        # model leads in mV at their own rate) fail these thresholds.
-        "quality_gate": json.dumps({"thresholds": quality_lib.DEFAULT_THRESHOLDS.as_dict(),
-                                    "indices": list(quality_lib.INDEX_NAMES), "definitions": "mvkt/quality.py"}),
-        "source_run": str(workdir.absolute()),
-        "checkpoint": f"{which} (step {meta.get('step')})",
-        # {"run_finished": false, ...} marks a net exported from a run that stopped early.
-        "training": json.dumps(run_dir.training_status(workdir)),
-        "input": f"{INPUT_NAME}: float32 (batch, {prep.window}, {len(prep.leads)}) raw samples at "
-        f"{prep.sampling_rate} Hz, leads {','.join(prep.leads)}",
-        "output": f"{OUTPUT_NAME}: float32 (batch, {len(info['label_names'])}) sigmoid probabilities",
-    }
+    metadata = model_metadata(workdir, which=which, step=meta.get("step"), mean=mean, std=std, thresholds=thresholds)
     return ExportedNet(fn=fn, window=prep.window, leads=prep.leads, metadata=metadata)
 
 

@@ -233,8 +233,19 @@ class Predictor:
             out.append(np.asarray(self._probabilities(self.variables, padded))[: len(batch)])
         return np.concatenate(out).astype(np.float64)
 
+    def _unit_problem(self, raw: np.ndarray, record: str) -> str | None:
+        """Refuses a trace that looks like microvolts (RecordError); the message when it looks like volts."""
+        problem = quality_lib.unit_problem(raw, self.preprocessing.leads)
+        if problem and problem[0] == "uV":
+            raise RecordError(f"{record}: {problem[1]}")
+        return problem[1] if problem else None
+
     def predict(self, signal: np.ndarray, *, fs: float, leads: Sequence[str], record: str = "record") -> np.ndarray:
-        """Class probabilities (C,) of one raw record: (T, L) samples of ``leads`` at ``fs`` Hz."""
+        """Class probabilities (C,) of one raw record: (T, L) samples of ``leads`` at ``fs`` Hz, in
+        mV (a trace that looks like microvolts is refused with a RecordError)."""
+        raw = self.preprocessing.model_leads(signal, leads=leads, record=record)
+        if np.isfinite(raw).all():
+            self._unit_problem(raw, record)
         x = self.preprocessing(signal, fs=fs, leads=leads, record=record)
         p = self.preprocessing
         starts = metrics_lib.window_starts(length=len(x), window=p.window, stride=p.stride)
@@ -246,13 +257,19 @@ class Predictor:
 
     def assess_quality(self, signal: np.ndarray, *, fs: float, leads: Sequence[str], record: str = "record") -> dict:
         """Signal-quality indices of the model's leads of one raw record, in mV at ``fs``
-        (``mvkt.quality.assess``): ``usable`` False means decisions should be withheld."""
+        (``mvkt.quality.assess``): ``usable`` False means decisions should be withheld. A trace
+        that looks like microvolts is refused (RecordError), one like volts is unusable."""
         raw = self.preprocessing.model_leads(signal, leads=leads, record=record)
         if not np.isfinite(raw).all():
             raise RecordError(f"{record}: NaN or infinite samples")
         if not fs or fs <= 0:
             raise RecordError(f"{record}: invalid sampling rate {fs}")
-        return quality_lib.assess(raw, fs, self.preprocessing.leads, thresholds=self.quality_thresholds)
+        volts = self._unit_problem(raw, record)
+        result = quality_lib.assess(raw, fs, self.preprocessing.leads, thresholds=self.quality_thresholds)
+        if volts:  # a trace 1000x too small reads as flat; say why
+            result["usable"] = False
+            result["reasons"].insert(0, f"units: {volts}")
+        return result
 
     def decisions(self, probabilities: np.ndarray) -> list[bool | None]:
         """Per class: probability >= its validation threshold (None when the run is not evaluated)."""

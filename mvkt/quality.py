@@ -62,6 +62,33 @@ class Thresholds:
 
 
 DEFAULT_THRESHOLDS = Thresholds()
+
+# A surface ECG lead spans about 0.5-5 mV peak to peak; these bounds catch a trace in uV (x1000)
+# or in V (x0.001) before the net turns it into confident nonsense.
+MAX_PLAUSIBLE_SPAN_MV = 20.0
+MIN_PLAUSIBLE_SPAN_MV = 0.02
+
+
+def robust_span(signal: np.ndarray) -> np.ndarray:
+    """Per lead: the 99th minus the 1st percentile (a peak-to-peak range that one spike cannot set)."""
+    x = np.asarray(signal, np.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    low, high = np.percentile(x, [1, 99], axis=0)
+    return high - low
+
+
+def unit_problem(signal: np.ndarray, leads: Sequence[str]) -> tuple[str, str] | None:
+    """``("uV" | "V", message)`` when a trace meant to be in mV looks like microvolts or volts;
+    None when it is plausible, or flat (left to the gate's flat-line index)."""
+    span = robust_span(signal)
+    k = int(np.argmax(span))
+    if span[k] > MAX_PLAUSIBLE_SPAN_MV:
+        return "uV", (f"lead {leads[k]} spans {span[k]:.4g} mV (1st-99th percentile) read as millivolts, far above an ECG's 0.5-5 mV: "
+                      "the samples look like microvolts; give millivolts (predict: --units=uV)")
+    if 0 < span[k] < MIN_PLAUSIBLE_SPAN_MV:
+        return "V", (f"the largest lead spans {span[k]:.3g} (1st-99th percentile), far below an ECG's 0.5-5 mV: "
+                     "the samples look like volts (predict: --units=V), or the electrodes had no contact")
+    return None
 INDEX_NAMES = ("flat_fraction", "clipped_fraction", "baseline_power", "hf_power", "kurtosis")
 
 

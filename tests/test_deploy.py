@@ -234,3 +234,52 @@ def test_reader_errors_name_the_file(tmp_path):
     (tmp_path / "x.csv").write_text("1\n2\nnot a number\n")
     with pytest.raises(ReadError, match=r"x.csv: unreadable .csv trace"):
         read_any(tmp_path / "x.csv", fs=100, leads=["I"])
+
+
+def test_the_onnx_file_alone_reproduces_predict(student, tmp_path):
+    """examples/onnx_predict.py (numpy + onnxruntime, its own resample_poly) on a CPSC .mat
+    (500 Hz) and a 250 Hz CSV gives predict's probabilities within 1e-5; the metadata names
+    the units, the rules and the run by content, not by a local path."""
+    from scipy import signal as sps
+
+    workdir, _ = student
+    model = tmp_path / "m.onnx"
+    assert cli("experiments.export", f"--workdir={workdir}", "--format=onnx", f"--out={model}").returncode == 0
+    meta = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert meta["units"] == "mV" and "resample_poly" in json.loads(meta["preprocessing_rules"])["resampler"]
+    run = json.loads(meta["run"])
+    assert run["config_hash"] == run_dir.load_info(workdir)["config_hash"] and run["name"] == workdir.name
+    assert str(tmp_path.parent) not in json.dumps(dict(meta)) and "source_run" not in meta
+
+    mat = SAMPLES / "cpsc2018" / "A1980.mat"
+    signal, fs, _ = read_any(mat)
+    trace = tmp_path / "lead_i_250hz.csv"
+    np.savetxt(trace, sps.resample_poly(signal[:, 0], 1, 2), delimiter=",")  # a 250 Hz wearable's lead I
+    for record, extra in ((mat, []), (trace, ["--fs=250", "--lead=I"])):
+        expected, got = tmp_path / "predict.json", tmp_path / "onnx.json"
+        result = cli("experiments.predict", f"--workdir={workdir}", str(record), *extra, f"--out={expected}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        result = subprocess.run([sys.executable, str(REPO / "examples" / "onnx_predict.py"), str(model), str(record),
+                                 *extra, f"--out={got}"], capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert result.returncode == 0, result.stderr[-3000:]
+        want = json.loads(expected.read_text())["records"][0]
+        have = json.loads(got.read_text())[str(record)]
+        np.testing.assert_allclose(list(have["probabilities"].values()), list(want["probabilities"].values()),
+                                   atol=1e-5)
+        assert have["decisions"] == want["decisions"]
+
+
+def test_a_microvolt_trace_is_refused_in_one_line_and_units_convert_it(student, tmp_path):
+    workdir, _ = student
+    signal, _, _ = read_any(_record_path(1))
+    micro = tmp_path / "lead_i_uv.csv"
+    np.savetxt(micro, signal[:, 0] * 1000, delimiter=",")
+    result = cli("experiments.predict", f"--workdir={workdir}", str(micro), "--fs=100", "--lead=I")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "look like microvolts" in errors[0] and str(micro) in errors[0], result.stderr
+    with pytest.raises(inference.RecordError, match="microvolts"):
+        inference.predict(workdir, signal[:, :1] * 1000, fs=100, leads=["I"])
+    converted = inference.predict(workdir, read_any(micro, fs=100, leads=["I"], units="uV")[0], fs=100, leads=["I"])
+    np.testing.assert_allclose(list(converted.values()),
+                               list(inference.predict(workdir, signal[:, :1], fs=100, leads=["I"]).values()), atol=1e-5)
