@@ -24,7 +24,7 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments import cli
 from experiments import report as report_lib
@@ -138,8 +138,17 @@ def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs
     manifest = data_lib.load_manifest(data_dir)
     total = sum(int(manifest["splits"][s]["num_records"]) for s in data_lib.SPLITS)
     results = {}
+    fold_kind = "validation" if split == "val" else "test"
     for g in groups:
-        summary = study.method_summary(oof[g], n_resamples=n_resamples, split=OOF_SPLIT)
+        y = evaluate_lib.load_scores(oof[g][0], OOF_SPLIT)["y"]
+        undefined = None
+        if not metrics_lib.valid_class_mask(y_true=y).any():
+            undefined = (f"{g}: the pooled {fold_kind}-fold macro-AUC of rounds {rounds} is undefined: no class has "
+                         f"both positive and negative records among the {len(y)} records scored")
+            logging.warning("%s", undefined)
+            summary = {"macro_auc": None, "ci": None, "per_seed": [None] * len(seeds)}
+        else:
+            summary = study.method_summary(oof[g], n_resamples=n_resamples, split=OOF_SPLIT)
         per_round = {}
         for r in rounds:
             cis = [_round_auc(runs[s][r][g], n_resamples, split) for s in seeds]
@@ -153,12 +162,13 @@ def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs
             "pooled_ci": summary["ci"],
             "per_seed": summary["per_seed"],
             "per_round": per_round,
+            "undefined": undefined,
         }
-        if g != "bce":
+        if g != "bce" and undefined is None:
             results[g]["vs_bce"] = evaluate_lib.compare_runs(oof["bce"], oof[g], split=OOF_SPLIT,
                                                              n_resamples=n_resamples)
     base_auc = results["bce"]["pooled_macro_auc"]
-    for m in [m for m in methods if m != "bce"]:
+    for m in [m for m in methods if m != "bce" and "vs_bce" in results[m] and "vs_bce" in results["teacher"]]:
         results[m]["share_of_teacher_gap_closed"] = study.teacher_gap_share(
             difference=results[m]["pooled_macro_auc"] - base_auc,
             gap=results["teacher"]["pooled_macro_auc"] - base_auc, teacher_ci=results["teacher"]["vs_bce"]["ci"])
@@ -184,13 +194,16 @@ def write_results(study_dir: pathlib.Path, *, data_dir: str | pathlib.Path, runs
 def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path, suffix: str) -> pathlib.Path:
     results, groups = out["methods"], list(out["methods"])
     fold_kind = "validation" if out["split"] == "val" else "test"
-    png = plots.plot_ablation(
-        study_dir / "plots" / f"crossval{suffix}.png", methods=groups,
-        aucs=[results[g]["pooled_macro_auc"] for g in groups], cis=[results[g]["pooled_ci"] for g in groups],
-        reference="bce", xlabel=f"Pooled {fold_kind}-fold macro-AUC (95% bootstrap CI)",
-        title=(f"Cross-validation{' pilot' if suffix else ''}: {len(out['rounds'])} round(s), "
-               f"{len(out['seeds'])} seed(s), leads {out['leads']}"),
-    )
+    defined = [g for g in groups if results[g]["pooled_macro_auc"] is not None]
+    png = None
+    if "bce" in defined:
+        png = plots.plot_ablation(
+            study_dir / "plots" / f"crossval{suffix}.png", methods=defined,
+            aucs=[results[g]["pooled_macro_auc"] for g in defined], cis=[results[g]["pooled_ci"] for g in defined],
+            reference="bce", xlabel=f"Pooled {fold_kind}-fold macro-AUC (95% bootstrap CI)",
+            title=(f"Cross-validation{' pilot' if suffix else ''}: {len(out['rounds'])} round(s), "
+                   f"{len(out['seeds'])} seed(s), leads {out['leads']}"),
+        )
     data_text, _ = report_lib.data_section(
         first_run, records_scored=min(r["num_records_scored"] for r in results.values()))
     lines = [
@@ -210,8 +223,15 @@ def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path
         "P(diff <= 0) | share of teacher gap closed |",
         "|---|---|---|---|---|---|---|",
     ]
+    undefined = [results[g]["undefined"] for g in groups if results[g]["undefined"]]
+    if undefined:
+        lines[-2:-2] = [f"**Undefined:** {text}." for text in undefined] + [""]
     for g in groups:
         r = results[g]
+        if r["undefined"]:
+            lines.append(f"| {g} | {r['num_records_scored']} | undefined (no class with positives and negatives) "
+                         "| | | | |")
+            continue
         lo, hi = r["pooled_ci"]
         diff = "(baseline)" if g == "bce" else ""
         share = p = ""
@@ -231,7 +251,8 @@ def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path
                            for a in results[g]["per_round"][str(rnd)]["macro_auc_per_seed"]) for g in groups]
         lines.append(f"| {rnd} | {results[groups[0]]['per_round'][str(rnd)]['scored_fold']} | "
                      + " | ".join(cells) + " |")
-    lines += ["", f"![cross-validation]({study.relative(pathlib.Path(png), study_dir)})", "",
+    lines += ["", f"![cross-validation]({study.relative(pathlib.Path(png), study_dir)})" if png else
+              "(no plot: the BCE baseline's pooled macro-AUC is undefined)", "",
               f"Numbers: `crossval{suffix}.json`; pooled scores: "
               f"`oof{suffix}/<method>_seed<s>/scores_oof.npz`.", ""]
     path = study_dir / f"report{suffix}.md"

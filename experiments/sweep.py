@@ -329,6 +329,8 @@ def run_sweep(*, config_spec: str, workdir: str | pathlib.Path, overrides: dict[
     sweep_dir = pathlib.Path(workdir).absolute()
     overrides = _absolute_paths({hyper.field_path(k): v for k, v in (overrides or {}).items()})
     runs = expand(config_spec, overrides=overrides)
+    if not collect_only:  # printed jobs must not fail one by one on a missing data dir or teacher
+        validate(runs)
     distributed.on_chief(write_overrides, runs, sweep_dir, config_spec=config_spec, global_overrides=overrides)
     result = {"runs": runs, "commands": [], "table": None}
     if mode == "print" and not collect_only:

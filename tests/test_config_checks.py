@@ -77,6 +77,10 @@ SYNTAX_ERROR_CONFIG = "import ml_collections\n\ndef get_config(arg=None)\n    re
      "error: flag --config=experiments/configs/sweep_mvkt.py:nope: experiments/configs/sweep_mvkt.py, line 53: "
      "ValueError: unknown sweep 'nope' in sweep_mvkt.py; choose one of alpha_beta, alpha, beta, temperature, "
      "negatives, lr, seeds"),
+    (["experiments.sweep", "--config=experiments/configs/sweep_mvkt.py:alpha_beta", "--workdir={tmp}/sw",
+      "--mode=print"],
+     "error: run {{'config.alpha': 0.5, 'config.beta': 0.4}}: no shards at config.data.dir=''; pass "
+     "--config.data.dir=SHARDS"),
 ])
 def test_a_bad_command_line_ends_with_one_line(tmp_path, command, line):
     """A typo in a config override, a config file that does not compile and an unknown sweep

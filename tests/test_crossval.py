@@ -167,3 +167,18 @@ def test_a_cross_fit_recipe_trains_teachers_on_disjoint_halves_of_the_round(ptbx
     assert student["teacher"]["runs"] == [str(round9 / "teacher_part1of2_seed0"), str(round9 / "teacher_part2of2_seed0")]
     assert student["teacher"]["cross_fit"] and student["teacher"]["cache"]
     assert out["methods"]["kd_cross_fit2"]["num_records_scored"] == out["methods"]["bce"]["num_records_scored"]
+
+
+def test_an_undefined_pooled_auc_is_named_and_the_report_still_written(ptbxl_sample_shards, tmp_path):
+    """The sample's pilot rounds 0 and 1 validate on folds 2 and 3: 16 records, all NORM."""
+    workdir = tmp_path / "undefined"
+    crossval.run_crossval(workdir=workdir, data_dir=ptbxl_sample_shards, methods=["bce"], seeds=[0], rounds=[0, 1],
+                          epochs=1, batch_size=16, arch=TEST_ARCH, width_mult=0.25, n_resamples=20, split="val",
+                          progress=False)
+    out = json.loads((workdir / "crossval_val.json").read_text())
+    bce = out["methods"]["bce"]
+    assert bce["pooled_macro_auc"] is None and bce["num_records_scored"] == 16
+    assert bce["undefined"] == ("bce: the pooled validation-fold macro-AUC of rounds [0, 1] is undefined: no class has "
+                                "both positive and negative records among the 16 records scored")
+    report = (workdir / "report_val.md").read_text()
+    assert f"**Undefined:** {bce['undefined']}." in report and "| bce | 16 | undefined" in report

@@ -273,32 +273,40 @@ def test_print_mode_command_runs_then_local_sweep_and_rerun_train_nothing(
     assert _metrics_files(sweep_dir) == after
 
 
-def test_sweep_cli_print_mode_matches_the_library(tmp_path):
-    data = tmp_path / "shards"
+def test_sweep_cli_print_mode_matches_the_library(lead_sweep_dir, ptbxl_sample_shards, tmp_path):
+    data = ptbxl_sample_shards
+    teacher = lead_sweep_dir / "runs" / "teacher_seed0"
     result = subprocess.run(
         [sys.executable, "-m", "experiments.sweep", f"--config={SWEEP_MVKT}:negatives",
          f"--workdir={tmp_path / 'sw'}", "--mode=print", f"--config.data.dir={data}",
-         "--config.train.epochs=2"],
+         f"--config.teacher.runs={teacher}", "--config.train.epochs=2"],
         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     expected = sweep.expand(f"{SWEEP_MVKT}:negatives",
-                            overrides={"data.dir": str(data), "train.epochs": 2})
+                            overrides={"data.dir": str(data), "teacher.runs": (str(teacher),), "train.epochs": 2})
     assert [f"--workdir={tmp_path / 'sw' / 'runs' / r.config_hash}" in shlex.split(l)
             for l, r in zip(lines, expected)] == [True] * 4
     assert all(f"--config={REPO / SWEEP_MVKT}:negatives" in shlex.split(l) for l in lines)
     assert "4 runs" in result.stderr
     missing_teacher = sweep.expand(f"{SWEEP_MVKT}:negatives", overrides={"data.dir": str(data)})
-    with pytest.raises(FileNotFoundError, match="no shards"):
+    with pytest.raises(ValueError, match="needs a trained teacher"):
         sweep.validate(missing_teacher)
+    # Print mode checks before printing: jobs that would all fail are not printed.
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        sweep.run_sweep(config_spec=f"{SWEEP_MVKT}:negatives", workdir=tmp_path / "sw2", mode="print",
+                        overrides={"data.dir": str(tmp_path / "nowhere")})
+    assert not (tmp_path / "sw2").exists()
 
 
-def test_sweep_print_mode_passes_the_multi_host_flags_on(tmp_path):
+def test_sweep_print_mode_passes_the_multi_host_flags_on(lead_sweep_dir, ptbxl_sample_shards, tmp_path):
     """Printing starts no job; every printed command carries the job's multi-host flags
     (not --process_id, which differs per host)."""
+    teacher = lead_sweep_dir / "runs" / "teacher_seed0"
     result = subprocess.run(
         [sys.executable, "-m", "experiments.sweep", f"--config={SWEEP_MVKT}:negatives",
-         f"--workdir={tmp_path / 'sw'}", "--mode=print", f"--config.data.dir={tmp_path / 'shards'}",
+         f"--workdir={tmp_path / 'sw'}", "--mode=print", f"--config.data.dir={ptbxl_sample_shards}",
+         f"--config.teacher.runs={teacher}",
          "--distributed", "--coordinator_address=127.0.0.1:1234", "--num_processes=4"],
         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
