@@ -17,6 +17,7 @@ log warnings and errors only.
 import contextlib
 import logging as std_logging
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -201,6 +202,33 @@ def echo_run(workdir) -> None:
     logging.info("run folder %s: %s on leads %s, %s steps, trained on %s (folds %s)", workdir, info.get("method"),
                  ",".join(info.get("leads", [])), info.get("total_steps"), info.get("data_dir"),
                  info.get("folds") or "of the shards")
+
+
+def config_help(config_file: str | pathlib.Path, config) -> str:
+    """Every field of ``config`` with its value and the comment beside (or above) its line in
+    ``config_file`` and the default config it inherits: what ``--config_help`` prints."""
+    from experiments.configs import default as default_module
+
+    comments: dict[str, str] = {}
+    for source in (pathlib.Path(default_module.__file__), pathlib.Path(config_file)):
+        above: list[str] = []
+        for line in source.read_text().splitlines():
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("# "))
+                continue
+            match = re.match(r"config\.([\w.]+)\s*=\s*[^#]*(?:#\s*(.*))?$", text)
+            if match and not match.group(1).endswith(")"):
+                note = match.group(2) or " ".join(above)
+                if note:
+                    comments[match.group(1)] = note
+            above = []
+    rows = hyper.flatten(config)
+    width = max(len(k) for k in rows) + 2
+    lines = [f"Config fields of {config_file} (override any with --config.<field>=<value>):", ""]
+    for key, value in rows.items():
+        lines.append(f"  {key:<{width}}{value!r:<24} {comments.get(key, '')}".rstrip())
+    return "\n".join(lines)
 
 
 def echo_config(config, defaults) -> None:

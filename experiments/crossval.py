@@ -105,7 +105,7 @@ def _round_auc(workdir: pathlib.Path, n_resamples: int, split: str) -> tuple[flo
     if not metrics_lib.valid_class_mask(y_true=y).any():
         return None
     ci = bootstrap.bootstrap_ci(y_true=y, y_score=scores["scores"], metric_fn=metrics_lib.macro_auc,
-                                  n_resamples=n_resamples)
+                                n_resamples=n_resamples, label_names=[str(n) for n in scores["label_names"]])
     return ci.point, ci.lower, ci.upper
 
 
@@ -263,6 +263,7 @@ def _write_report(study_dir: pathlib.Path, out: dict, *, first_run: pathlib.Path
 def define_flags() -> None:
     """The shared study flags plus this runner's own, defined only when run as a program."""
     study.define_flags(workdir="runs/crossval")
+    flags.adopt_module_key_flags(study)  # --help lists them, not only --helpfull
     flags.DEFINE_string("rounds", "", "comma-separated rounds (0-based; default all)")
     flags.DEFINE_enum("split", "test", ["test", "val"],
                       "test: the cross-validated result; val: a pilot that scores only the validation folds")

@@ -185,4 +185,5 @@ if __name__ == "__main__":
     study.define_flags(workdir="runs/lead_sweep", leads=ALL_SINGLE,
                        leads_help="students' lead sets: all12 (one per single lead) or ';'-separated sets, "
                                   "e.g. 'I;II;I,II,V2'")
+    flags.adopt_module_key_flags(study)  # --help lists them, not only --helpfull
     app.run(main, flags_parser=cli.parse_flags)

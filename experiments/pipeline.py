@@ -89,4 +89,5 @@ def main(argv):
 
 if __name__ == "__main__":
     study.define_flags(workdir="runs/pipeline")
+    flags.adopt_module_key_flags(study)  # --help lists them, not only --helpfull
     app.run(main, flags_parser=cli.parse_flags)

@@ -31,6 +31,7 @@ import pathlib
 import re
 import shlex
 import sys
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -146,8 +147,10 @@ def _auc_with_ci(y: np.ndarray, score_list: list[np.ndarray], n_resamples: int) 
     """Seed-averaged macro-AUC (seeds stacked along the class axis) and per-class AUCs, with CIs."""
     stacked_y = np.concatenate([y] * len(score_list), axis=1)
     stacked = np.concatenate(score_list, axis=1)
-    macro = bootstrap.bootstrap_ci(y_true=stacked_y, y_score=stacked, metric_fn=metrics_lib.macro_auc,
-                                   n_resamples=n_resamples)
+    with warnings.catch_warnings():  # excluded classes are the per-class None entries, by name
+        warnings.simplefilter("ignore", UserWarning)
+        macro = bootstrap.bootstrap_ci(y_true=stacked_y, y_score=stacked, metric_fn=metrics_lib.macro_auc,
+                                       n_resamples=n_resamples)
     return {"macro_auc": macro.point, "ci": [macro.lower, macro.upper]}
 
 

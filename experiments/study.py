@@ -18,6 +18,7 @@ import json
 import pathlib
 import shlex
 import sys
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -441,11 +442,18 @@ def method_summary(workdirs: Sequence[pathlib.Path], *, n_resamples: int, split:
     """
     loaded = [evaluate_lib.load_scores(w, split) for w in workdirs]
     y = loaded[0]["y"]
+    names = [str(n) for n in loaded[0]["label_names"]]
+    excluded = metrics_lib.per_class_auc(y_true=y, y_score=loaded[0]["scores"], label_names=names).excluded_classes
+    if excluded:  # once, by name (the stacked columns below would repeat it per seed, by column number)
+        logging.warning("%s macro-AUC excludes classes without positives or negatives: %s", split,
+                        ", ".join(excluded))
     stacked_y = np.concatenate([y] * len(loaded), axis=1)
     stacked_scores = np.concatenate([s["scores"] for s in loaded], axis=1)
-    ci = bootstrap.bootstrap_ci(
-        y_true=stacked_y, y_score=stacked_scores, metric_fn=metrics_lib.macro_auc, n_resamples=n_resamples
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ci = bootstrap.bootstrap_ci(
+            y_true=stacked_y, y_score=stacked_scores, metric_fn=metrics_lib.macro_auc, n_resamples=n_resamples
+        )
     per_seed = [metrics_lib.per_class_auc(y_true=y, y_score=s["scores"]).macro_auc for s in loaded]
     return {
         "macro_auc": ci.point,

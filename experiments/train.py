@@ -29,17 +29,33 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file(
         "config", "experiments/configs/teacher.py", "training config file", lock_config=True
     )
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)", required=True)
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl); required to train")
+    flags.DEFINE_bool("config_help", False, "list every config field with its value and what it means, then exit")
+
+
+def summary_line(summary: dict) -> str:
+    """The last line of a training: where, how far, how good, what next."""
+    best = summary.get("best_val_macro_auc")
+    auc = "undefined" if best is None else f"{best:.4f}"
+    state = ("already finished, nothing trained" if summary.get("resumed_finished") else
+             "finished" if summary.get("finished") else "stopped early (rerun the same command to continue)")
+    return (f"{summary['workdir']}: {state}; step {summary['step']} of {summary['total_steps']}; best validation "
+            f"macro-AUC {auc}; next: python -m experiments.evaluate --workdir={summary['workdir']}")
 
 
 def main(argv):
     del argv
+    if flags.FLAGS.config_help:
+        print(cli.config_help(flags.FLAGS["config"].config_filename, flags.FLAGS.config))
+        return
     with cli.exit_on_known_errors():
+        if not flags.FLAGS.workdir:
+            raise ValueError("--workdir=RUN is required: the run folder to train into (or resume)")
         cli.start()
         cli.echo_config(flags.FLAGS.config, default_config.get_config())
         summary = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
         if distributed.is_chief():
-            print(summary)
+            print(summary_line(summary))
 
 
 if __name__ == "__main__":

@@ -146,16 +146,20 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    label_names: Sequence[str] | None = None,
 ) -> BootstrapResult:
     """Percentile bootstrap CI of ``metric_fn(y_true=..., y_score=...)`` over records.
 
     Resamples in which a class that is valid on the full set has no positive or no
     negative are redrawn (as in the PTB-XL benchmark), so the metric is defined on
     every resample. ``metrics.macro_auc`` is evaluated vectorised over resamples.
+    ``label_names`` go to the point estimate's ``metric_fn``, so that its warning about
+    excluded classes names them (not their column numbers).
     """
     y = metrics._as_labels(y_true)
     s = metrics._as_scores(y_score, like=y)
-    point = float(metric_fn(y_true=y, y_score=s))
+    named = {"label_names": list(label_names)} if label_names is not None else {}
+    point = float(metric_fn(y_true=y, y_score=s, **named))
     chunks, rejected = _draw_resamples(y_true=y, n_resamples=n_resamples, seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mvkt import metrics  # noqa: E402
@@ -169,7 +170,7 @@ def plot_training_curves(
     ``metrics_rows`` are the rows of a ``metrics.jsonl``; any key may be missing on any
     row (train rows have losses, eval rows have ``val_macro_auc``). Besides the known
     loss terms, any other numeric ``loss_*`` key is plotted too. The learning rate, when
-    present, goes on a secondary axis of the loss panel.
+    present, gets a panel of its own; epochs are ticked as integers.
     """
     rows = list(metrics_rows)
     loss_keys = list(_LOSS_KEYS) + sorted(
@@ -185,9 +186,11 @@ def plot_training_curves(
         return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
     # One panel per loss term: on a shared axis a CLT term near 16 flattens a BCE term near 0.3.
+    # The learning rate gets a panel of its own (overlaid, its line hid the loss).
     loss_series = {key: series(key, "step") for key in loss_keys}
     present = [key for key, (steps, _) in loss_series.items() if steps.size]
-    panels = max(len(present), 1) + 1
+    lr_steps, lr = series("learning_rate", "step")
+    panels = max(len(present), 1) + bool(lr_steps.size) + 1
     num_cols = min(panels, 3)
     num_rows = math.ceil(panels / num_cols)
     fig, axes = plt.subplots(num_rows, num_cols, figsize=(4.6 * num_cols, 3.6 * num_rows), squeeze=False)
@@ -200,12 +203,13 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
     if not present:
         flat[0].text(0.5, 0.5, "no loss values logged", ha="center", va="center", transform=flat[0].transAxes)
-    steps, lr = series("learning_rate", "step")
-    if steps.size:
-        ax_lr = flat[0].twinx()
-        ax_lr.plot(steps, lr, color="0.6", linestyle=":", linewidth=1.0)
-        ax_lr.set_ylabel("Learning rate (dotted)", color="0.4")
+    if lr_steps.size:
+        ax_lr = flat[panels - 2]
+        ax_lr.plot(lr_steps, lr, color="tab:gray", linewidth=1.2)
+        ax_lr.set_title("Learning rate", fontsize=10)
+        ax_lr.set_xlabel("Step")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax_lr.grid(alpha=0.3)
 
     ax_auc = flat[panels - 1]
     epochs, auc = series("val_macro_auc", "epoch")
@@ -218,6 +222,7 @@ def plot_training_curves(
     else:
         ax_auc.text(0.5, 0.5, "no validation AUC logged", ha="center", va="center", transform=ax_auc.transAxes)
     ax_auc.set_xlabel("Epoch")
+    ax_auc.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no epoch 2.5
     ax_auc.set_title("Validation macro-AUC", fontsize=10)
     ax_auc.grid(alpha=0.3)
     for ax in flat[panels:]:

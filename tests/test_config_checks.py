@@ -239,3 +239,33 @@ def test_shard_verification_finds_a_few_non_finite_samples_anywhere(ptbxl_sample
     record = np.load(shards / "train_record_ids.npy")[5]
     with pytest.raises(data_lib.ShardError, match=rf"train_signals.npy: NaN/inf samples in record {record}\b"):
         data_lib.verify_shards(shards, cache_dir=tmp_path / "cache")
+
+
+RUNNER_FLAGS = {
+    "experiments.pipeline": ["--workdir", "--seeds", "--methods", "--override"],
+    "experiments.ablation": ["--workdir", "--seeds", "--methods", "--data_dir"],
+    "experiments.lead_sweep": ["--workdir", "--leads", "--seeds"],
+    "experiments.crossval": ["--workdir", "--rounds", "--split", "--seeds", "--methods"],
+    "experiments.robustness": ["--workdir", "--out", "--noise_dir", "--compare"],
+    "experiments.predict": ["--workdir", "--units", "--quality_gate"],
+    "experiments.train": ["--config", "--workdir", "--config_help"],
+}
+
+
+def test_every_runner_lists_its_flags_in_help_and_train_lists_the_config_fields():
+    """--help, not only --helpfull: the study runners' shared flags are defined in
+    experiments.study, which absl does not count as the program's own unless adopted."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for m in RUNNER_FLAGS}
+    fields = subprocess.run([sys.executable, "-m", "experiments.train", "--config=experiments/configs/student.py",
+                             "--config_help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    for module, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        listed = {line.split(":")[0].strip().replace("--[no]", "--") for line in out.splitlines()
+                  if line.startswith("  --")}
+        assert set(RUNNER_FLAGS[module]) <= listed, (module, sorted(listed))
+    assert fields.returncode == 0, fields.stderr[-2000:]
+    lines = {line.split()[0]: line for line in fields.stdout.splitlines()[2:] if line.strip()}
+    assert "'mvkt'" in lines["method"] and "bce | kd | mkd | clt | mvkt" in lines["method"]
+    assert "weight of the CLT term" in lines["beta"] and len(lines) > 60
