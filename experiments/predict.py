@@ -42,6 +42,8 @@ def define_flags() -> None:
                       "EDF files carry their own). A trace that looks like microvolts is refused")
     flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "best = selected on validation")
+    flags.DEFINE_float("sensitivity", None, "decide at the thresholds that keep this share of each class's "
+                       "validation positives (e.g. 0.9) instead of the F1-optimal ones (needs scores_val.npz)")
     flags.DEFINE_bool("quality_gate", True, "withhold the decision on records whose signal-quality indices fail "
                       "(mvkt/quality.py); --no_quality_gate classifies them anyway (still reported)")
     flags.DEFINE_bool("allow_unfinished", False, "use a run that stopped before its last step (warned, and marked "
@@ -62,14 +64,19 @@ def format_unusable(path: str, assessment: dict) -> str:
 
 
 def format_record(path: str, predictor: inference.Predictor, probabilities, assessment: dict | None = None) -> str:
-    lines = [f"{path}", f"  {'class':>10s}  probability  decision (threshold from validation)"]
+    lines = [f"{path}", f"  {'class':>10s}  probability  decision (threshold: {predictor.operating_point}; "
+                        "! = see caution)"]
     thresholds = predictor.thresholds or {}
     for name, prob, decision in zip(predictor.label_names, probabilities, predictor.decisions(probabilities)):
         if decision is None:
             why = "n/a (run not evaluated)" if predictor.thresholds is None else "n/a (no validation positives)"
         else:
             why = f"{'yes' if decision else 'no ':3s} ({thresholds[name]:.3f})"
+            if name in predictor.threshold_caveats:
+                why += " !"
         lines.append(f"  {name:>10s}  {prob:11.4f}  {why}")
+    for name, caveat in predictor.threshold_caveats.items():
+        lines.append(f"  caution, {name}: {caveat}")
     if assessment is not None:
         lines.append(format_quality(assessment))
     return "\n".join(lines)
@@ -83,6 +90,8 @@ def write_out(path: pathlib.Path, rows: list[dict], predictor: inference.Predict
             **predictor.training,
             "label_names": predictor.label_names,
             "thresholds": predictor.thresholds,
+            "operating_point": predictor.operating_point,
+            "threshold_caveats": predictor.threshold_caveats,
             "quality_thresholds": predictor.quality_thresholds.as_dict(),
             "records": rows,
         }, indent=2))
@@ -120,6 +129,8 @@ def main(argv):
         from data_prep.records import read_any
 
         predictor = inference.Predictor(flags.FLAGS.workdir, which=flags.FLAGS.checkpoint)
+        if flags.FLAGS.sensitivity is not None:
+            predictor.use_sensitivity(flags.FLAGS.sensitivity)
         rows, failed = [], 0
         for path in records:
             try:

@@ -327,11 +327,16 @@ def _evaluate_run(workdir: pathlib.Path, scorer: Scorer, *, split: str, n_resamp
     result.update({"split": split, **_run_status(workdir, scorer, which)})
     distributed.write_text(workdir / EVAL_FILE.format(split=split), json.dumps(result, indent=2))
     if which == "best":  # what predictions use: the decision thresholds of the best checkpoint
+        names = list(target["label_names"])
+        thresholds = [np.inf if result["thresholds"][n] is None else result["thresholds"][n] for n in names]
         distributed.write_text(workdir / inference.THRESHOLDS_FILE, json.dumps({
             "per_class": result["thresholds"],
             "fmax_threshold": result["fmax_threshold"],
             "chosen_on": f"validation split of {scorer.info['data_dir']} (F1 per class; Fmax for fmax_threshold)",
             "checkpoint_step": result["checkpoint_step"],
+            # Decisions from these classes' thresholds are not to be trusted (predict says so).
+            "caveats": metrics_lib.threshold_caveats(y_true_val=val["y"], thresholds=thresholds, label_names=names),
+            "validation_positives": {n: int(k) for n, k in zip(names, np.asarray(val["y"]).sum(axis=0))},
         }, indent=2))
     distributed.barrier(f"evaluated:{workdir}:{split}")
     return result

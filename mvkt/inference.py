@@ -205,6 +205,13 @@ def load_thresholds(workdir: str | pathlib.Path) -> dict[str, float | None] | No
     return json.loads(path.read_text())["per_class"]
 
 
+def load_threshold_caveats(workdir: str | pathlib.Path) -> dict[str, str]:
+    """{class: why its threshold is not to be trusted} from thresholds.json (empty when none or
+    for folders evaluated before caveats were written)."""
+    path = pathlib.Path(workdir) / THRESHOLDS_FILE
+    return json.loads(path.read_text()).get("caveats", {}) if path.exists() else {}
+
+
 class Predictor:
     """A trained run, ready to score raw records: ``Predictor(run).predict(signal, fs=, leads=)``."""
 
@@ -218,6 +225,8 @@ class Predictor:
         self.label_names = list(info["label_names"])
         self.preprocessing = Preprocessing.of_run(workdir)
         self.thresholds = load_thresholds(workdir)
+        self.threshold_caveats = load_threshold_caveats(workdir)
+        self.operating_point = "F1-optimal per class on the validation split"
         self.training = run_dir.training_status(workdir)  # run_finished False: a run that stopped early
         self.batch_size = batch_size
         self.quality_thresholds = quality_thresholds
@@ -270,6 +279,20 @@ class Predictor:
             result["usable"] = False
             result["reasons"].insert(0, f"units: {volts}")
         return result
+
+    def use_sensitivity(self, sensitivity: float) -> None:
+        """Decide at the highest thresholds that keep ``sensitivity`` of each class's validation
+        positives (from the run's ``scores_val.npz``) instead of the F1-optimal ones."""
+        path = self.workdir / "scores_val.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run python -m experiments.evaluate --workdir={self.workdir} "
+                                    "first (operating points are chosen on the validation scores)")
+        with np.load(path) as f:
+            y, scores = f["y"], f["scores"]
+        t = metrics_lib.sensitivity_thresholds(y_true_val=y, y_score_val=scores, sensitivity=sensitivity)
+        self.thresholds = {n: None if not np.isfinite(v) else float(v) for n, v in zip(self.label_names, t)}
+        self.threshold_caveats = metrics_lib.threshold_caveats(y_true_val=y, thresholds=t, label_names=self.label_names)
+        self.operating_point = f"sensitivity >= {sensitivity:g} per class on the validation split"
 
     def decisions(self, probabilities: np.ndarray) -> list[bool | None]:
         """Per class: probability >= its validation threshold (None when the run is not evaluated)."""

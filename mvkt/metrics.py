@@ -247,6 +247,51 @@ def choose_thresholds(*, y_true_val: Any, y_score_val: Any) -> np.ndarray:
     return thresholds
 
 
+MIN_VAL_POSITIVES = 10  # fewer validation positives than this: a threshold placed on a handful of records
+DEGENERATE_MARGIN = 1e-3  # a threshold this close to 0 or 1 says "always" or "never", not a cut
+
+
+def threshold_caveats(*, y_true_val: Any, thresholds: Any, label_names: Sequence[str]) -> dict[str, str]:
+    """{class: why its validation threshold should not be trusted for yes/no decisions}: at 0
+    or 1 (within ``DEGENERATE_MARGIN``: the cut says always or never), never predicted (no
+    validation positives), or placed on fewer than ``MIN_VAL_POSITIVES`` positives."""
+    y = _as_labels(y_true_val)
+    t = np.asarray(thresholds, np.float64)
+    caveats = {}
+    for c, name in enumerate(label_names):
+        positives = int(y[:, c].sum())
+        reasons = []
+        if not np.isfinite(t[c]):
+            reasons.append("no validation positives: never decided")
+        elif t[c] <= DEGENERATE_MARGIN:
+            reasons.append(f"threshold {t[c]:.3g} is at 0: every record is called positive")
+        elif t[c] >= 1 - DEGENERATE_MARGIN:
+            reasons.append(f"threshold {t[c]:.6g} is at 1: almost no record is called positive")
+        if 0 < positives < MIN_VAL_POSITIVES:
+            reasons.append(f"only {positives} validation positive(s) of {len(y)}")
+        if reasons:
+            caveats[str(name)] = "; ".join(reasons)
+    return caveats
+
+
+def sensitivity_thresholds(*, y_true_val: Any, y_score_val: Any, sensitivity: float) -> np.ndarray:
+    """Per class the highest threshold whose validation sensitivity (recall) is at least
+    ``sensitivity``, shape (C,): an operating point instead of the F1 optimum; ``+inf`` for a
+    class without validation positives."""
+    if not 0.0 < sensitivity <= 1.0:
+        raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
+    y = _as_labels(y_true_val)
+    s = _as_scores(y_score_val, like=y, name="y_score_val")
+    out = np.full(y.shape[1], np.inf)
+    for c in range(y.shape[1]):
+        positive_scores = np.sort(s[y[:, c] == 1, c])[::-1]
+        if len(positive_scores) == 0:
+            continue
+        needed = int(math.ceil(sensitivity * len(positive_scores) - 1e-9))
+        out[c] = positive_scores[max(needed, 1) - 1]  # score >= it keeps `needed` positives
+    return out
+
+
 def f1_scores(*, y_true: Any, y_pred: Any) -> dict[str, float]:
     """Macro F1 (mean over classes) and sample F1 (mean over records) of binary predictions.
 

@@ -90,7 +90,7 @@ def test_predict_cli_equals_the_evaluation_score_without_the_shards(student, tmp
     for k in (0, 1):
         probs = [predicted[k]["probabilities"][name] for name in scores["label_names"]]
         np.testing.assert_allclose(probs, scores["scores"][k], atol=1e-5)
-    assert "probability" in result.stdout and "threshold from validation" in result.stdout
+    assert "probability" in result.stdout and "on the validation split" in result.stdout
     # A flat trace (contact loss) is reported unusable and not classified; the record beside it is.
     flat = tmp_path / "flat.csv"
     np.savetxt(flat, np.zeros(1000), delimiter=",")
@@ -283,3 +283,19 @@ def test_a_microvolt_trace_is_refused_in_one_line_and_units_convert_it(student, 
     converted = inference.predict(workdir, read_any(micro, fs=100, leads=["I"], units="uV")[0], fs=100, leads=["I"])
     np.testing.assert_allclose(list(converted.values()),
                                list(inference.predict(workdir, signal[:, :1], fs=100, leads=["I"]).values()), atol=1e-5)
+
+
+def test_degenerate_thresholds_are_flagged_and_an_operating_point_can_be_chosen(student):
+    workdir, _ = student
+    saved = json.loads((workdir / "thresholds.json").read_text())
+    assert set(saved["validation_positives"]) == set(saved["per_class"])
+    assert saved["caveats"], "the 16-record sample validation split gives no trustworthy threshold"
+    predictor = inference.Predictor(workdir)
+    assert predictor.threshold_caveats == saved["caveats"]
+    predictor.use_sensitivity(0.9)
+    assert "sensitivity >= 0.9" in predictor.operating_point
+    val = np.load(workdir / "scores_val.npz")
+    for k, name in enumerate(predictor.label_names):
+        positives = val["scores"][val["y"][:, k] == 1, k]
+        if predictor.thresholds[name] is not None:
+            assert np.mean(positives >= predictor.thresholds[name]) >= 0.9

@@ -407,3 +407,35 @@ def test_evaluate_scores_is_json_serialisable_and_consistent():
 def test_metrics_module_does_not_import_sklearn():
     code = "import sys, mvkt.metrics; assert 'sklearn' not in sys.modules, 'sklearn imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sensitivity_thresholds_keep_the_share_of_validation_positives():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(200, 3))
+    y[:, 2] = 0  # no positives: never decided
+    s = rng.random((200, 3))
+    for sensitivity in (0.5, 0.9, 1.0):
+        t = M.sensitivity_thresholds(y_true_val=y, y_score_val=s, sensitivity=sensitivity)
+        for c in (0, 1):
+            kept = np.mean(s[y[:, c] == 1, c] >= t[c])
+            assert kept >= sensitivity
+            # the highest such threshold: any higher score drops below the target
+            higher = np.sort(s[y[:, c] == 1, c])
+            higher = higher[higher > t[c]]
+            if len(higher):
+                assert np.mean(s[y[:, c] == 1, c] >= higher[0]) < sensitivity
+        assert np.isinf(t[2])
+    with pytest.raises(ValueError, match="sensitivity"):
+        M.sensitivity_thresholds(y_true_val=y, y_score_val=s, sensitivity=0)
+
+
+def test_threshold_caveats_flag_cuts_at_0_or_1_and_thin_validation():
+    y = np.zeros((40, 4), np.uint8)
+    y[:20, 0] = 1  # 20 positives, a normal cut
+    y[:20, 1] = 1  # 20 positives, a cut at 0
+    y[:3, 2] = 1  # 3 positives
+    caveats = M.threshold_caveats(y_true_val=y, thresholds=[0.4, 2e-4, 0.5, np.inf],
+                                        label_names=["A", "B", "C", "D"])
+    assert set(caveats) == {"B", "C", "D"}
+    assert "at 0" in caveats["B"] and "only 3 validation positive(s) of 40" == caveats["C"]
+    assert caveats["D"] == "no validation positives: never decided"
