@@ -2,6 +2,7 @@
 
     python -m experiments.predict --workdir=RUN RECORD [RECORD ...] [--out=p.json|p.csv]
     python -m experiments.predict --workdir=RUN trace.csv --fs=250 --lead=I
+    python -m experiments.predict --workdir=RUN a.csv@250 b.csv@512 rec.hea --lead=I --per_window
 
 RECORD: a WFDB record (``NAME`` with ``NAME.hea`` + ``.dat``/``.mat``), an original
 CPSC 2018 ``.mat``, an EDF/EDF+/BDF file (``.edf``/``.bdf``: its ECG signals), or a
@@ -13,7 +14,10 @@ resampling to its rate, its standardisation) and the evaluation's sliding window
 aggregation; everything comes from the run folder, the shards are not needed. Decisions
 use the per-class thresholds chosen on the run's validation split (``thresholds.json``,
 written by ``experiments.evaluate``). A record that cannot be scored gets one error line;
-the others are still scored, and the exit status is 1.
+the others are still scored, and the exit status is 1. Records of different rates mix in one
+call: WFDB, EDF and CPSC files carry theirs, a headerless trace takes ``--fs`` or its own
+``trace.csv@250``. Each record's output names its input rate, duration and the windows scored;
+``--per_window`` adds every window's probabilities.
 
 Every record first gets its signal-quality indices (``mvkt.quality``: flat line, clipping,
 baseline-wander and high-frequency power, kurtosis, on the model's leads as given). A record
@@ -26,10 +30,12 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from experiments import cli
 from mvkt import inference
+from mvkt import metrics as metrics_lib
 
 
 def define_flags() -> None:
@@ -37,7 +43,8 @@ def define_flags() -> None:
     imported together (their flags share names such as --workdir)."""
     flags.DEFINE_string("workdir", None, "a trained run folder", required=True)
     flags.DEFINE_string("out", None, "also write the predictions to FILE.json or FILE.csv")
-    flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces")
+    flags.DEFINE_float("fs", None, "sampling rate (Hz) of .csv/.npy traces; one file's own: trace.csv@250")
+    flags.DEFINE_bool("per_window", False, "also print and write every window's probabilities (long traces)")
     flags.DEFINE_enum("units", "mV", ["mV", "uV", "V"], "units of .csv/.npy traces (converted to mV; WFDB and "
                       "EDF files carry their own). A trace that looks like microvolts is refused")
     flags.DEFINE_list("lead", None, "lead name of each column of a .csv/.npy trace, e.g. I")
@@ -114,6 +121,58 @@ def write_out(path: pathlib.Path, rows: list[dict], predictor: inference.Predict
         raise ValueError(f"--out={path}: write .json or .csv")
 
 
+def split_rate(spec: str) -> tuple[str, float | None]:
+    """``trace.csv@250`` -> ("trace.csv", 250.0): a per-file rate for headerless traces."""
+    path, sep, rate = spec.rpartition("@")
+    if sep and path:
+        try:
+            return path, float(rate)
+        except ValueError:
+            pass
+    return spec, None
+
+
+def predict_record(predictor: inference.Predictor, spec: str, read_any) -> tuple[dict, str]:
+    """One record: (its output row, its printed text); RecordError for one that cannot be scored."""
+    path, rate = split_rate(spec)
+    signal, fs, leads = read_any(path, fs=rate or flags.FLAGS.fs, leads=flags.FLAGS.lead, units=flags.FLAGS.units)
+    assessment = predictor.assess_quality(signal, fs=fs, leads=leads, record=path)
+    prep = predictor.preprocessing
+    info = {"sampling_rate_hz": float(fs), "duration_s": round(len(signal) / fs, 4), "leads": list(leads),
+            "model_rate_hz": prep.sampling_rate, "window_s": prep.window / prep.sampling_rate}
+    header = f"{path}  ({fs:g} Hz, {len(signal) / fs:.1f} s"
+    if flags.FLAGS.quality_gate and not assessment["usable"]:
+        row = {"record": path, "status": "unusable", "input": info, "probabilities": None, "decisions": None,
+               "quality": assessment}
+        return row, format_unusable(header + ")", assessment)
+    starts, window_probs = predictor.predict_windows(signal, fs=fs, leads=leads, record=path)
+    probabilities = metrics_lib.aggregate_windows(scores=window_probs, record_index=np.zeros(len(starts), np.int64),
+                                                  num_records=1, how=prep.aggregate)[0]
+    info["windows"] = int(len(starts))
+    row = {
+        "record": path,
+        "status": "classified",
+        "input": info,
+        "probabilities": dict(zip(predictor.label_names, map(float, probabilities))),
+        "decisions": dict(zip(predictor.label_names, predictor.decisions(probabilities))),
+        "quality": assessment,
+    }
+    text = format_record(f"{header}, {len(starts)} window(s) of {info['window_s']:g} s, {prep.aggregate} over them)",
+                         predictor, probabilities, assessment)
+    if flags.FLAGS.per_window:
+        row["windows"] = [{"start_s": float(t), "probabilities": dict(zip(predictor.label_names, map(float, p)))}
+                          for t, p in zip(starts, window_probs)]
+        text += "\n" + format_windows(predictor.label_names, starts, window_probs)
+    return row, text
+
+
+def format_windows(label_names, starts, probabilities) -> str:
+    lines = ["  per window (start s: " + " ".join(f"{n:>6s}" for n in label_names) + ")"]
+    for t, p in zip(starts, probabilities):
+        lines.append(f"    {t:8.2f}: " + " ".join(f"{v:6.3f}" for v in p))
+    return "\n".join(lines)
+
+
 def main(argv):
     records = argv[1:]
     with cli.exit_on_known_errors():
@@ -132,30 +191,15 @@ def main(argv):
         if flags.FLAGS.sensitivity is not None:
             predictor.use_sensitivity(flags.FLAGS.sensitivity)
         rows, failed = [], 0
-        for path in records:
+        for spec in records:
             try:
-                signal, fs, leads = read_any(path, fs=flags.FLAGS.fs, leads=flags.FLAGS.lead,
-                                             units=flags.FLAGS.units)
-                assessment = predictor.assess_quality(signal, fs=fs, leads=leads, record=path)
-                withheld = flags.FLAGS.quality_gate and not assessment["usable"]
-                probabilities = None if withheld else predictor.predict(signal, fs=fs, leads=leads, record=path)
+                row, text = predict_record(predictor, spec, read_any)
             except inference.RecordError as e:  # unreadable files too (data_prep raises the same class)
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            if withheld:
-                print(format_unusable(path, assessment))
-                rows.append({"record": path, "status": "unusable", "probabilities": None, "decisions": None,
-                             "quality": assessment})
-                continue
-            print(format_record(path, predictor, probabilities, assessment))
-            rows.append({
-                "record": path,
-                "status": "classified",
-                "probabilities": dict(zip(predictor.label_names, map(float, probabilities))),
-                "decisions": dict(zip(predictor.label_names, predictor.decisions(probabilities))),
-                "quality": assessment,
-            })
+            print(text)
+            rows.append(row)
         if out is not None:
             write_out(out, rows, predictor)
             print(f"wrote {out} ({len(rows)} record(s))")

@@ -252,6 +252,15 @@ class Predictor:
     def predict(self, signal: np.ndarray, *, fs: float, leads: Sequence[str], record: str = "record") -> np.ndarray:
         """Class probabilities (C,) of one raw record: (T, L) samples of ``leads`` at ``fs`` Hz, in
         mV (a trace that looks like microvolts is refused with a RecordError)."""
+        _, probs = self.predict_windows(signal, fs=fs, leads=leads, record=record)
+        return metrics_lib.aggregate_windows(
+            scores=probs, record_index=np.zeros(len(probs), np.int64), num_records=1,
+            how=self.preprocessing.aggregate)[0]
+
+    def predict_windows(self, signal: np.ndarray, *, fs: float, leads: Sequence[str],
+                        record: str = "record") -> tuple[np.ndarray, np.ndarray]:
+        """(start of every window in seconds (W,), its class probabilities (W, C)): what
+        ``predict`` aggregates, for long traces read window by window."""
         raw = self.preprocessing.model_leads(signal, leads=leads, record=record)
         if np.isfinite(raw).all():
             self._unit_problem(raw, record)
@@ -259,10 +268,7 @@ class Predictor:
         p = self.preprocessing
         starts = metrics_lib.window_starts(length=len(x), window=p.window, stride=p.stride)
         windows = np.stack([x[s : s + p.window] for s in starts])
-        probs = self.window_probabilities(windows)
-        return metrics_lib.aggregate_windows(
-            scores=probs, record_index=np.zeros(len(starts), np.int64), num_records=1, how=p.aggregate
-        )[0]
+        return starts / p.sampling_rate, self.window_probabilities(windows)
 
     def assess_quality(self, signal: np.ndarray, *, fs: float, leads: Sequence[str], record: str = "record") -> dict:
         """Signal-quality indices of the model's leads of one raw record, in mV at ``fs``

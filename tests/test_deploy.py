@@ -98,7 +98,7 @@ def test_predict_cli_equals_the_evaluation_score_without_the_shards(student, tmp
     result = cli("experiments.predict", f"--workdir={workdir}", _record_path(int(ids[0])), str(flat), "--fs=100",
                  "--lead=I", f"--out={csv_out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{flat}\n  unusable: decision withheld" in result.stdout
+    assert f"{flat}  (100 Hz, 10.0 s)\n  unusable: decision withheld" in result.stdout
     rows = csv_out.read_text().splitlines()
     assert rows[0] == "record,status,class,probability,threshold,decision,quality_failures"
     assert [r.split(",")[1] for r in rows[1:]] == ["classified"] * 5 + ["unusable"] * 5
@@ -299,3 +299,29 @@ def test_degenerate_thresholds_are_flagged_and_an_operating_point_can_be_chosen(
         positives = val["scores"][val["y"][:, k] == 1, k]
         if predictor.thresholds[name] is not None:
             assert np.mean(positives >= predictor.thresholds[name]) >= 0.9
+
+
+def test_predict_mixes_rates_in_one_call_and_writes_every_window(student, tmp_path):
+    """A 500 Hz CPSC .mat, a 250 Hz and a 100 Hz CSV in one call (trace.csv@RATE); the output
+    names each input's rate, duration and windows; --per_window adds them."""
+    from scipy import signal as sps
+
+    workdir, _ = student
+    mat = SAMPLES / "cpsc2018" / "A1980.mat"
+    signal, _, _ = read_any(mat)
+    fast, slow = tmp_path / "lead_i_250.csv", tmp_path / "lead_i_100.csv"
+    np.savetxt(fast, sps.resample_poly(signal[:, 0], 1, 2), delimiter=",")
+    np.savetxt(slow, sps.resample_poly(signal[:, 0], 1, 5), delimiter=",")
+    out = tmp_path / "p.json"
+    result = cli("experiments.predict", f"--workdir={workdir}", str(mat), f"{fast}@250", f"{slow}@100", "--lead=I",
+                 "--per_window", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert [r["input"]["sampling_rate_hz"] for r in records] == [500.0, 250.0, 100.0]
+    duration = len(signal) / 500
+    for r in records:
+        assert abs(r["input"]["duration_s"] - duration) < 0.01 and r["input"]["windows"] == len(r["windows"])
+        assert r["windows"][0]["start_s"] == 0.0
+        top = {n: max(w["probabilities"][n] for w in r["windows"]) for n in r["probabilities"]}
+        np.testing.assert_allclose(list(top.values()), list(r["probabilities"].values()), atol=1e-12)  # max
+    assert f"(250 Hz, {duration:.1f} s, {records[1]['input']['windows']} window(s) of 2.5 s" in result.stdout
