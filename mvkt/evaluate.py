@@ -381,6 +381,24 @@ def _evaluate_external(workdir: pathlib.Path, scorer: Scorer, *, data_dir: str, 
         n_resamples=n_resamples,
         seed=seed,
     )
+    # Fields named for what they count here: "test" is the external data, "val" the run's own
+    # validation split (thresholds only), and classes are excluded for one of two reasons.
+    result["num_external_records"] = result.pop("num_test_records")
+    result["num_run_val_records"] = result.pop("num_val_records")
+    result["run_val_macro_auc_on_scored_classes"] = result.pop("val_macro_auc")
+    result.pop("val_excluded_classes", None)
+    no_pos_neg = result.pop("excluded_classes")
+    result["excluded_classes"] = (
+        [{"class": c, "reason": "no source label maps onto it"} for c in excluded]
+        + [{"class": c, "reason": "no positive or no negative among the external records"} for c in no_pos_neg])
+    result["positives_per_class"] = {label: int(y[:, k].sum()) for k, label in enumerate(run_labels)
+                                     if k in covered}
+    result["notes"] = {
+        "run_val_macro_auc_on_scored_classes": "the run's own validation macro-AUC over the classes scored here "
+                                               "(the external data's classes), at the same checkpoint",
+        "checkpoint_val_macro_auc": "the validation macro-AUC over all of the run's classes when the checkpoint "
+                                    "was selected in training; the two differ when classes are excluded",
+    }
     result.update({
         "split": EXTERNAL_SPLIT.format(name=name),
         "external": {
@@ -468,8 +486,11 @@ def format_table(result: dict) -> str:
             f"  external data: {external['data_dir']} ({external['num_records']} records of {external['dataset']}, "
             f"splits {', '.join(external['splits_used'])}); thresholds from the run's own validation split"
         )
-        if external["run_classes_without_source"]:
-            lines.append(f"  run classes without a mapped source (excluded): {', '.join(external['run_classes_without_source'])}")
+        for item in result.get("excluded_classes", []):
+            if isinstance(item, dict):
+                lines.append(f"  excluded class {item['class']}: {item['reason']}")
+        if result.get("positives_per_class"):
+            lines.append("  positives per class: " + ", ".join(f"{k} {v}" for k, v in result["positives_per_class"].items()))
     if result.get("run_finished") is False:
         lines.append(
             f"  WARNING: unfinished run ({result['trained_steps']} of {result['total_steps']} steps trained): "

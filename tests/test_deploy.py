@@ -199,11 +199,16 @@ def test_external_evaluation_on_the_cpsc_sample_keeps_the_in_domain_files(studen
     assert external["external"]["num_records"] == 10
     assert external["external"]["run_classes_without_source"] == ["HYP", "MI", "STTC"]
     assert set(external["per_class_auc"]) == {"CD", "NORM"}
+    assert external["num_external_records"] == 10 and "num_test_records" not in external
+    assert external["num_run_val_records"] == 16 and set(external["positives_per_class"]) == {"CD", "NORM"}
+    assert [e["class"] for e in external["excluded_classes"]][:3] == ["HYP", "MI", "STTC"]
+    assert all(e["reason"] for e in external["excluded_classes"])
+    assert set(external["notes"]) == {"run_val_macro_auc_on_scored_classes", "checkpoint_val_macro_auc"}
     scores = dict(np.load(workdir / "scores_external_cpsc.npz"))
     labels = dict(zip(scores["record_ids"], scores["y"].tolist()))
     names = list(scores["label_names"])
     assert labels["A1983"][names.index("NORM")] == 1 and labels["A1986"][names.index("CD")] == 1  # Normal, RBBB
-    assert "run classes without a mapped source (excluded): HYP, MI, STTC" in result.stdout
+    assert "excluded class HYP: no source label maps onto it" in result.stdout
 
     unmapped = cli("experiments.evaluate", f"--workdir={workdir}", f"--data_dir={cpsc}", "--name=cpsc")
     assert unmapped.returncode == 1 and "give --label_map=FILE" in unmapped.stderr
