@@ -117,7 +117,12 @@ class Converter:
                 shape, dims = params["shape"], params["broadcast_dimensions"]
                 expanded = [x.shape[dims.index(d)] if d in dims else 1 for d in range(len(shape))]
                 return [x.reshape(expanded)]
-            return [np.asarray(out) for out in _as_list(eqn.primitive.bind(*inputs, **params))]
+            # Constants kept small above are expanded to their traced shapes first: a window
+            # reduction of a broadcast constant (XResNet's ceil-mode average-pool divisor) needs
+            # the full shape; binding it on the small one gave a (1, 1, 0) divisor.
+            full = [np.broadcast_to(x, v.aval.shape) if x.shape != tuple(v.aval.shape) else x
+                    for x, v in zip(inputs, eqn.invars)]
+            return [np.asarray(out) for out in _as_list(eqn.primitive.bind(*full, **params))]
         out_shape = tuple(eqn.outvars[0].aval.shape)
         handler = getattr(self, f"_{name}", None)
         if handler is None:
