@@ -14,7 +14,15 @@ measures, on this machine's CPU:
 - validation macro-AUC of each (sliding windows, max over windows) and the int8 change.
 
 Each latency row waits for a 1-minute load average below 1.0 first (the training before
-it loads the machine). Prints the table with the load average before and after each row and writes
+it loads the machine).
+
+    python -m benchmarks.export --size_table [--archs=...] [--widths=0.25,0.5,1]
+
+measures instead, for every net and width multiplier (lead I, 5 classes, 2.5-s windows at
+100 Hz; freshly initialised weights, since size and speed do not depend on their values):
+the ONNX float32 and int8 file sizes and the onnxruntime latency per 10-s record (7 windows,
+one record per call) of both, int8 calibrated on windows of the embedded real PTB-XL sample.
+Writes benchmarks/results/export_sizes.json. Prints the table with the load average before and after each row and writes
 benchmarks/results/export.json. Targets: int8 loses at most 0.005 macro-AUC;
 onnxruntime at batch 1 under 2 ms per record.
 """
@@ -59,7 +67,12 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", "runs/bench_export", "where the student is trained (resumable) and exported")
     flags.DEFINE_integer("epochs", 20, "training epochs of the student")
     flags.DEFINE_integer("repeats", 200, "timed calls per latency row (median reported)")
-    flags.DEFINE_string("out_json", "benchmarks/results/export.json", "results file")
+    flags.DEFINE_string("out_json", None, "results file (default: benchmarks/results/export.json, or "
+                        "export_sizes.json with --size_table)")
+    flags.DEFINE_bool("size_table", False, "size and latency of every arch x width instead of the trained student")
+    flags.DEFINE_list("archs", ["fcn_wang", "resnet1d_wang", "inception1d", "xresnet1d18", "xresnet1d50",
+                                "xresnet1d101"], "nets of --size_table")
+    flags.DEFINE_list("widths", ["0.25", "0.5", "1.0"], "width multipliers of --size_table")
 
 
 def _raw_validation_windows(data_dir, prep):
@@ -124,9 +137,82 @@ def _print_tables(results: dict, auc_change: float, rows: list[dict]) -> None:
               f"{r['load_after']:.2f}{flag} |")
 
 
+def _sample_windows(window: int, count: int = 64):
+    """Raw lead-I windows (mV) of the embedded PTB-XL sample records: int8 calibration input."""
+    import glob
+
+    import numpy as np
+
+    from data_prep.records import read_any
+
+    out = []
+    for path in sorted(glob.glob(str(ROOT / "data_prep" / "samples" / "ptbxl" / "records100" / "*" / "*.hea"))):
+        signal, _, _ = read_any(path[:-4])
+        out += [signal[s:s + window, :1] for s in range(0, len(signal) - window + 1, window)]
+    return np.stack(out[:count]).astype(np.float32)
+
+
+def size_table(args) -> None:
+    import tempfile
+
+    import jax
+    import numpy as np
+    import onnxruntime as ort
+
+    from mvkt import export, metrics, models
+
+    window, per_record = 250, len(metrics.window_starts(length=1000, window=250, stride=125))
+    calibration = _sample_windows(window)
+    record = calibration[:per_record]
+    rows = []
+    for arch in args.archs:
+        for width in map(float, args.widths):
+            model = models.create_model(arch, num_classes=5, width_mult=width)
+            variables = model.init(jax.random.PRNGKey(0), np.zeros((1, window, 1), np.float32), train=False)
+            net = export.ExportedNet(fn=lambda x, m=model, v=variables: jax.nn.sigmoid(m.apply(v, x, train=False)[0]),
+                                     window=window, leads=["I"], metadata={})
+            params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
+            with tempfile.TemporaryDirectory() as tmp:
+                fp32, int8 = pathlib.Path(tmp) / "m.fp32.onnx", pathlib.Path(tmp) / "m.onnx"
+                export.to_onnx(net, fp32)
+                row = {"arch": arch, "width_mult": width, "params": params, "float32_kib": fp32.stat().st_size / 1024}
+                models_here = [("float32", fp32)]
+                try:
+                    export.quantize_int8(fp32, int8, calibration=calibration)
+                    row["int8_kib"] = int8.stat().st_size / 1024
+                    models_here.append(("int8", int8))
+                except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises its own types
+                    row["int8_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    row["int8_ms"], row["int8_load"], row["int8_kib"] = float("nan"), [float("nan")] * 2, float("nan")
+                for name, path in models_here:
+                    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                    harness.wait_for_quiet(120.0, max_load=1.0)
+                    before = os.getloadavg()[0]
+                    row[f"{name}_ms"] = _median_ms(lambda: session.run(None, {export.INPUT_NAME: record}),
+                                                   args.repeats, warmup=5)
+                    row[f"{name}_load"] = [before, os.getloadavg()[0]]
+            rows.append(row)
+            loads = [v for v in row["float32_load"] + row["int8_load"] if v == v]
+            flag = "" if max(loads) <= 1.5 else " (loaded)"
+            print(f"| {arch} | {width:g} | {params:,} | {row['float32_kib']:.0f} | {row['int8_kib']:.0f} | "
+                  f"{row['float32_ms']:.2f} | {row['int8_ms']:.2f} | {row['int8_ms'] / row['float32_ms']:.2f} | "
+                  f"{row['float32_load'][0]:.2f}-{max(loads):.2f}{flag} |", flush=True)
+    out = {"command": "python -m benchmarks.export --size_table", "rows": rows, "windows_per_record": per_record,
+           "cpu_count": os.cpu_count(), "onnxruntime": ort.__version__, "jax": jax.__version__}
+    path = pathlib.Path(args.out_json or "benchmarks/results/export_sizes.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    print(f"\nwrote {path}")
+
+
 def main(argv):
     del argv
     args = harness.flag_values()
+    if args.size_table:
+        print("| arch | width | params | float32 KiB | int8 KiB | float32 ms/record | int8 ms/record | int8/float32 "
+              "| load |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        return size_table(args)
     import jax
     import numpy as np
     import onnxruntime as ort
@@ -193,7 +279,7 @@ def main(argv):
         "onnxruntime": ort.__version__,
         "jax": jax.__version__,
     }
-    path = pathlib.Path(args.out_json)
+    path = pathlib.Path(args.out_json or "benchmarks/results/export.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")
     print(f"\nwrote {path}")

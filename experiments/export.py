@@ -7,13 +7,16 @@
 ONNX: input ``ecg`` float32 (batch, window, leads) raw samples at the run's sampling rate
 (standardisation inside the graph), output ``probabilities`` (batch, classes), dynamic
 batch, BatchNorm folded, the run's labels/leads/rate/window/thresholds in the metadata.
-int8 also writes the float32 model beside it (``NAME.fp32.onnx``). Details: mvkt/export.py.
+int8 also writes the float32 model beside it (``NAME.fp32.onnx``) and reports, for this run,
+how far int8 is from float32 (max and mean probability difference per validation window,
+validation macro-AUC of both) and their latency on this machine, with a warning when int8
+is slower (``int8_vs_float32`` in the printed JSON). Details: mvkt/export.py.
 Requires the optional extra ``pip install -e .[export]`` (onnx, onnxruntime) for ONNX.
 """
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments import cli
 from mvkt import distributed
@@ -49,6 +52,15 @@ def main(argv):
                                     which=flags.FLAGS.checkpoint)
         if distributed.is_chief():
             print(json.dumps(summary, indent=2))
+            comparison = summary.get("int8_vs_float32", {}) if isinstance(summary, dict) else {}
+            if "max_probability_difference" in comparison:
+                change = comparison.get("val_macro_auc_change")
+                logging.info("int8 vs float32 on %d validation windows: probability difference max %.4f, mean "
+                                "%.4f; validation macro-AUC change %s", comparison["validation_windows"],
+                                comparison["max_probability_difference"], comparison["mean_probability_difference"],
+                                "undefined" if change is None else f"{change:+.4f}")
+            if comparison.get("warning"):
+                logging.warning("%s", comparison["warning"])
 
 
 if __name__ == "__main__":

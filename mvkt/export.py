@@ -196,8 +196,23 @@ def quantize_int8(fp32_path: str | pathlib.Path, out_path: str | pathlib.Path, *
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: batch}
 
-    quantize_static(str(fp32_path), str(out_path), Windows(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)
+    import logging
+
+    class NoPreProcessingAdvice(logging.Filter):
+        # onnxruntime advises its quant_pre_process twice per call; on these graphs that step
+        # breaks its own quantizer (ValueError in _adjust_weight_scale_for_int32_bias, onnxruntime
+        # 1.32), so the advice is dropped instead of followed.
+        def filter(self, record):
+            return "pre-processing before quantization" not in record.getMessage()
+
+    quiet = NoPreProcessingAdvice()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        quantize_static(str(fp32_path), str(out_path), Windows(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)
+    finally:
+        root.removeFilter(quiet)
     return {"path": str(out_path), "bytes": pathlib.Path(out_path).stat().st_size,
             "method": f"static QDQ, per-channel int8 weights, int8 activations calibrated on {len(calibration)} "
             "training windows"}
@@ -252,4 +267,88 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str
     fp32 = out.with_name(f"{out.stem}.fp32{out.suffix}")
     summary = {"float32": to_onnx(net, fp32)}
     summary["int8"] = quantize_int8(fp32, out, calibration=calibration_windows(workdir))
+    summary["int8_vs_float32"] = int8_report(workdir, fp32, out)
     return summary
+
+
+def validation_windows(workdir: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(raw windows (W, window, leads) of every validation record as predict cuts them, their
+    record index (W,), the records' labels (N, C)), or None without the run's shards."""
+    info = run_dir.load_info(workdir)
+    try:
+        split = data_lib.open_split(info["data_dir"], "val", folds=info.get("folds"))
+    except (data_lib.ShardError, FileNotFoundError):
+        return None
+    prep = inference.Preprocessing.of_run(workdir)
+    from mvkt import input_pipeline, metrics as metrics_lib
+
+    record_index, starts = input_pipeline.window_index(split.lengths, window=prep.window, stride=prep.stride,
+                                                       window_starts=metrics_lib.window_starts)
+    index = data_lib.lead_indices(prep.leads)
+    x = split.select_leads(prep.leads).crop(record_index, starts, prep.window)
+    own = split.manifest["preprocessing"]["standardization"]
+    raw = x * np.asarray(own["std"], np.float32)[index] + np.asarray(own["mean"], np.float32)[index]
+    return raw.astype(np.float32), record_index, np.asarray(split.y)
+
+
+def _latency_ms(session, windows: np.ndarray, repeats: int = 30) -> float:
+    """Median ms of one call on ``windows`` (one 10-s record's windows), after a warm-up."""
+    import time
+
+    feed = {INPUT_NAME: windows}
+    session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def int8_report(workdir: str | pathlib.Path, fp32_path: str | pathlib.Path, int8_path: str | pathlib.Path) -> dict:
+    """How the int8 model differs from the float32 one on this run's validation split: per-window
+    probability differences (max, mean), the validation macro-AUC of both (windows aggregated as
+    predict does), and the latency of both on one record's windows on this machine (a warning
+    when int8 is slower)."""
+    import onnxruntime as ort
+
+    from mvkt import metrics as metrics_lib
+
+    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in (("float32", fp32_path), ("int8", int8_path))}
+    val = validation_windows(workdir)
+    report: dict[str, Any] = {}
+    if val is None:
+        report["agreement"] = "not measured: the run's shards (validation split) are not available"
+        one_record = None
+    else:
+        windows, record_index, y = val
+        probs = {name: np.concatenate([s.run(None, {INPUT_NAME: windows[i:i + 256]})[0]
+                                       for i in range(0, len(windows), 256)]).astype(np.float64)
+                 for name, s in sessions.items()}
+        difference = np.abs(probs["int8"] - probs["float32"])
+        report.update({"validation_windows": int(len(windows)), "max_probability_difference": float(difference.max()),
+                       "mean_probability_difference": float(difference.mean())})
+        aggregate = inference.Preprocessing.of_run(workdir).aggregate
+        aucs = {}
+        for name, p in probs.items():
+            per_record = metrics_lib.aggregate_windows(scores=p, record_index=record_index, num_records=len(y),
+                                                       how=aggregate)
+            defined = metrics_lib.valid_class_mask(y_true=y).any()
+            aucs[name] = metrics_lib.per_class_auc(y_true=y, y_score=per_record).macro_auc if defined else None
+        report["val_macro_auc"] = aucs
+        if aucs["float32"] is not None:
+            report["val_macro_auc_change"] = aucs["int8"] - aucs["float32"]
+        first = record_index == 0
+        one_record = windows[first]
+    if one_record is None:
+        prep = inference.Preprocessing.of_run(workdir)
+        one_record = np.zeros((7, prep.window, len(prep.leads)), np.float32)
+    latency = {name: _latency_ms(s, one_record) for name, s in sessions.items()}
+    report["latency_ms_per_record"] = latency
+    report["latency_windows_per_record"] = int(len(one_record))
+    if latency["int8"] > latency["float32"]:
+        report["warning"] = (f"int8 is slower than float32 on this machine ({latency['int8']:.2f} vs "
+                             f"{latency['float32']:.2f} ms per record of {len(one_record)} windows): ship the "
+                             "float32 model unless the target runtime has int8 kernels")
+    return report
