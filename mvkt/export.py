@@ -109,6 +109,7 @@ def model_metadata(workdir: pathlib.Path, *, which: str, step, mean, std, thresh
                                        "in_graph": True}),
         "preprocessing_rules": json.dumps(preprocessing_rules()),
         "thresholds": json.dumps(thresholds),
+        "threshold_caveats": json.dumps(inference.load_threshold_caveats(workdir)),
         # Decisions are withheld on a record whose quality indices (mvkt/quality.py, on the raw
         # model leads in mV at their own rate) fail these thresholds.
         "quality_gate": json.dumps({"thresholds": quality_lib.DEFAULT_THRESHOLDS.as_dict(),
