@@ -26,8 +26,10 @@ import numpy as np
 from data_prep.wfdb_io import LEADS, RecordError, parse_header, read_record
 
 TRACE_SUFFIXES = (".csv", ".npy")
-# Factor to mV of each accepted unit name (WFDB headers, --units).
+# Factor to mV of each accepted unit name (WFDB headers, --units); headers spell them freely
+# ("mv", "MV"), so they are matched case-insensitively.
 TO_MILLIVOLTS = {"mV": 1.0, "uV": 1e-3, "µV": 1e-3, "V": 1e3}
+_SCALE = {k.lower(): v for k, v in TO_MILLIVOLTS.items()}
 EDF_SUFFIXES = (".edf", ".bdf")
 
 
@@ -63,10 +65,10 @@ def read_any(path: str | os.PathLike, *, fs: float | None = None, leads: Sequenc
 def _read_wfdb(base: pathlib.Path) -> tuple[np.ndarray, float, list[str]]:
     header = parse_header(base.with_suffix(".hea"))
     names = [s.description for s in header.signals]
-    unknown = sorted({s.units for s in header.signals} - set(TO_MILLIVOLTS))
+    unknown = sorted({s.units for s in header.signals if s.units.lower() not in _SCALE})
     if unknown:
         raise RecordError(f"{base.with_suffix('.hea')}: signal units {unknown} are not uV, mV or V")
-    scales = [TO_MILLIVOLTS[s.units] for s in header.signals]
+    scales = [_SCALE[s.units.lower()] for s in header.signals]
     try:
         signal, rate = read_record(base, header)
         if len(set(scales)) > 1:

@@ -361,3 +361,15 @@ def test_every_registered_net_exports_to_onnx_equal_to_jax(arch, tmp_path):
     want = np.asarray(jax.jit(fn)(x))
     got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ecg": x})[0]
     assert want.std() > 0.01 and np.abs(got - want).max() <= 1e-5
+
+
+def test_wfdb_headers_in_microvolts_are_read_in_millivolts(tmp_path):
+    import wfdb
+
+    signal, fs, _ = read_any(_record_path(1))
+    lead = np.round(signal[:, :2] * 1000).astype(np.float64)  # the same two leads in uV
+    wfdb.wrsamp("rec_uv", fs=fs, units=["uV", "uV"], sig_name=["I", "II"], p_signal=lead, fmt=["16", "16"],
+                adc_gain=[1.0, 1.0], baseline=[0, 0], write_dir=str(tmp_path))
+    read, rate, leads = read_any(tmp_path / "rec_uv")
+    assert leads == ["I", "II"] and rate == fs
+    np.testing.assert_allclose(read, signal[:, :2], atol=1e-3)
