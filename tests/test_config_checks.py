@@ -241,13 +241,11 @@ def test_shard_verification_finds_a_few_non_finite_samples_anywhere(ptbxl_sample
         data_lib.verify_shards(shards, cache_dir=tmp_path / "cache")
 
 
+# The study runners adopt experiments.study's flags one way (pipeline, ablation and lead_sweep
+# in their __main__, crossval in its define_flags): one of each, and train.
 RUNNER_FLAGS = {
     "experiments.pipeline": ["--workdir", "--seeds", "--methods", "--override"],
-    "experiments.ablation": ["--workdir", "--seeds", "--methods", "--data_dir"],
-    "experiments.lead_sweep": ["--workdir", "--leads", "--seeds"],
     "experiments.crossval": ["--workdir", "--rounds", "--split", "--seeds", "--methods"],
-    "experiments.robustness": ["--workdir", "--out", "--noise_dir", "--compare"],
-    "experiments.predict": ["--workdir", "--units", "--quality_gate"],
     "experiments.train": ["--config", "--workdir", "--config_help"],
 }
 
