@@ -128,7 +128,7 @@ _RANGES = (
     ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("train.learning_rate", lambda v: v > 0, "a number > 0"),
     ("train.weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("train.grad_clip_norm", lambda v: v > 0, "a number > 0"),
+    ("train.grad_clip_norm", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
     ("train.log_every_steps", lambda v: v >= 1, "an integer >= 1"),
     ("train.keep_checkpoints", lambda v: v >= 1, "an integer >= 1"),
     ("train.stop_at_step", lambda v: v >= 0, "an integer >= 0 (0: no planned stop)"),
@@ -163,6 +163,7 @@ def upgrade(raw: Mapping[str, Any]) -> dict:
     config = copy.deepcopy(dict(raw))
     config.setdefault("eval", {}).setdefault("evaluators", ["val_auc"])
     config.setdefault("augment", {}).setdefault("nstdb_snr_max_db", 24.0)  # added with the NSTDB noise
+    config.setdefault("train", {}).setdefault("optimizer", "adamw")  # added with the official recipe
     if "teacher" in config and "trains" in config:
         return config
     teacher = {new: config.pop(old) for old, new in _LEGACY_TEACHER_FIELDS.items() if old in config}

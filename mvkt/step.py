@@ -219,18 +219,37 @@ def make_schedule(train_config: ml_collections.ConfigDict, total_steps: int) -> 
         )
     if train_config.schedule == "constant":
         return optax.constant_schedule(lr)
-    raise ValueError(f"unknown schedule {train_config.schedule!r}: onecycle | cosine | constant")
+    if train_config.schedule == "mvkt_official":
+        # QINYZz/MVKT-ECG's adjust_learning_rate, per epoch: 0.001 * (epoch + 1) for the first
+        # 15 epochs (a ramp to 0.015, whatever the base rate), then the base rate, x0.1 from
+        # epoch 40 and again from epoch 70.
+        steps_per_epoch = max(total_steps // max(int(train_config.epochs), 1), 1)
+
+        def official(step):
+            epoch = step // steps_per_epoch
+            decayed = lr * jnp.where(epoch >= 40, 0.1, 1.0) * jnp.where(epoch >= 70, 0.1, 1.0)
+            return jnp.where(epoch < 15, 0.001 * (epoch + 1), decayed).astype(jnp.float32)
+
+        return official
+    raise ValueError(f"unknown schedule {train_config.schedule!r}: onecycle | cosine | constant | mvkt_official")
 
 
 def make_optimizer(
     train_config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(train_config, total_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(float(train_config.grad_clip_norm)),
-        optax.adamw(schedule, weight_decay=float(train_config.weight_decay)),
-    )
-    return tx, schedule
+    clip = float(train_config.grad_clip_norm)
+    clipping = [optax.clip_by_global_norm(clip)] if clip > 0 else []  # 0: off
+    optimizer = str(train_config.get("optimizer", "adamw"))
+    weight_decay = float(train_config.weight_decay)
+    if optimizer == "adamw":  # decoupled weight decay
+        update = [optax.adamw(schedule, weight_decay=weight_decay)]
+    elif optimizer == "adam":  # torch.optim.Adam's weight_decay: an L2 term added to the gradient
+        update = [optax.add_decayed_weights(weight_decay), optax.scale_by_adam(),
+                  optax.scale_by_learning_rate(schedule)]
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}: adamw | adam")
+    return optax.chain(*clipping, *update), schedule
 
 
 def create_train_state(

@@ -95,10 +95,11 @@ def get_config(arg=None):
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 50  # passes over the training split
     config.train.batch_size = 128  # global batch (divisible by devices and processes)
-    config.train.learning_rate = 1e-2  # peak learning rate (AdamW)
-    config.train.weight_decay = 1e-2  # AdamW decoupled weight decay
-    config.train.schedule = "onecycle"  # onecycle | cosine | constant
-    config.train.grad_clip_norm = 1.0  # global-norm gradient clipping threshold
+    config.train.learning_rate = 1e-2  # peak (or base) learning rate
+    config.train.weight_decay = 1e-2  # decoupled (adamw) or L2 (adam) weight decay
+    config.train.optimizer = "adamw"  # adamw (decoupled weight decay) | adam (L2 in the gradient, as torch Adam)
+    config.train.schedule = "onecycle"  # onecycle | cosine | constant | mvkt_official (QINYZz/MVKT-ECG's)
+    config.train.grad_clip_norm = 1.0  # global-norm gradient clipping threshold (0: off)
     config.train.log_every_steps = 10  # metrics.jsonl row (and stop check) every N steps
     config.train.keep_checkpoints = 3  # last N checkpoints kept (plus best/)
     # > 0: save and stop there (planned interruption); a rerun with the same value does nothing,
