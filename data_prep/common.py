@@ -32,6 +32,7 @@ import numpy as np
 
 from data_prep.wfdb_io import LEADS, RecordError, read_record
 from mvkt import process
+from mvkt import quality
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -67,9 +68,9 @@ class SignalConfig:
 
 
 # A record is flat when the peak-to-peak range of every lead is below this (mV, the unit of the
-# shards): a tenth of a small box on ECG paper, far below any recorded QRS complex. A record
-# with only some flat leads is kept (a lead off for a while is a real-world condition).
-FLAT_SPAN_MV = 0.01
+# shards); the same bound as predict's quality gate. A record with only some flat leads is
+# kept (a lead off for a while is a real-world condition).
+FLAT_SPAN_MV = quality.FLAT_SPAN_MV
 
 
 def read_wfdb_source(path: str) -> tuple[np.ndarray, float]:

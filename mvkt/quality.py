@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 
 FLAT_WINDOW_SECONDS = 0.2
+# The range below which a trace is flat (mV): a tenth of a small box on ECG paper, far below any
+# recorded QRS complex. data_prep rejects a record whose every lead is this flat.
 FLAT_SPAN_MV = 0.01
 
 
