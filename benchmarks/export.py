@@ -75,27 +75,6 @@ def define_flags() -> None:
     flags.DEFINE_list("widths", ["0.25", "0.5", "1.0"], "width multipliers of --size_table")
 
 
-def _raw_validation_windows(data_dir, prep):
-    """(validation split, record index of each window, the windows in raw units): the exported
-    graph standardises its input itself."""
-    import numpy as np
-
-    from mvkt import data as data_lib
-    from mvkt import metrics
-
-    val = data_lib.open_split(data_dir, "val").select_leads(prep.leads)
-    own = val.manifest["preprocessing"]["standardization"]
-    index = data_lib.lead_indices(prep.leads)
-    records, starts = [], []
-    for i, length in enumerate(val.lengths):
-        s = metrics.window_starts(length=int(length), window=prep.window, stride=prep.stride)
-        records += [i] * len(s)
-        starts += list(s)
-    raw = (val.crop(np.asarray(records), np.asarray(starts), prep.window) * np.float32(own["std"])[index]
-           + np.float32(own["mean"])[index]).astype(np.float32)
-    return val, records, raw
-
-
 def _latency_rows(sessions: dict, jitted, record_windows, repeats: int) -> list[dict]:
     """ms per record of each onnxruntime session and of the jitted JAX net, one record and 64
     records per call, each row after the load has settled."""
@@ -237,15 +216,15 @@ def main(argv):
     net = export.exported_net(run)
     prep = inference.Preprocessing.of_run(run)
 
-    val, records, raw = _raw_validation_windows(data_dir, prep)
-    per_record = int(np.sum(np.asarray(records) == 0))  # windows of one 10-s record
+    raw, records, val_y = export.validation_windows(run)  # the run's own validation split, raw units
+    per_record = int(np.sum(records == 0))  # windows of one 10-s record
 
     jitted = jax.jit(net.fn)
 
     def auc(window_probs) -> float:
-        scores = metrics.aggregate_windows(scores=window_probs, record_index=np.asarray(records),
-                                           num_records=len(val), how=prep.aggregate)
-        return float(metrics.macro_auc(y_true=val.y, y_score=scores))
+        scores = metrics.aggregate_windows(scores=window_probs, record_index=records,
+                                           num_records=len(val_y), how=prep.aggregate)
+        return float(metrics.macro_auc(y_true=val_y, y_score=scores))
 
     options = ort.SessionOptions()
     sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -260,7 +239,7 @@ def main(argv):
     rows = _latency_rows(sessions, jitted, raw[:per_record], args.repeats)
 
     auc_change = results["int8"]["val_macro_auc"] - results["float32"]["val_macro_auc"]
-    print(f"\nresnet1d_wang lead-I student ({run}), {len(val)} validation records, {per_record} windows "
+    print(f"\nresnet1d_wang lead-I student ({run}), {len(val_y)} validation records, {per_record} windows "
           f"per 10-s record, {os.cpu_count()} CPU cores\n")
     _print_tables(results, auc_change, rows)
     ort_ms = next(r["ms_per_record"] for r in rows if r["runtime"] == "onnxruntime float32" and r["records_per_call"] == 1)

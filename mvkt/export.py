@@ -219,22 +219,35 @@ def quantize_int8(fp32_path: str | pathlib.Path, out_path: str | pathlib.Path, *
             "training windows"}
 
 
-def calibration_windows(workdir: str | pathlib.Path, *, count: int = 512, seed: int = 0) -> np.ndarray | None:
-    """Raw windows (before standardisation) of the run's training split, or None without its shards."""
+def _run_split(workdir: str | pathlib.Path, name: str) -> data_lib.Split | None:
+    """Split ``name`` of the run's own shards and folds, or None when the shards are gone."""
     info = run_dir.load_info(workdir)
     try:
-        split = data_lib.open_split(info["data_dir"], "train", folds=info.get("folds"))
+        return data_lib.open_split(info["data_dir"], name, folds=info.get("folds"))
     except (data_lib.ShardError, FileNotFoundError):
+        return None
+
+
+def _raw_crops(split: data_lib.Split, prep: inference.Preprocessing, indices, starts) -> np.ndarray:
+    """Crops of the model's leads in raw units (the split's standardisation undone): what the
+    exported graph takes, since it standardises its input itself."""
+    index = data_lib.lead_indices(prep.leads)
+    x = split.select_leads(prep.leads).crop(indices, starts, prep.window)
+    own = split.manifest["preprocessing"]["standardization"]
+    return (x * np.asarray(own["std"], np.float32)[index] + np.asarray(own["mean"], np.float32)[index]).astype(np.float32)
+
+
+def calibration_windows(workdir: str | pathlib.Path, *, count: int = 512, seed: int = 0) -> np.ndarray | None:
+    """Raw windows (before standardisation) of the run's training split, or None without its shards."""
+    split = _run_split(workdir, "train")
+    if split is None:
         return None
     prep = inference.Preprocessing.of_run(workdir)
     rng = np.random.default_rng(seed)
     indices = rng.choice(len(split), size=min(count, len(split)), replace=False)
     slack = np.maximum(split.lengths[indices] - prep.window, 0)
     starts = rng.integers(0, slack + 1)
-    index = data_lib.lead_indices(prep.leads)
-    x = split.select_leads(prep.leads).crop(indices, starts, prep.window)
-    own = split.manifest["preprocessing"]["standardization"]
-    return (x * np.asarray(own["std"], np.float32)[index] + np.asarray(own["mean"], np.float32)[index]).astype(np.float32)
+    return _raw_crops(split, prep, indices, starts)
 
 
 def to_stablehlo(net: ExportedNet, path: str | pathlib.Path) -> dict:
@@ -275,21 +288,15 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str
 def validation_windows(workdir: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(raw windows (W, window, leads) of every validation record as predict cuts them, their
     record index (W,), the records' labels (N, C)), or None without the run's shards."""
-    info = run_dir.load_info(workdir)
-    try:
-        split = data_lib.open_split(info["data_dir"], "val", folds=info.get("folds"))
-    except (data_lib.ShardError, FileNotFoundError):
+    split = _run_split(workdir, "val")
+    if split is None:
         return None
     prep = inference.Preprocessing.of_run(workdir)
     from mvkt import input_pipeline, metrics as metrics_lib
 
     record_index, starts = input_pipeline.window_index(split.lengths, window=prep.window, stride=prep.stride,
                                                        window_starts=metrics_lib.window_starts)
-    index = data_lib.lead_indices(prep.leads)
-    x = split.select_leads(prep.leads).crop(record_index, starts, prep.window)
-    own = split.manifest["preprocessing"]["standardization"]
-    raw = x * np.asarray(own["std"], np.float32)[index] + np.asarray(own["mean"], np.float32)[index]
-    return raw.astype(np.float32), record_index, np.asarray(split.y)
+    return _raw_crops(split, prep, record_index, starts), record_index, np.asarray(split.y)
 
 
 def _latency_ms(session, windows: np.ndarray, repeats: int = 30) -> float:
