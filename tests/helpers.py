@@ -66,3 +66,38 @@ def read_events(workdir) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
+
+
+def mkd_step_against_by_hand(config, shards, teacher_dir, inputs):
+    """(the step's MKD term, MKD recomputed by hand) for one jitted step of ``config`` (an MKD
+    student of ``teacher_dir``) on the first training batch. ``inputs(step_rng, x)`` returns the
+    (student input, teacher input) the step should have used, from the step's random streams
+    and the 12-lead crop ``x``: what a test of an input transform asserts."""
+    import jax
+
+    from mvkt import data as data_lib
+    from mvkt import input_pipeline, losses
+    from mvkt import parallel as parallel_lib
+    from mvkt import step as step_lib
+
+    parallel = parallel_lib.make_parallelism()
+    teacher_model, teacher_vars, _, _, _ = run_dir.load_trained_model(teacher_dir, parallel=parallel)
+    split = data_lib.open_split(shards, "train")
+    training = step_lib.build_training(config, num_classes=split.num_classes, crop_length=250, total_steps=10,
+                                       parallel=parallel, rng=jax.random.PRNGKey(0), train_labels=split.y,
+                                       teacher=(teacher_model, teacher_vars), donate=False,
+                                       label_names=split.label_names)
+    batch = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250, random_crop=True,
+                                        seed=0).batch_at(0)
+    rng = jax.random.PRNGKey(5)
+    _, metrics = training.update(training.state, parallel.to_global(batch), rng)
+
+    step_rng = jax.random.fold_in(rng, 0)
+    x_student, x_teacher = inputs(step_rng, batch)
+    state = training.state
+    student_logits = training.model.apply(
+        {"params": state.params["model"], "batch_stats": state.batch_stats}, x_student, train=True,
+        rngs={"dropout": jax.random.split(step_rng)[0]}, mutable=["batch_stats"])[0][0]
+    teacher_logits = teacher_model.apply(teacher_vars, x_teacher, train=False)[0]
+    return float(metrics["loss_mkd"]), float(losses.mkd_loss(student_logits=student_logits,
+                                                             teacher_logits=teacher_logits))

@@ -182,32 +182,17 @@ def test_corruptions_reach_the_student_only_and_the_teacher_sees_the_clean_crop(
     """The step's MKD term equals MKD between the student on the corrupted crop and the
     teacher on the clean one (recomputed outside the step from the same random streams)."""
     from experiments.configs import student as student_config
-    from helpers import tiny
-    from mvkt import input_pipeline, losses, parallel as parallel_lib, run_dir, step as step_lib
+    from helpers import mkd_step_against_by_hand, tiny
 
-    parallel = parallel_lib.make_parallelism()
-    teacher_model, teacher_vars, _, _, _ = run_dir.load_trained_model(tiny_teacher, parallel=parallel)
     config = tiny(student_config.get_config(), ptbxl_sample_shards, method="mkd",
                   **{"augment.nstdb_noise": 1.0, "augment.polarity_flip": 0.5})
-    split = data_lib.open_split(ptbxl_sample_shards, "train")
-    training = step_lib.build_training(config, num_classes=split.num_classes, crop_length=250, total_steps=10,
-                                       parallel=parallel, rng=jax.random.PRNGKey(0), train_labels=split.y,
-                                       teacher=(teacher_model, teacher_vars), donate=False,
-                                       label_names=split.label_names)
-    batch = input_pipeline.TrainBatches(split, global_batch_size=32, crop_length=250, random_crop=True,
-                                        seed=0).batch_at(0)
-    rng = jax.random.PRNGKey(5)
-    _, metrics = training.update(training.state, parallel.to_global(batch), rng)
-
-    step_rng = jax.random.fold_in(rng, 0)
     corrupt = augment.Corruption.from_config(config, 100)
-    x = jnp.asarray(batch["x"])
-    x_student = corrupt(jax.random.fold_in(step_rng, 0xC0A), x[..., :1])
-    assert not np.allclose(x_student, x[..., :1])
-    state = training.state
-    student_logits = training.model.apply(
-        {"params": state.params["model"], "batch_stats": state.batch_stats}, x_student, train=True,
-        rngs={"dropout": jax.random.split(step_rng)[0]}, mutable=["batch_stats"])[0][0]
-    teacher_logits = teacher_model.apply(teacher_vars, x, train=False)[0]
-    expected = losses.mkd_loss(student_logits=student_logits, teacher_logits=teacher_logits)
-    np.testing.assert_allclose(float(metrics["loss_mkd"]), float(expected), rtol=1e-4)
+
+    def inputs(step_rng, batch):
+        x = jnp.asarray(batch["x"])
+        x_student = corrupt(jax.random.fold_in(step_rng, 0xC0A), x[..., :1])
+        assert not np.allclose(x_student, x[..., :1])
+        return x_student, x  # the teacher's crop is the clean one
+
+    in_step, expected = mkd_step_against_by_hand(config, ptbxl_sample_shards, tiny_teacher, inputs)
+    np.testing.assert_allclose(in_step, expected, rtol=1e-4)
