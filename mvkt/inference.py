@@ -69,7 +69,7 @@ def predict_windows(
         return parallel.to_global(x)
 
     num_batches = math.ceil(num / batch_size)
-    for _, x in input_pipeline.Prefetcher(produce, 0, num_batches):
+    for _, x in input_pipeline.Prefetcher(produce, range(num_batches)):
         logits, features = forward(variables, x)
         logits_out.append(np.asarray(logits))
         if with_features:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -118,13 +118,12 @@ def window_index(
 
 
 class Prefetcher:
-    """Iterates ``produce(step)`` for steps in [start, stop), ``depth`` steps ahead."""
+    """Iterates ``(item, produce(item))`` over ``items`` (steps, or a dispatcher's chunks),
+    ``depth`` items ahead."""
 
-    def __init__(
-        self, produce: Callable[[int], object], start: int, stop: int, depth: int = 2, threads: int = 2
-    ):
+    def __init__(self, produce: Callable[[Any], object], items: Iterable, depth: int = 2, threads: int = 2):
         self._produce = produce
-        self._steps = iter(range(start, stop))
+        self._steps = iter(items)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads)
         self._queue: collections.deque = collections.deque()
         for _ in range(depth):
@@ -135,7 +134,7 @@ class Prefetcher:
         if step is not None:
             self._queue.append((step, self._pool.submit(self._produce, step)))
 
-    def __iter__(self) -> Iterator[tuple[int, object]]:
+    def __iter__(self) -> Iterator[tuple[Any, object]]:
         try:
             while self._queue:
                 step, future = self._queue.popleft()

@@ -37,5 +37,13 @@ class Cadence:
         return self.epoch_end(done) and (
             itstime(done // self.steps_per_epoch, self.eval_every_epochs) or done == self.total_steps)
 
+    def next_point(self, done: int) -> int:
+        """The first step after ``done`` that is a log point (the end, at the latest)."""
+        points = [self.total_steps] + [(done // every + 1) * every
+                                       for every in (self.log_every, self.steps_per_epoch) if every > 0]
+        if self.stop_at is not None and self.stop_at > done:
+            points.append(self.stop_at)
+        return min(points)
+
     def epoch(self, done: int) -> float:
         return done / self.steps_per_epoch

@@ -41,6 +41,7 @@ from mvkt import run_config
 CONFIG_FILE = "config.json"
 INFO_FILE = "run_info.json"
 METRICS_FILE = "metrics.jsonl"
+TIMINGS_FILE = "timings.json"  # where the last training call's wall time went (mvkt.timing)
 LOCK_FILE = ".lock"
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -49,6 +50,8 @@ RESUMABLE_CHANGES = (
     "train.stop_at_step",
     "train.log_every_steps",
     "train.keep_checkpoints",
+    "train.steps_per_dispatch",  # how steps reach the devices, not what they compute
+    "train.device_data_gb",
     "eval.bootstrap_resamples",
     "eval.batch_size",
     "teacher.allow_unfinished",
@@ -114,6 +117,11 @@ def write_config_and_info(workdir: pathlib.Path, config: ml_collections.ConfigDi
     """Chief only, atomically."""
     distributed.write_text(workdir / CONFIG_FILE, config.to_json(indent=2, sort_keys=True))
     distributed.write_text(workdir / INFO_FILE, json.dumps(info, indent=2))
+
+
+def write_timings(workdir: pathlib.Path, report: dict) -> None:
+    """Chief only, atomically: ``timing.Phases.report`` of the last training call."""
+    distributed.write_text(workdir / TIMINGS_FILE, json.dumps(report, indent=2))
 
 
 def run_info(config: ml_collections.ConfigDict, *, train_split, folds: dict | None, crop_length: int,

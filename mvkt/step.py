@@ -399,6 +399,7 @@ class Training:
     student_leads: list[int]  # positions of the trained net's leads in the 12-lead crop
     state: TrainState  # fresh, replicated over ``parallel``'s mesh
     update: Callable  # jitted ``update_fn(state, batch, rng) -> (state, metrics)``
+    update_fn: Callable  # the same, not jitted (mvkt.dispatch compiles it into its calls)
 
 
 def build_training(
@@ -482,4 +483,5 @@ def build_training(
         student_leads=student_leads,
         state=parallel.replicate(state),
         update=jax.jit(update_fn, donate_argnums=(0,) if donate else ()),
+        update_fn=update_fn,
     )

@@ -23,6 +23,7 @@ import tqdm
 
 from mvkt import checkpoints as ckpt_lib
 from mvkt import data as data_lib
+from mvkt import dispatch as dispatch_lib
 from mvkt import distributed
 from mvkt import evaluators as evaluators_lib
 from mvkt import input_pipeline
@@ -32,6 +33,7 @@ from mvkt import run_config
 from mvkt import run_dir
 from mvkt import step as step_lib
 from mvkt import teachers
+from mvkt import timing
 from mvkt.errors import TrainingDivergedError, TrainingPreempted
 
 __all__ = ["train_and_evaluate", "TrainingDivergedError", "TrainingPreempted"]
@@ -57,8 +59,11 @@ def train_and_evaluate(
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel: parallel_lib.Parallelism,
            progress: bool) -> dict:
-    run = _Run.build(config, workdir, parallel)
-    state, rng, best_auc = _restore(run, run.training.state, parallel.replicate(run.rng))
+    phases = timing.Phases()
+    with phases("setup"):
+        run = _Run.build(config, workdir, parallel, phases)
+    with phases("restore"):
+        state, rng, best_auc = _restore(run, run.training.state, parallel.replicate(run.rng))
     start_step = int(state.step)
     cadence = run.cadence()
     if cadence.stop_at is not None and start_step >= cadence.stop_at and start_step < run.total_steps:
@@ -80,39 +85,60 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
     meter = _Meter(run, log, start_step)
     preempted = False
     bar = _progress_bar(progress and run.is_chief, start_step, run.total_steps, workdir.name)
+    dispatcher = run.dispatcher
+    prefetch = input_pipeline.Prefetcher(dispatcher.produce, dispatcher.chunks(start_step, run.total_steps, cadence))
+    calls = iter(prefetch)
+    done = start_step
     with distributed.StopRequest() as stop:
         try:
-            for step, batch in input_pipeline.Prefetcher(run.produce, start_step, run.total_steps):
-                state, step_metrics = run.training.update(state, batch, rng)
-                meter.pending.append(step_metrics)
-                done = step + 1
-                bar.update(1)
+            while True:
+                with phases("input"):
+                    item = next(calls, None)
+                if item is None:
+                    break
+                (first, count), feed = item
+                with phases("steps" if done > start_step else "compile"):
+                    state, step_metrics = dispatcher(state, feed, rng)
+                meter.pending.append((step_metrics, count))
+                done = first + count
+                bar.update(count)
                 # Log points depend only on the step, so every process reaches the same ones;
                 # a SIGTERM on any process is acted on at the next one, by all of them.
                 if not cadence.log_point(done):
                     continue
+                with phases("steps"):
+                    jax.block_until_ready(step_metrics)
                 preempted = distributed.any_process(stop.requested)
                 must_stop = preempted or cadence.planned_stop(done)
-                means = meter.read_and_log(done, bar)
+                with phases("logging"):
+                    means = meter.read_and_log(done, bar)
                 if cadence.epoch_end(done):
                     epoch = done // run.steps_per_epoch
                     results = None
                     if cadence.eval_point(done):
-                        results = evaluators_lib.evaluate(evaluators, state.model_items())
+                        with phases("validation"):
+                            results = evaluators_lib.evaluate(evaluators, state.model_items())
                         _log_validation(run, log, done, epoch, means, results)
                     improved, best_auc = _selection(results, best_auc)
-                    run.save(state, rng, done, epoch, results, best_auc, improved)
+                    with phases("checkpointing"):
+                        run.save(state, rng, done, epoch, results, best_auc, improved)
                 elif must_stop:
-                    run.save(state, rng, done, cadence.epoch(done), None, best_auc, False)
+                    with phases("checkpointing"):
+                        run.save(state, rng, done, cadence.epoch(done), None, best_auc, False)
                 if must_stop:
                     _say(run.is_chief, f"{workdir.name}: checkpoint saved, stopped at step {done}/{run.total_steps} "
                                        f"({'SIGTERM' if preempted else 'train.stop_at_step'}); rerun to continue")
                     break
         finally:
+            prefetch.close()
             bar.close()
             log.close()
-            run.checkpoints.wait()
+            with phases("checkpoint_wait"):
+                run.checkpoints.wait()
             run.checkpoints.close()
+            run_dir.write_timings(workdir, phases.report(
+                start_step=start_step, end_step=done, batch_size=run.batch_size,
+                steps_per_dispatch=dispatcher.k, training_data="devices" if dispatcher.on_device else "host"))
         # A SIGTERM after the last log point: all processes still leave the same way.
         preempted = distributed.any_process(preempted or stop.requested)
     if preempted:
@@ -141,6 +167,7 @@ class _Run:
     info: dict
     source: teachers.TargetSource | None
     training: step_lib.Training
+    dispatcher: dispatch_lib.Dispatcher
     rng: jax.Array
     checkpoints: ckpt_lib.RunCheckpoints
     is_chief: bool
@@ -159,13 +186,15 @@ class _Run:
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, workdir: pathlib.Path,
-              parallel: parallel_lib.Parallelism) -> "_Run":
+              parallel: parallel_lib.Parallelism, phases: timing.Phases) -> "_Run":
         is_chief = distributed.is_chief()
         run_config.validate(config)
         loss_spec = step_lib.LossSpec.from_config(config)
         # Damaged shards are found before training, not as a diverged loss hours later; each
         # host checks its own copy (hashed once per change of the files).
-        distributed.on_every_process(data_lib.verify_shards, config.data.dir, cache_dir=data_lib.default_cache_dir())
+        with phases("verify_shards"):
+            distributed.on_every_process(data_lib.verify_shards, config.data.dir,
+                                         cache_dir=data_lib.default_cache_dir())
         if config.teacher.cache and config.data.random_crop and not config.teacher.cache_stride_seconds:
             raise ValueError(
                 "config.teacher.cache=True with random crops needs a grid of crop starts: set "
@@ -206,16 +235,18 @@ class _Run:
             teacher=source.teacher if source else None, teacher_leads=source.leads if source else None,
             label_names=label_names, sampling_rate=train_split.sampling_rate,
             band_pass=(train_split.manifest.get("preprocessing") or {}).get("band_pass"))
+        on_device, why = dispatch_lib.choose_device_data(train_split, crop_length=crop_length,
+                                                         device_data_gb=float(config.train.device_data_gb))
+        with phases("device_data"):
+            device_data = (dispatch_lib.DeviceData.place(train_split, crop_length=crop_length, parallel=parallel)
+                           if on_device else None)
+        dispatcher = dispatch_lib.Dispatcher(
+            update_fn=training.update_fn, host_update=training.update, loader=loader, source=source,
+            parallel=parallel, steps_per_dispatch=int(config.train.steps_per_dispatch), device_data=device_data)
+        _say(is_chief, f"input: {why}, {dispatcher.k} step(s) per dispatch")
         checkpoints = ckpt_lib.RunCheckpoints(workdir, keep=int(config.train.keep_checkpoints))
-        return cls(config, workdir, parallel, train_split, val_split, loader, info, source, training, rng,
-                   checkpoints, is_chief)
-
-    def produce(self, step: int) -> dict:
-        indices, starts = self.loader.host_crops(step)
-        batch = self.loader.batch_of(indices, starts)
-        if self.source is not None:
-            batch.update(self.source.batch_targets(indices, starts))
-        return self.parallel.to_global(batch)
+        return cls(config, workdir, parallel, train_split, val_split, loader, info, source, training, dispatcher,
+                   rng, checkpoints, is_chief)
 
     def cadence(self) -> periodic.Cadence:
         train = self.config.train
@@ -287,7 +318,7 @@ class _Meter:
     def read_and_log(self, done: int, bar) -> dict:
         run = self.run
         means = {k: float(v) for k, v in jax.device_get(
-            jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *self.pending)).items()}
+            jax.tree.map(lambda *xs: jnp.mean(_per_step(xs, self.pending)), *[m for m, _ in self.pending])).items()}
         self.pending.clear()
         _check_finite({k: v for k, v in means.items() if k.startswith("loss")}, step=done, since=self.last_step,
                       loader=run.loader, data_dir=str(run.config.data.dir))
@@ -303,6 +334,14 @@ class _Meter:
                                + (f" ({terms})" if terms else "") + f", {row['samples_per_s']:.0f} samples/s")
         bar.set_postfix(loss=f"{means['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
         return means
+
+
+def _per_step(values: tuple, pending: list) -> jax.Array:
+    """One metric of the calls since the last log point as a (steps,) vector: scalars of
+    one-step calls, or the active entries of K-step calls' stacked values."""
+    if all(v.ndim == 0 for v in values):
+        return jnp.stack(values)
+    return jnp.concatenate([v[:count] if v.ndim else v[None] for v, (_, count) in zip(values, pending)])
 
 
 def _check_finite(values: dict, *, step: int, since: int, loader: input_pipeline.TrainBatches,

@@ -167,11 +167,15 @@ def wait_for_metric_row(workdir: pathlib.Path, job: Job, timeout: float = DEADLI
 
 @pytest.fixture(scope="module")
 def teachers(ptbxl_sample_shards, tmp_path_factory):
-    """The same teacher trained by 2 processes x 1 device and by 1 process x 2 devices."""
+    """The same teacher trained by 2 processes x 1 device (training data on the devices, the
+    default) and by 1 process x 2 devices (the host loader)."""
     root = tmp_path_factory.mktemp("multihost_teachers")
     two, one = root / "two_processes", root / "one_process"
     run("experiments.train", train_args("teacher", two, ptbxl_sample_shards), root / "logs")
-    run("experiments.train", train_args("teacher", one, ptbxl_sample_shards), root / "logs", processes=1, devices=2)
+    run("experiments.train", train_args("teacher", one, ptbxl_sample_shards, "--config.train.device_data_gb=0"),
+        root / "logs", processes=1, devices=2)
+    assert json.loads((two / "timings.json").read_text())["training_data"] == "devices"
+    assert json.loads((one / "timings.json").read_text())["training_data"] == "host"
     return two, one
 
 
@@ -191,7 +195,9 @@ def test_teacher_two_processes_equal_one_process_and_rerun_trains_nothing(teache
 
 def test_student_stopped_and_resumed_on_two_processes_equals_one_process(teachers, ptbxl_sample_shards, tmp_path):
     _, teacher = teachers
-    student = [f"--config.teacher.runs={teacher}", "--config.method=mvkt", "--config.clt.variant=memory_bank"]
+    # Two steps per dispatch: the stacked inputs are sharded over both processes' devices.
+    student = [f"--config.teacher.runs={teacher}", "--config.method=mvkt", "--config.clt.variant=memory_bank",
+               "--config.train.steps_per_dispatch=2"]
     two, one = tmp_path / "two", tmp_path / "one"
     run("experiments.train", train_args("student", two, ptbxl_sample_shards, *student, "--config.train.stop_at_step=3"), tmp_path)
     assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [3]

@@ -105,6 +105,13 @@ def get_config(arg=None):
     # > 0: save and stop there (planned interruption); a rerun with the same value does nothing,
     # one without it (or with a later one) continues.
     config.train.stop_at_step = 0
+    # Training data on the devices when it fits this many GB per device (-1: automatic, a
+    # quarter of a device's memory; 0: always the host loader): the host then sends only
+    # record indices and crop starts. Same batches either way (mvkt/dispatch.py).
+    config.train.device_data_gb = -1.0
+    # Steps per jitted call (a lax.scan): fewer Python dispatches on accelerators. Log,
+    # validation, checkpoint and stop points stay where they are with 1.
+    config.train.steps_per_dispatch = 1
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_epochs = 1  # validate (and keep the best checkpoint) every N epochs
