@@ -82,12 +82,14 @@ class RunCheckpoints:
             meta=ocp.args.JsonSave(meta),
         )
 
-    def save(self, step: int, *, model: Any, train: Any, meta: dict, best: bool) -> None:
-        """Asynchronous save; ``best`` also replaces the best checkpoint. A failed write (this
-        one, or the previous save finishing in the background) raises ``_write_failed``'s OSError."""
+    def save(self, step: int, *, model: Any, train: Any, meta: dict, best: bool, latest: bool = True) -> None:
+        """Asynchronous save into ``checkpoints/`` (unless ``latest`` is False) and, with ``best``,
+        ``best/``. A failed write (this one, or the previous save finishing in the background)
+        raises ``_write_failed``'s OSError."""
         args = self._save_args(model, train, meta)
         try:
-            self.latest.save(step, args=args, force=True)
+            if latest:
+                self.latest.save(step, args=args, force=True)
             if best:
                 self.best.save(step, args=self._save_args(model, train, meta), force=True)
         except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise many types for one cause

@@ -18,6 +18,7 @@ import ml_collections
 from absl import logging
 
 from mvkt import data as data_lib
+from mvkt import dispatch
 from mvkt import inference
 from mvkt import metrics as metrics_lib
 from mvkt import parallel as parallel_lib
@@ -78,10 +79,19 @@ def _validation_auc(context: Context) -> Evaluator:
             "validation macro-AUC is undefined, the best checkpoint is the latest until it is defined",
             context.workdir, len(split))
 
+    # The windows are cut once per run and stay on the devices when they fit the budget of the
+    # training data (config.train.device_data_gb): no host work per validation but reading scores.
+    geometry = {"window": context.window, "stride": context.stride, "batch_size": int(config.eval.batch_size)}
+    fits = (inference.window_bytes(split, **geometry)
+            <= dispatch.memory_budget_bytes(float(config.train.device_data_gb)))
+    prepared = inference.prepare_windows(split, **geometry, parallel=context.parallel) if fits else None
+
     def evaluator(variables: dict) -> dict:
-        scores = inference.predict_records(
-            forward, variables, split, window=context.window, stride=context.stride,
-            batch_size=int(config.eval.batch_size), parallel=context.parallel, aggregate=config.eval.aggregate)
+        if prepared is not None:
+            scores = inference.predict_prepared(forward, variables, prepared, aggregate=config.eval.aggregate)
+        else:
+            scores = inference.predict_records(forward, variables, split, **geometry, parallel=context.parallel,
+                                               aggregate=config.eval.aggregate)
         if not defined:
             return {SELECTION_METRIC: None}
         result = metrics_lib.per_class_auc(y_true=split.y, y_score=scores, label_names=context.label_names)

@@ -58,16 +58,9 @@ def predict_windows(
     with_features: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (and features) of every (record, start) window, in fixed-shape batches."""
-    rows = parallel.host_slice(batch_size)
     logits_out, features_out = [], []
     num = len(record_index)
-
-    def produce(i):
-        sl = np.arange(i * batch_size, (i + 1) * batch_size)
-        sl = np.minimum(sl, num - 1)  # pad the last batch by repeating its final window
-        x = split.crop(record_index[sl][rows], starts[sl][rows], window)
-        return parallel.to_global(x)
-
+    produce = _window_batch(split, record_index, starts, window=window, batch_size=batch_size, parallel=parallel)
     num_batches = math.ceil(num / batch_size)
     for _, x in input_pipeline.Prefetcher(produce, range(num_batches)):
         logits, features = forward(variables, x)
@@ -77,6 +70,65 @@ def predict_windows(
     logits = np.concatenate(logits_out)[:num]
     features = np.concatenate(features_out)[:num] if with_features else None
     return logits, features
+
+
+def _window_batch(split: data_lib.Split, record_index: np.ndarray, starts: np.ndarray, *, window: int,
+                  batch_size: int, parallel: parallel_lib.Parallelism) -> Callable[[int], jax.Array]:
+    """``produce(i)``: the i-th fixed-shape global batch of these windows (the last one padded
+    by repeating its final window)."""
+    rows = parallel.host_slice(batch_size)
+    num = len(record_index)
+
+    def produce(i):
+        sl = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), num - 1)
+        return parallel.to_global(split.crop(record_index[sl][rows], starts[sl][rows], window))
+
+    return produce
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedWindows:
+    """Every sliding window of a split, cut once and kept on the devices in fixed-shape batches:
+    what the validation of a training run scores at every validation point."""
+
+    batches: list  # global (batch_size, window, leads) arrays
+    record_index: np.ndarray  # (windows,) the record of each window
+    num_records: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(b.nbytes) for b in self.batches)
+
+
+def window_bytes(split: data_lib.Split, *, window: int, stride: int, batch_size: int) -> int:
+    """What ``prepare_windows`` keeps on each device."""
+    record_index, _ = input_pipeline.window_index(split.lengths, window=window, stride=stride,
+                                                  window_starts=metrics_lib.window_starts)
+    return math.ceil(len(record_index) / batch_size) * batch_size * window * len(split.lead_idx) * 4
+
+
+def prepare_windows(split: data_lib.Split, *, window: int, stride: int, batch_size: int,
+                    parallel: parallel_lib.Parallelism) -> PreparedWindows:
+    record_index, starts = input_pipeline.window_index(split.lengths, window=window, stride=stride,
+                                                       window_starts=metrics_lib.window_starts)
+    produce = _window_batch(split, record_index, starts, window=window, batch_size=batch_size, parallel=parallel)
+    batches = [produce(i) for i in range(math.ceil(len(record_index) / batch_size))]
+    return PreparedWindows(batches, record_index, len(split))
+
+
+def predict_prepared(forward: Callable, variables: Any, prepared: PreparedWindows, *, aggregate: str = "max"
+                     ) -> np.ndarray:
+    """``predict_records`` of prepared windows: the same scores, bit for bit (the same forward
+    executable on the same batches); every batch is dispatched before any result is read."""
+    logits = [forward(variables, x)[0] for x in prepared.batches]
+    logits = np.concatenate(jax.device_get(logits))[:len(prepared.record_index)]
+    return _aggregate(logits, prepared.record_index, prepared.num_records, aggregate)
+
+
+def _aggregate(logits: np.ndarray, record_index: np.ndarray, num_records: int, aggregate: str) -> np.ndarray:
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return metrics_lib.aggregate_windows(scores=probs, record_index=record_index, num_records=num_records,
+                                         how=aggregate)
 
 
 def predict_records(
@@ -104,10 +156,7 @@ def predict_records(
         batch_size=batch_size,
         parallel=parallel,
     )
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    return metrics_lib.aggregate_windows(
-        scores=probs, record_index=record_index, num_records=len(split), how=aggregate
-    )
+    return _aggregate(logits, record_index, len(split), aggregate)
 
 
 # ----------------------------------------------------------------------------- raw records

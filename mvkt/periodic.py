@@ -15,14 +15,16 @@ def itstime(done: int, every: int, *, total: int | None = None) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     """The loop's schedule: log every ``log_every`` steps, at epoch ends and at a planned stop;
-    evaluate every ``eval_every_epochs`` epochs and at the end; checkpoint at epoch ends and
-    stops; look for stop requests (SIGTERM on any process) at log points."""
+    evaluate every ``eval_every_epochs`` epochs and at the end; checkpoint every
+    ``checkpoint_every_epochs`` epochs, at stops and at the end (``best/`` at every improving
+    validation); look for stop requests (SIGTERM on any process) at log points."""
 
     steps_per_epoch: int
     total_steps: int
     log_every: int
     eval_every_epochs: int
     stop_at: int | None = None  # config.train.stop_at_step: a planned interruption
+    checkpoint_every_epochs: int = 1
 
     def epoch_end(self, done: int) -> bool:
         return itstime(done, self.steps_per_epoch)
@@ -44,6 +46,11 @@ class Cadence:
         if self.stop_at is not None and self.stop_at > done:
             points.append(self.stop_at)
         return min(points)
+
+    def checkpoint_point(self, done: int) -> bool:
+        """An epoch end where ``checkpoints/`` gets one (the best checkpoint is kept whenever
+        validation improves, and stops and the end always save)."""
+        return self.epoch_end(done) and itstime(done // self.steps_per_epoch, self.checkpoint_every_epochs)
 
     def epoch(self, done: int) -> float:
         return done / self.steps_per_epoch

@@ -133,6 +133,7 @@ _RANGES = (
     ("train.keep_checkpoints", lambda v: v >= 1, "an integer >= 1"),
     ("train.stop_at_step", lambda v: v >= 0, "an integer >= 0 (0: no planned stop)"),
     ("train.steps_per_dispatch", lambda v: v >= 1, "an integer >= 1"),
+    ("train.checkpoint_every_epochs", lambda v: v >= 1, "an integer >= 1"),
     ("data.crop_seconds", lambda v: v > 0, "a number of seconds > 0"),
     ("data.eval_stride_fraction", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     ("eval.every_epochs", lambda v: v >= 1, "an integer >= 1"),
@@ -167,6 +168,7 @@ def upgrade(raw: Mapping[str, Any]) -> dict:
     config.setdefault("train", {}).setdefault("optimizer", "adamw")  # added with the official recipe
     config["train"].setdefault("steps_per_dispatch", 1)  # added with device-resident data
     config["train"].setdefault("device_data_gb", -1.0)
+    config["train"].setdefault("checkpoint_every_epochs", 1)
     if "teacher" in config and "trains" in config:
         return config
     teacher = {new: config.pop(old) for old, new in _LEGACY_TEACHER_FIELDS.items() if old in config}

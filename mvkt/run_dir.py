@@ -52,6 +52,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.steps_per_dispatch",  # how steps reach the devices, not what they compute
     "train.device_data_gb",
+    "train.checkpoint_every_epochs",
     "eval.bootstrap_resamples",
     "eval.batch_size",
     "teacher.allow_unfinished",

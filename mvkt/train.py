@@ -120,8 +120,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
                             results = evaluators_lib.evaluate(evaluators, state.model_items())
                         _log_validation(run, log, done, epoch, means, results)
                     improved, best_auc = _selection(results, best_auc)
-                    with phases("checkpointing"):
-                        run.save(state, rng, done, epoch, results, best_auc, improved)
+                    latest = must_stop or done == run.total_steps or cadence.checkpoint_point(done)
+                    if latest or improved:
+                        with phases("checkpointing"):
+                            run.save(state, rng, done, epoch, results, best_auc, improved, latest=latest)
                 elif must_stop:
                     with phases("checkpointing"):
                         run.save(state, rng, done, cadence.epoch(done), None, best_auc, False)
@@ -253,6 +255,7 @@ class _Run:
         return periodic.Cadence(steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                                 log_every=int(train.log_every_steps),
                                 eval_every_epochs=int(self.config.eval.every_epochs),
+                                checkpoint_every_epochs=int(train.checkpoint_every_epochs),
                                 stop_at=int(train.stop_at_step) if train.stop_at_step else None)
 
     def eval_context(self) -> evaluators_lib.Context:
@@ -262,12 +265,14 @@ class _Run:
             label_names=list(self.info["label_names"]), window=self.info["inference"]["window"],
             stride=self.info["inference"]["stride"])
 
-    def save(self, state, rng, step: int, epoch: float, results: dict | None, best_auc: float, best: bool) -> None:
+    def save(self, state, rng, step: int, epoch: float, results: dict | None, best_auc: float, best: bool,
+             latest: bool = True) -> None:
         meta = {"step": step, "epoch": epoch,
                 "val_macro_auc": (results or {}).get(evaluators_lib.SELECTION_METRIC),
                 "best_val_macro_auc": best_auc, "config_hash": self.info["config_hash"],
                 "label_names": self.info["label_names"], "leads": self.info["leads"]}
-        self.checkpoints.save(step, model=state.model_items(), train=state.train_items(rng), meta=meta, best=best)
+        self.checkpoints.save(step, model=state.model_items(), train=state.train_items(rng), meta=meta, best=best,
+                              latest=latest)
 
 
 def _restore(run: _Run, state, rng) -> tuple:

@@ -48,3 +48,11 @@ def test_predict_records_is_max_over_windows_on_ragged_real_records(samples_dir,
     for i in range(len(split)):
         expected = probs[np.asarray(records) == i].max(axis=0)
         np.testing.assert_allclose(scores[i], expected, rtol=1e-5, atol=1e-6)
+    # Windows cut once and kept on the devices (a training run's validation) score the same, bit for bit.
+    prepared = inference.prepare_windows(split, window=window, stride=stride, batch_size=8, parallel=parallel)
+    assert prepared.nbytes == inference.window_bytes(split, window=window, stride=stride, batch_size=8)
+    for aggregate in ("max", "mean"):
+        np.testing.assert_array_equal(
+            inference.predict_prepared(forward, variables, prepared, aggregate=aggregate),
+            inference.predict_records(forward, variables, split, window=window, stride=stride, batch_size=8,
+                                      parallel=parallel, aggregate=aggregate))

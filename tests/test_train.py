@@ -380,3 +380,16 @@ def test_sigterm_saves_and_exits_cleanly(ptbxl_sample_shards, tmp_path):
     assert steps and max(steps) < 500 * 2
     last_logged = max(json.loads(l)["step"] for l in metrics.read_text().splitlines())
     assert max(steps) == last_logged
+
+
+def test_checkpoints_every_n_epochs_keep_the_best_at_every_improving_validation(ptbxl_sample_shards, tmp_path):
+    config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **{
+        "train.epochs": 3, "train.checkpoint_every_epochs": 2, "train.keep_checkpoints": 5})
+    train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    # checkpoints/ at epoch 2 (step 4) and at the end (step 6), not at epoch 1 (step 2).
+    assert run_dir.checkpoint_steps(tmp_path / "run") == [4, 6]
+    validations = [r for r in read_metrics(tmp_path / "run") if "val_macro_auc" in r]
+    assert [r["step"] for r in validations] == [2, 4, 6]
+    best_steps = [int(p.name) for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()]
+    aucs = [r["val_macro_auc"] for r in validations]
+    assert best_steps == [validations[int(np.argmax(aucs))]["step"]]  # the first of the best, saved when reached

@@ -102,6 +102,9 @@ def get_config(arg=None):
     config.train.grad_clip_norm = 1.0  # global-norm gradient clipping threshold (0: off)
     config.train.log_every_steps = 10  # metrics.jsonl row (and stop check) every N steps
     config.train.keep_checkpoints = 3  # last N checkpoints kept (plus best/)
+    # checkpoints/ every N epochs (and at stops and the end); best/ is still saved at every
+    # validation that improves. What a preemption costs at most: N epochs, unless SIGTERM.
+    config.train.checkpoint_every_epochs = 1
     # > 0: save and stop there (planned interruption); a rerun with the same value does nothing,
     # one without it (or with a later one) continues.
     config.train.stop_at_step = 0
