@@ -72,8 +72,9 @@ def tile_ptbxl(src: pathlib.Path, dst: pathlib.Path, records: int) -> pathlib.Pa
     return dst
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants, MB."""
+def _tree_rss_mb(pid: int) -> tuple[float, float]:
+    """Resident memory of ``pid`` and all its descendants, MB: (all, anonymous). File pages
+    mapped into a process count in the first; the second is memory the processes hold."""
     children: dict[int, list[int]] = {}
     for entry in pathlib.Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -82,7 +83,7 @@ def _tree_rss_mb(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [pid]
+    total, anonymous, todo = 0.0, 0.0, [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
@@ -90,9 +91,11 @@ def _tree_rss_mb(pid: int) -> float:
             for line in pathlib.Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) / 1024
+                elif line.startswith("RssAnon:"):
+                    anonymous += int(line.split()[1]) / 1024
         except OSError:
             pass
-    return total
+    return total, anonymous
 
 
 def scale(args) -> None:
@@ -108,11 +111,11 @@ def scale(args) -> None:
     command = [sys.executable, "-m", "data_prep.ptbxl", f"--src={src}", f"--out={out}", "--overwrite"]
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0.0]
+    peak = [0.0, 0.0]
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
+            peak[:] = [max(a, b) for a, b in zip(peak, _tree_rss_mb(proc.pid))]
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -128,14 +131,15 @@ def scale(args) -> None:
     load = os.getloadavg()
     row = {"records": args.scale_records, "records_written": written, "seconds": round(seconds, 1),
            "records_per_s": round(written / seconds, 1), "peak_rss_tree_mb": round(peak[0], 1),
+           "peak_rss_anon_tree_mb": round(peak[1], 1),
            "shards_gb": round(shard_gb, 2), "load_average_before_after": [round(load_before[0], 2), round(load[0], 2)]}
     print(f"\n{'records':>8s} {'written':>8s} {'seconds':>8s} {'records/s':>10s} {'peak RSS MB':>12s} "
-          f"{'shards GB':>10s} {'load before/after':>18s}")
+          f"{'of it anon.':>12s} {'shards GB':>10s} {'load before/after':>18s}")
     print(f"{row['records']:8d} {written:8d} {seconds:8.1f} {row['records_per_s']:10.0f} {peak[0]:12.0f} "
-          f"{shard_gb:10.2f} {load_before[0]:8.2f}/{load[0]:.2f}")
+          f"{peak[1]:12.0f} {shard_gb:10.2f} {load_before[0]:8.2f}/{load[0]:.2f}")
     result = {"command": f"python -m benchmarks.data_prep --scale_records={args.scale_records}",
               "what": "data_prep.ptbxl CLI (superdiagnostic, 100 Hz, float32) on a tiled copy of " + args.src,
-              "peak_method": "sum of VmRSS over the CLI process and its workers, sampled every 0.1 s",
+              "peak_method": "sum of VmRSS (and of RssAnon) over the CLI process and its workers, sampled every 0.1 s",
               "environment": harness.environment(), "rows": [row]}
     path = pathlib.Path(args.out_json if flags.FLAGS["out_json"].present else "benchmarks/results/data_prep_scale.json")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -293,8 +293,21 @@ def _read_records(sources: Sequence[Source], signal_config: SignalConfig, scratc
             rates.append(st[3])
             where.append((len(parts), pos))
             pos += n
-        parts.append(np.memmap(path, dtype=np.float32, mode="r", shape=(pos, len(LEADS))) if pos else None)
+        parts.append(_ScratchPart(path) if pos else None)
     return accepted, lengths, stats, rates, rejected, parts, where
+
+
+class _ScratchPart:
+    """One scratch part file, read record by record with plain reads: mapped pages would count
+    as the process's resident memory and grow with the number of records prepared."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        row = len(LEADS) * 4
+        return np.fromfile(self.path, dtype=np.float32, count=count * len(LEADS),
+                           offset=first * row).reshape(count, len(LEADS))
 
 
 def _check_rejected_fraction(counted: list, listed: list, *, total: int, accepted: int, limit: float,
@@ -483,7 +496,7 @@ def _build_shards(*, out_dir: str | os.PathLike, sources: Sequence[Source], labe
         # 4. Standardised per-split files.
         def record_raw(j: int) -> np.ndarray:
             p, pos = where[j]
-            return parts[p][pos:pos + lengths[j]]
+            return parts[p].read(pos, lengths[j])
 
         mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
         split_info = {}
@@ -564,15 +577,19 @@ def _write_split(tmp: pathlib.Path, split: str, idx: np.ndarray, record_raw: Cal
     if total == 0:
         np.save(path, np.zeros(shape, dtype=dtype))
     else:
-        out = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        flat = out.reshape(total, len(LEADS))
-        for c in range(0, len(idx), chunk_records):
-            sel = idx[c:c + chunk_records]
-            block = np.concatenate([record_raw(j) for j in sel])
-            block = (block - mean) / std
-            flat[offsets[c]:offsets[c + len(sel)]] = block.astype(dtype)
-        out.flush()
-        del flat, out
+        # The .npy header and the file's full size, then plain writes: a writable mapping of the
+        # whole split would keep every written page in this process's resident memory.
+        header = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        data_start = header.offset
+        del header
+        row_bytes = len(LEADS) * np.dtype(dtype).itemsize
+        with open(path, "r+b") as f:
+            for c in range(0, len(idx), chunk_records):
+                sel = idx[c:c + chunk_records]
+                block = np.concatenate([record_raw(j) for j in sel])
+                block = (block - mean) / std
+                f.seek(data_start + int(offsets[c]) * row_bytes)
+                f.write(block.astype(dtype).tobytes())
     if ragged:
         np.save(tmp / f"{split}_offsets.npy", offsets)
 
