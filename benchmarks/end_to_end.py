@@ -9,13 +9,15 @@ flag parsing: the subprocess's wall time outside ``train_and_evaluate``), shard 
 the rest of the setup (splits, loader, teacher, state), compilation (the first call of the
 step), input (waiting for prefetched batches), steps (dispatching them and waiting for their
 results), logging, validation and checkpointing. Samples/s are given for the whole job
-(steps x batch / job wall time) and for the training loop alone (input + steps + logging),
+(steps x batch / job wall time) and for the training loop alone (input + dispatch + device
+wait + logging),
 against ``benchmarks/train_step.py``'s isolated step rate of the same net, batch and crop,
 measured by this run on this machine, in this run.
 
 ``*_trivial`` workloads replace the jitted step by one that only advances the step counter
-(and reads one sample of the batch, so the transfer or the on-device crop still happens):
-their loop time per step is the host's cost per step.
+(and reads one sample of the batch, so the transfer or the on-device crop still happens).
+"host us/step" is (input + dispatch + logging) / steps: the host's time per step that the
+devices cannot overlap.
 
 Workloads: ``subset_teacher`` (the default 12-lead teacher, 20 epochs, on ptbxl-subset-1819)
 with the training data on the devices (the default) and on the host loader, and with 10
@@ -155,13 +157,14 @@ def _run(args, workload: Workload, shards: pathlib.Path, runs: dict) -> dict:
     phases = timings["phases_s"]
     steps = timings["end_step"] - timings["start_step"]
     batch = timings["batch_size"]
-    loop = phases.get("input", 0) + phases.get("steps", 0) + phases.get("logging", 0)
+    host = phases.get("input", 0) + phases.get("dispatch", 0) + phases.get("logging", 0)
+    loop = host + phases.get("device_wait", 0)
     row = {"workload": workload.name, "note": workload.note, "command": " ".join(command[1:]),
            "workdir": str(workdir), "steps": steps, "batch_size": batch,
            "steps_per_epoch": info["steps_per_epoch"], "training_data": timings["training_data"],
            "steps_per_dispatch": timings["steps_per_dispatch"], "job_wall_s": wall,
            "startup_s": wall - timings["wall_s"], "phases_s": phases, "other_s": timings["other_s"],
-           "loop_s": loop, "loop_s_per_step": loop / steps, "job_samples_per_s": steps * batch / wall,
+           "loop_s": loop, "host_s_per_step": host / steps, "job_samples_per_s": steps * batch / wall,
            "loop_samples_per_s": steps * batch / loop,
            "load_average_start": load_start[0], "load_average_end": os.getloadavg()[0]}
     row["busy"] = max(row["load_average_start"], 0.0) > harness.busy_load()
@@ -185,21 +188,23 @@ def _isolated_rates(args, pairs: set[tuple[str, str]]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    phases = ("verify_shards", "compile", "input", "steps", "logging", "validation", "checkpointing")
-    head = ["workload", "steps", "job s", "start-up"] + [p.replace("_", " ") for p in phases] + [
+    phases = ("verify_shards", "device_data", "compile", "input", "dispatch", "device_wait", "logging", "validation",
+              "checkpointing")
+    head = ["workload", "steps", "job s", "start-up", "setup"] + [p.replace("_", " ") for p in phases] + [
         "ckpt wait", "other", "job smp/s", "loop smp/s", "isolated smp/s", "job/iso", "loop/iso",
         "host us/step", "load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         p = r["phases_s"]
         iso = r.get("isolated_samples_per_s")
-        cells = [r["workload"], str(r["steps"]), f"{r['job_wall_s']:.1f}", f"{r['startup_s']:.1f}"]
+        setup = p.get("setup", 0.0) - p.get("verify_shards", 0.0) - p.get("device_data", 0.0)
+        cells = [r["workload"], str(r["steps"]), f"{r['job_wall_s']:.1f}", f"{r['startup_s']:.1f}", f"{setup:.1f}"]
         cells += [f"{p.get(k, 0.0):.2f}" for k in phases]
         cells += [f"{p.get('checkpoint_wait', 0.0):.2f}", f"{r['other_s']:.2f}", f"{r['job_samples_per_s']:.0f}",
                   f"{r['loop_samples_per_s']:.0f}", f"{iso:.0f}" if iso else "-",
                   f"{r['job_samples_per_s'] / iso:.2f}" if iso else "-",
                   f"{r['loop_samples_per_s'] / iso:.2f}" if iso else "-",
-                  f"{r['loop_s_per_step'] * 1e6:.0f}" if "trivial" in r["workload"] else "-",
+                  f"{r['host_s_per_step'] * 1e6:.0f}",
                   f"{r['load_average_start']:.2f}/{r['load_average_end']:.2f}" + (" BUSY" if r["busy"] else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

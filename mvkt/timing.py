@@ -2,9 +2,10 @@
 
 Device work is asynchronous: a dispatched step returns at once and the host waits for it
 only when it reads a result. The loop therefore waits for the steps' results before it
-reads metrics (``steps``), so that ``logging`` is the reading and writing alone, and
-``compile`` is the first call of the step (tracing and compilation happen in that call,
-before anything runs). ``benchmarks/end_to_end.py`` reads these files.
+reads metrics (``device_wait``), so that ``logging`` is the reading and writing alone;
+``dispatch`` is the host's part of the calls, and ``compile`` the first call of the step
+(tracing and compilation happen in that call, before anything runs). On XLA:CPU the
+"device" is the same cores, and a call may run part of its work before it returns. ``benchmarks/end_to_end.py`` reads these files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ PHASES = {
     "restore": "the latest checkpoint restored",
     "compile": "the first call of the jitted step (tracing + compilation)",
     "input": "the loop waiting for the next batch from the prefetch threads",
-    "steps": "dispatching steps and waiting for their results at log points",
+    "dispatch": "calling the jitted step (host work: it returns before the devices finish)",
+    "device_wait": "waiting at log points for the dispatched steps to finish",
     "logging": "reading the metrics on the host, metrics.jsonl, TensorBoard, progress",
     "validation": "the evaluators at validation points",
     "checkpointing": "the blocking part of the checkpoint saves",

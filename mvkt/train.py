@@ -97,7 +97,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
                 if item is None:
                     break
                 (first, count), feed = item
-                with phases("steps" if done > start_step else "compile"):
+                with phases("dispatch" if done > start_step else "compile"):
                     state, step_metrics = dispatcher(state, feed, rng)
                 meter.pending.append((step_metrics, count))
                 done = first + count
@@ -106,7 +106,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
                 # a SIGTERM on any process is acted on at the next one, by all of them.
                 if not cadence.log_point(done):
                     continue
-                with phases("steps"):
+                with phases("device_wait"):
                     jax.block_until_ready(step_metrics)
                 preempted = distributed.any_process(stop.requested)
                 must_stop = preempted or cadence.planned_stop(done)
@@ -322,8 +322,7 @@ class _Meter:
 
     def read_and_log(self, done: int, bar) -> dict:
         run = self.run
-        means = {k: float(v) for k, v in jax.device_get(
-            jax.tree.map(lambda *xs: jnp.mean(_per_step(xs, self.pending)), *[m for m, _ in self.pending])).items()}
+        means = _means(self.pending)
         self.pending.clear()
         _check_finite({k: v for k, v in means.items() if k.startswith("loss")}, step=done, since=self.last_step,
                       loader=run.loader, data_dir=str(run.config.data.dir))
@@ -341,12 +340,18 @@ class _Meter:
         return means
 
 
-def _per_step(values: tuple, pending: list) -> jax.Array:
-    """One metric of the calls since the last log point as a (steps,) vector: scalars of
-    one-step calls, or the active entries of K-step calls' stacked values."""
-    if all(v.ndim == 0 for v in values):
-        return jnp.stack(values)
-    return jnp.concatenate([v[:count] if v.ndim else v[None] for v, (_, count) in zip(values, pending)])
+def _means(pending: list[tuple[dict, int]]) -> dict[str, float]:
+    """The mean of each metric over the steps of the calls since the last log point. One-step
+    calls: averaged on the device, as always (the logged numbers stay bitwise those of earlier
+    runs). K-step calls: their stacked values fetched once and the active entries averaged on
+    the host (no eager device op, which would compile for every new count)."""
+    metrics = [m for m, _ in pending]
+    if all(v.ndim == 0 for m in metrics for v in m.values()):
+        return {k: float(v) for k, v in jax.device_get(
+            jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *metrics)).items()}
+    fetched = jax.device_get(metrics)
+    return {k: float(np.mean(np.concatenate([np.asarray(m[k])[:count] for m, (_, count) in zip(fetched, pending)]),
+                             dtype=np.float32)) for k in fetched[0]}
 
 
 def _check_finite(values: dict, *, step: int, since: int, loader: input_pipeline.TrainBatches,
