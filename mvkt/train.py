@@ -343,14 +343,14 @@ class _Meter:
 def _means(pending: list[tuple[dict, int]]) -> dict[str, float]:
     """The mean of each metric over the steps of the calls since the last log point. One-step
     calls: averaged on the device, as always (the logged numbers stay bitwise those of earlier
-    runs). K-step calls: their stacked values fetched once and the active entries averaged on
-    the host (no eager device op, which would compile for every new count)."""
+    runs). With K-step calls: all values fetched at once and averaged on the host (no eager
+    device op, which would compile for every new number of calls)."""
     metrics = [m for m, _ in pending]
     if all(v.ndim == 0 for m in metrics for v in m.values()):
         return {k: float(v) for k, v in jax.device_get(
             jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *metrics)).items()}
     fetched = jax.device_get(metrics)
-    return {k: float(np.mean(np.concatenate([np.asarray(m[k])[:count] for m, (_, count) in zip(fetched, pending)]),
+    return {k: float(np.mean(np.concatenate([np.atleast_1d(m[k])[:count] for m, (_, count) in zip(fetched, pending)]),
                              dtype=np.float32)) for k in fetched[0]}
 
 

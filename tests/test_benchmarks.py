@@ -105,3 +105,36 @@ def test_fused_weight_gradient_rows_compute_the_same_gradient():
     a, b = (fns[n](*args[n]) for n in fns)
     assert a.shape == (5, 4, 4)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tiled_ptbxl_copy_prepares_to_that_many_patient_disjoint_records(samples_dir, tmp_path):
+    from benchmarks.data_prep import tile_ptbxl
+    from data_prep import ptbxl
+
+    source = tile_ptbxl(samples_dir / "ptbxl", tmp_path / "tiled", 250)
+    assert tile_ptbxl(samples_dir / "ptbxl", tmp_path / "tiled", 250) == source  # kept, not rewritten
+    manifest = ptbxl.prepare(source, tmp_path / "shards")  # refuses splits that share a patient
+    written = sum(manifest["splits"][s]["num_records"] for s in ("train", "val", "test"))
+    single = ptbxl.prepare(samples_dir / "ptbxl", tmp_path / "one")
+    per_copy = sum(single["splits"][s]["num_records"] for s in ("train", "val", "test"))
+    assert per_copy * 2 < written <= 250
+
+
+def test_the_end_to_end_table_splits_a_real_runs_time(ptbxl_sample_shards, tmp_path):
+    """One trivial-step run of the sample through the benchmark's own subprocess path."""
+    import types
+
+    from benchmarks import end_to_end
+    from helpers import TINY_NET_FLAGS
+
+    args = types.SimpleNamespace(work=str(tmp_path), settle_s=0.0, timeout_s=300)
+    workload = end_to_end.Workload("sample_trivial_k4", "teacher", "subset", (
+        "--config.train.epochs=2", "--config.train.batch_size=32", "--config.train.steps_per_dispatch=4",
+        *TINY_NET_FLAGS), trivial=True, isolated=None)
+    row = end_to_end._run(args, workload, ptbxl_sample_shards, {})
+    assert row["steps"] == 4 and row["steps_per_dispatch"] == 4 and row["training_data"] == "devices"
+    assert row["job_wall_s"] > row["startup_s"] > 0
+    assert {"compile", "dispatch", "validation", "checkpointing"} <= set(row["phases_s"])
+    assert row["host_s_per_step"] > 0
+    table = end_to_end.table([row])
+    assert "sample_trivial_k4" in table and table.count("\n") == 2

@@ -29,26 +29,30 @@ def trained(config, workdir):
     return json.loads((workdir / "timings.json").read_text())
 
 
+# Batch 16: 4 steps per epoch of the sample's 67 training records; logs every 6 steps and at
+# epoch ends: points 4, 6, 8, 12, so K = 4 runs calls of 4 steps (0-4, 8-12) and of one.
+K_OVERRIDES = {"train.epochs": 3, "train.batch_size": 16, "train.log_every_steps": 6}
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_device_resident_data_gives_the_host_loaders_metrics_bit_for_bit(ptbxl_sample_shards, tmp_path, k):
     rows, placements = {}, {}
     for name, gb in (("host", 0.0), ("devices", -1.0)):
-        config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **{
-            "train.epochs": 3, "train.device_data_gb": gb, "train.steps_per_dispatch": k,
-            "train.log_every_steps": 3})
+        config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **K_OVERRIDES, **{
+            "train.device_data_gb": gb, "train.steps_per_dispatch": k})
         placements[name] = trained(config, tmp_path / name)["training_data"]
         rows[name] = metrics_without_timing(tmp_path / name)
     assert placements == {"host": "host", "devices": "devices"}
     assert any("val_macro_auc" in r for r in rows["host"])
     assert rows["devices"] == rows["host"]
-    # Log points stay where they are with K = 1: every 3 steps and at epoch ends (2 steps each).
-    assert sorted({r["step"] for r in rows["host"]}) == [2, 3, 4, 6]
+    # Log points stay where they are with K = 1.
+    assert sorted({r["step"] for r in rows["host"]}) == [4, 6, 8, 12]
 
 
 def test_a_memory_bank_student_on_device_data_equals_the_host_loader(ptbxl_sample_shards, tiny_teacher, tmp_path):
     rows = {}
     for name, gb in (("host", 0.0), ("devices", -1.0)):
-        config = tiny(student_config.get_config(), ptbxl_sample_shards, **{
+        config = tiny(student_config.get_config(), ptbxl_sample_shards, **K_OVERRIDES, **{
             "train.device_data_gb": gb, "train.steps_per_dispatch": 2})
         config.method, config.teacher.runs = "mvkt", (str(tiny_teacher),)
         trained(config, tmp_path / name)
@@ -58,16 +62,18 @@ def test_a_memory_bank_student_on_device_data_equals_the_host_loader(ptbxl_sampl
 
 
 def test_a_stopped_k_step_run_resumes_to_the_uninterrupted_runs_metrics(ptbxl_sample_shards, tmp_path):
-    overrides = {"train.epochs": 3, "train.steps_per_dispatch": 4, "train.log_every_steps": 5}
+    overrides = {**K_OVERRIDES, "train.steps_per_dispatch": 4}
     whole = tiny(teacher_config.get_config(), ptbxl_sample_shards, **overrides)
     trained(whole, tmp_path / "whole")
-    stopped = tiny(teacher_config.get_config(), ptbxl_sample_shards, **overrides, **{"train.stop_at_step": 3})
+    stopped = tiny(teacher_config.get_config(), ptbxl_sample_shards, **overrides, **{"train.stop_at_step": 5})
     first = trained(stopped, tmp_path / "resumed")
-    assert (first["start_step"], first["end_step"]) == (0, 3)
+    assert (first["start_step"], first["end_step"]) == (0, 5)
     second = trained(tiny(teacher_config.get_config(), ptbxl_sample_shards, **overrides), tmp_path / "resumed")
-    assert (second["start_step"], second["end_step"]) == (3, 6)
-    # The resumed run's rows after its restart equal the uninterrupted run's.
-    assert metrics_without_timing(tmp_path / "resumed")[-3:] == metrics_without_timing(tmp_path / "whole")[-3:]
+    assert (second["start_step"], second["end_step"]) == (5, 12)
+    # The resumed run's rows after its first log point (whose means cover step 6 alone, not steps 5-6)
+    # equal the uninterrupted run's: validations at 8 and 12, the logs of steps 8 and 12.
+    after = [r for r in metrics_without_timing(tmp_path / "whole") if r["step"] > 6]
+    assert metrics_without_timing(tmp_path / "resumed")[-len(after):] == after
     assert set(second["phases_s"]) >= {"setup", "restore", "compile", "dispatch", "device_wait", "validation",
                                       "checkpointing"}
 
@@ -108,7 +114,7 @@ def test_calls_never_run_past_a_point_of_the_cadence():
         chunks = list(Chunks(k).chunks(0, 33, cadence))
         steps = [first + i for first, count in chunks for i in range(count)]
         assert steps == list(range(33))
-        assert all(1 <= count <= k for _, count in chunks)
+        assert all(count in (1, k) for _, count in chunks)
         ends = {first + count for first, count in chunks}
         # Past the planned stop every step is one (the loop has stopped there).
         points = {d for d in range(1, 26) if cadence.log_point(d)}
@@ -134,3 +140,17 @@ def test_a_run_may_change_how_its_steps_are_dispatched_when_it_resumes(ptbxl_sam
     report = trained(resumed, tmp_path / "run")
     assert (report["start_step"], report["end_step"], report["steps_per_dispatch"]) == (2, 4, 2)
     shutil.rmtree(tmp_path / "run")
+
+
+def test_k_step_calls_follow_the_one_step_run_within_float32_rounding(ptbxl_sample_shards, tmp_path):
+    rows = {}
+    for k in (1, 4):
+        config = tiny(teacher_config.get_config(), ptbxl_sample_shards, **K_OVERRIDES,
+                      **{"train.steps_per_dispatch": k})
+        trained(config, tmp_path / f"k{k}")
+        rows[k] = metrics_without_timing(tmp_path / f"k{k}")
+    assert [r.keys() for r in rows[4]] == [r.keys() for r in rows[1]]
+    for a, b in zip(rows[4], rows[1]):
+        for key, value in a.items():
+            if isinstance(value, float):
+                np.testing.assert_allclose(value, b[key], rtol=1e-3, err_msg=f"step {a['step']} {key}")

@@ -197,11 +197,14 @@ def test_student_stopped_and_resumed_on_two_processes_equals_one_process(teacher
     _, teacher = teachers
     # Two steps per dispatch: the stacked inputs are sharded over both processes' devices.
     student = [f"--config.teacher.runs={teacher}", "--config.method=mvkt", "--config.clt.variant=memory_bank",
-               "--config.train.steps_per_dispatch=2"]
+               "--config.train.steps_per_dispatch=2", "--config.train.log_every_steps=2"]
     two, one = tmp_path / "two", tmp_path / "one"
     run("experiments.train", train_args("student", two, ptbxl_sample_shards, *student, "--config.train.stop_at_step=3"), tmp_path)
     assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [3]
     run("experiments.train", train_args("student", two, ptbxl_sample_shards, *student), tmp_path)
+    # Stopped at the same step: a stop is a log point, and K-step calls resume at the same points.
+    run("experiments.train", train_args("student", one, ptbxl_sample_shards, *student, "--config.train.stop_at_step=3"),
+        tmp_path, processes=1, devices=2)
     run("experiments.train", train_args("student", one, ptbxl_sample_shards, *student), tmp_path, processes=1, devices=2)
     assert_same_metrics(one, two)
     assert {"loss_mkd", "loss_clt"} <= set(metric_rows(two)[0])
