@@ -27,6 +27,7 @@ from mvkt import dispatch as dispatch_lib
 from mvkt import distributed
 from mvkt import evaluators as evaluators_lib
 from mvkt import input_pipeline
+from mvkt import memory
 from mvkt import parallel as parallel_lib
 from mvkt import periodic
 from mvkt import run_config
@@ -89,6 +90,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
     prefetch = input_pipeline.Prefetcher(dispatcher.produce, dispatcher.chunks(start_step, run.total_steps, cadence))
     calls = iter(prefetch)
     done = start_step
+    release_compiler_heap = memory.ReleaseAfterFirst()
     with distributed.StopRequest() as stop:
         try:
             while True:
@@ -112,12 +114,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
                 must_stop = preempted or cadence.planned_stop(done)
                 with phases("logging"):
                     means = meter.read_and_log(done, bar)
+                    release_compiler_heap("step")
                 if cadence.epoch_end(done):
                     epoch = done // run.steps_per_epoch
                     results = None
                     if cadence.eval_point(done):
                         with phases("validation"):
                             results = evaluators_lib.evaluate(evaluators, state.model_items())
+                            release_compiler_heap("validation")
                         _log_validation(run, log, done, epoch, means, results)
                     improved, best_auc = _selection(results, best_auc)
                     latest = must_stop or done == run.total_steps or cadence.checkpoint_point(done)
