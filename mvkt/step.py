@@ -271,10 +271,12 @@ def create_train_state(
     params = {"model": variables["params"], "heads": {}}
     memory_bank = None
     if loss_spec.uses_clt:
-        _, features = model.apply(variables, sample_x, train=False)
+        # The heads' initial parameters depend on the features' shape only. Running the net here, op
+        # by op, compiled one program per operation and kept them all (about 100-230 MB on CPU).
+        features = jax.eval_shape(lambda v: model.apply(v, sample_x, train=False)[1], variables)
         s_rng, t_rng = jax.random.split(head_rng)
         params["heads"] = {
-            "student": head.init(s_rng, features)["params"],
+            "student": head.init(s_rng, jnp.zeros(features.shape, features.dtype))["params"],
             "teacher": head.init(t_rng, jnp.zeros((1, teacher_feature_dim), jnp.float32))["params"],
         }
         if loss_spec.clt_variant == "memory_bank":
