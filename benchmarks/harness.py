@@ -10,6 +10,7 @@ lines behind ``MARK`` and answers ``run N`` / ``done`` on stdin (``serve``).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -152,8 +153,10 @@ def build_step(arch: str, config: str, *, batch_size: int, crop: int, num_batche
     teacher = None
     if spec.needs_teacher:
         teacher_model = models.create_model(arch, num_classes=NUM_CLASSES, dtype=jnp.dtype(precision))
-        teacher = (teacher_model,
-                   teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, crop, NUM_LEADS)), train=False))
+        # Jitted, as a trained teacher is not initialised op by op (its checkpoint is read): eager
+        # init would leave one compiled program per operation in this process's memory.
+        init = jax.jit(functools.partial(teacher_model.init, train=False))
+        teacher = (teacher_model, init(jax.random.PRNGKey(1), jnp.zeros((1, crop, NUM_LEADS))))
     labels, host_batches = make_data(batch_size=batch_size, crop=crop, num_batches=num_batches)
     if cache:
         add_teacher_cache(host_batches, feature_dim=models.feature_dim(arch))

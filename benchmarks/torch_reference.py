@@ -366,6 +366,8 @@ def torch_worker(args) -> None:
                            else harness.hwm_mb() - baseline_mb)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
+    held_before_steps_mb = (torch.cuda.memory_allocated(device) / 2**20 if on_gpu
+                            else harness.rss_mb() - baseline_mb)
     peak_reset = harness.reset_peak()
     _report_ready(first_step_s, float(last["loss"]), model, teacher, heads, device)
 
@@ -378,6 +380,7 @@ def torch_worker(args) -> None:
             method = ("process peak RSS (VmHWM) during timed steps minus RSS after imports"
                       if peak_reset else "process peak RSS (incl. warm-up) minus RSS after imports")
         return {"peak_mb": peak_mb, "peak_with_compile_mb": peak_with_warmup_mb, "baseline_rss_mb": baseline_mb,
+                "held_before_steps_mb": held_before_steps_mb,
                 "final_loss": float(last["loss"]), "peak_method": method}
 
     harness.serve(run_steps, finish)

@@ -43,7 +43,9 @@ Peak memory: on CPU, the peak resident set size (VmHWM) of the worker process du
 the timed rounds minus its RSS after imports and backend start, before any model or
 data existed; the kernel's peak counter is reset (`/proc/self/clear_refs` = 5) after
 warm-up so compilation transients are excluded (the JSON also has the peak including
-compilation). Same method for both frameworks (tracemalloc would miss the native
+compilation). Before that reset the JAX worker returns the heap that compilation freed to the
+OS (glibc ``malloc_trim``), as ``mvkt.train`` does after its first steps; without it glibc
+keeps that heap mapped and it counts as resident for the whole run. Same method for both frameworks (tracemalloc would miss the native
 allocations of both). Where JAX's device reports memory statistics (GPU), the JAX
 column is `memory_stats()["peak_bytes_in_use"]` instead; the JSON says which.
 
@@ -87,6 +89,8 @@ TORCH_INSTALL = "pip install torch==2.13.0"
 def jax_worker(args) -> None:
     import jax
     import numpy as np
+
+    from mvkt import memory
 
     device = jax.devices()[0]
     baseline_mb = harness.rss_mb()
@@ -133,6 +137,8 @@ def jax_worker(args) -> None:
     run_steps(max(args.warmup - 1, 0))
     metrics = {k: float(v) for k, v in jax.device_get(holder["metrics"]).items()}
     peak_with_compile_mb = harness.hwm_mb() - baseline_mb
+    memory.release_freed_memory()  # as mvkt.train does after its first steps
+    held_before_steps_mb = harness.rss_mb() - baseline_mb
     peak_reset = harness.reset_peak()
 
     params = holder["state"].params
@@ -150,6 +156,7 @@ def jax_worker(args) -> None:
     def finish() -> dict:
         stats = device.memory_stats()
         out = {"peak_with_compile_mb": peak_with_compile_mb, "baseline_rss_mb": baseline_mb,
+               "held_before_steps_mb": held_before_steps_mb,
                "final_loss": float(jax.device_get(holder["metrics"]["loss"]))}
         if stats and "peak_bytes_in_use" in stats:
             out["peak_mb"] = stats["peak_bytes_in_use"] / 2**20

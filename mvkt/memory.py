@@ -2,8 +2,8 @@
 
 XLA's compiler allocates hundreds of MB while it compiles a train step and frees them, but
 glibc's allocator keeps freed heap pages mapped, so the process stays that much larger for
-the whole run (measured: xresnet1d50 teacher on CPU, peak during steps 1,016 MB without,
-670 MB with ``malloc_trim`` after the first steps; benchmarks/memory.py).
+the whole run (measured on CPU, batch 128: xresnet1d50 teacher's peak during steps 1,104 MB
+without, 640 MB with ``malloc_trim`` after the first steps; benchmarks/memory.py).
 """
 
 from __future__ import annotations

@@ -138,3 +138,19 @@ def test_the_end_to_end_table_splits_a_real_runs_time(ptbxl_sample_shards, tmp_p
     assert row["host_s_per_step"] > 0
     table = end_to_end.table([row])
     assert "sample_trivial_k4" in table and table.count("\n") == 2
+
+
+def test_the_memory_breakdown_accounts_for_what_a_step_holds():
+    from benchmarks import memory
+
+    row = memory.jax_row("fcn_wang", "teacher_bce", True)
+    parts = sum(row[k][kind] for k in ("state_data_init_mb", "step_program_mb", "first_run_runtime_mb")
+                for kind in ("anon", "file"))
+    # The stages are measured after malloc_trim, so they add up to what is held before the timed steps.
+    assert abs(parts - row["held_before_steps_mb"]) < 8, (parts, row)
+    assert row["step_program_mb"]["anon"] > 1
+    assert row["xla"]["temp_size_in_bytes"] > 1
+    assert row["step_working_mb"] > 0.5 * row["xla"]["temp_size_in_bytes"]
+    table = memory.table([{"arch": "fcn_wang", "config": "teacher_bce", "jax": row, "jax_no_trim": row,
+                           "load_average_start": 0.5, "load_average_end": 1.0, "busy": False}])
+    assert "| fcn_wang | teacher_bce |" in table and table.count("\n") == 2
