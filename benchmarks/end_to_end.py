@@ -20,10 +20,10 @@ measured by this run on this machine, in this run.
 devices cannot overlap.
 
 Workloads: ``subset_teacher`` (the default 12-lead teacher, 20 epochs, on ptbxl-subset-1819)
-with the training data on the devices (the default) and on the host loader, and with 10
-steps per dispatch; ``subset_student`` (the MVKT memory-bank student of that teacher);
+with the training data on the devices (the default) and on the host loader, with 10
+steps per dispatch, and validating every 5 epochs; ``subset_student`` (the MVKT memory-bank student of that teacher);
 ``tiled_teacher`` (the subset tiled to full PTB-XL size, 21,837 records, for throughput
-only: its records repeat); the host cost per step of the tiled teacher on both input paths;
+only: its records repeat), also for 5 epochs validating once; the host cost per step of the tiled teacher on both input paths;
 and ``paper_teacher`` (the official recipe, experiments/configs/paper.py, a few steps:
 its step time projects the 10-fold study). Writes benchmarks/results/end_to_end.json and
 prints a table; every row carries the load average at its start and end.
@@ -75,12 +75,17 @@ def workloads(epochs: int, student_epochs: int, tiled_epochs: int, paper_steps: 
         Workload("subset_teacher_k10", "teacher", "subset",
                  (f"--config.train.epochs={epochs}", "--config.train.steps_per_dispatch=10"),
                  note="10 steps per dispatch"),
+        Workload("subset_teacher_eval5", "teacher", "subset",
+                 (f"--config.train.epochs={epochs}", "--config.eval.every_epochs=5"),
+                 note="validation every 5 epochs"),
         Workload("subset_student", "student", "subset",
                  (f"--config.train.epochs={student_epochs}", "--config.method=mvkt",
                   "--config.clt.variant=memory_bank"), teacher="subset_teacher",
                  isolated=("resnet1d_wang", "mvkt_memory_bank"), note="MVKT memory-bank student, lead I"),
         Workload("tiled_teacher", "teacher", "tiled", (f"--config.train.epochs={tiled_epochs}",),
                  note="full PTB-XL size (tiled: throughput only)"),
+        Workload("tiled_teacher_eval5", "teacher", "tiled", ("--config.train.epochs=5", "--config.eval.every_epochs=5"),
+                 note="full PTB-XL size, 5 epochs, validation every 5 epochs"),
         Workload("tiled_teacher_trivial_host", "teacher", "tiled",
                  (f"--config.train.epochs={tiled_epochs}", "--config.train.device_data_gb=0", *quick_eval),
                  trivial=True, isolated=None, note="host cost per step: host loader, K=1"),
