@@ -56,7 +56,7 @@ def resident() -> dict:
     return {"anon": (harness.status_kb("RssAnon") or 0) / 1024, "file": (harness.status_kb("RssFile") or 0) / 1024}
 
 
-def jax_worker(arch: str, config: str, trim: bool) -> None:
+def jax_worker(arch: str, config: str, trim: bool, batch_size: int = 128) -> None:
     import jax
 
     from mvkt import memory
@@ -70,7 +70,7 @@ def jax_worker(arch: str, config: str, trim: bool) -> None:
     jax.numpy.zeros(1).block_until_ready()
     stages = {"imports": settled()}
     base_total = harness.rss_mb()
-    built = harness.build_step(arch, config, batch_size=128, crop=250, num_batches=4, total_steps=10_000,
+    built = harness.build_step(arch, config, batch_size=batch_size, crop=250, num_batches=4, total_steps=10_000,
                                precision="float32")
     training, batches, rng = built["training"], built["batches"], built["rng"]
     stages["built"] = settled()
@@ -126,9 +126,13 @@ def torch_row(arch: str, config: str) -> dict:
             "step_working_mb": done["peak_mb"] - done["held_before_steps_mb"]}
 
 
-def jax_row(arch: str, config: str, trim: bool) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", WORKER, arch, config, str(int(trim))],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+def jax_row(arch: str, config: str, trim: bool, batch_size: int = 128) -> dict:
+    # Compiled afresh in every worker: a step read from the persistent compilation cache leaves
+    # another heap behind than a compilation, and rows must not depend on what ran before.
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", WORKER, arch, config, str(int(trim)),
+                          str(batch_size)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     lines = [l for l in out.stdout.splitlines() if l.startswith(harness.MARK)]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"memory worker {arch}/{config} exited with {out.returncode}:\n{out.stderr[-3000:]}")
@@ -195,7 +199,7 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == WORKER:
-        jax_worker(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])))
+        jax_worker(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])), int(sys.argv[5]))
     else:
         harness.define_flags(define_flags)
         app.run(main)

@@ -140,17 +140,17 @@ def test_the_end_to_end_table_splits_a_real_runs_time(ptbxl_sample_shards, tmp_p
     assert "sample_trivial_k4" in table and table.count("\n") == 2
 
 
-def test_the_memory_breakdown_accounts_for_what_a_step_holds():
+def test_the_memory_breakdown_measures_the_step_and_what_the_trim_returns():
     from benchmarks import memory
 
-    row = memory.jax_row("fcn_wang", "teacher_bce", True)
-    parts = sum(row[k][kind] for k in ("state_data_init_mb", "step_program_mb", "first_run_runtime_mb")
-                for kind in ("anon", "file"))
-    # The stages are measured after malloc_trim, so they add up to what is held before the timed steps.
-    assert abs(parts - row["held_before_steps_mb"]) < 8, (parts, row)
-    assert row["step_program_mb"]["anon"] > 1
-    assert row["xla"]["temp_size_in_bytes"] > 1
-    assert row["step_working_mb"] > 0.5 * row["xla"]["temp_size_in_bytes"]
-    table = memory.table([{"arch": "fcn_wang", "config": "teacher_bce", "jax": row, "jax_no_trim": row,
+    row = memory.jax_row("fcn_wang", "teacher_bce", True, batch_size=32)
+    untrimmed = memory.jax_row("fcn_wang", "teacher_bce", False, batch_size=32)
+    # What the step needs while it runs is XLA's own count of its temporaries (measured 1.03-1.15x).
+    assert 0.8 < row["step_working_mb"] / row["xla"]["temp_size_in_bytes"] < 1.5, row
+    assert row["step_program_mb"]["anon"] > 5 and row["programs_freed_mb"]["anon"] > 5, row
+    # Without malloc_trim the compiler's freed heap stays resident (measured 384 against 138 MB).
+    assert untrimmed["held_before_steps_mb"] > row["held_before_steps_mb"] + 100, (untrimmed, row)
+    assert untrimmed["peak_during_steps_mb"] > row["peak_during_steps_mb"] + 100, (untrimmed, row)
+    table = memory.table([{"arch": "fcn_wang", "config": "teacher_bce", "jax": row, "jax_no_trim": untrimmed,
                            "load_average_start": 0.5, "load_average_end": 1.0, "busy": False}])
     assert "| fcn_wang | teacher_bce |" in table and table.count("\n") == 2
