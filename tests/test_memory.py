@@ -46,3 +46,16 @@ def test_release_after_first_releases_once_per_name(monkeypatch):
     for what in ("step", "step", "validation", "step", "validation"):
         release(what)
     assert len(calls) == 2
+
+
+def test_training_releases_the_heap_after_its_first_steps_and_first_validation_only(
+        ptbxl_sample_shards, tmp_path, monkeypatch):
+    from experiments.configs import teacher as teacher_config
+    from helpers import tiny
+    from mvkt import train
+
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
+    # 2 epochs of 2 steps, logged at every step, validated at both epoch ends: 4 log points, 2 validations.
+    train.train_and_evaluate(tiny(teacher_config.get_config(), ptbxl_sample_shards), tmp_path / "run", progress=False)
+    assert len(calls) == 2
