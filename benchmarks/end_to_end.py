@@ -21,10 +21,10 @@ devices cannot overlap.
 
 Workloads: ``subset_teacher`` (the default 12-lead teacher, 20 epochs, on ptbxl-subset-1819)
 with the training data on the devices (the default) and on the host loader, with 10
-steps per dispatch, and validating every 5 epochs; ``subset_student`` (the MVKT memory-bank student of that teacher);
-``tiled_teacher`` (the subset tiled to full PTB-XL size, 21,837 records, for throughput
-only: its records repeat), also for 5 epochs validating once; the host cost per step of the tiled teacher on both input paths;
-and ``paper_teacher`` (the official recipe, experiments/configs/paper.py, a few steps:
+steps per dispatch, and validating every 5 epochs; ``subset_student`` (the MVKT memory-bank
+student of that teacher); ``tiled_teacher`` (the subset tiled to full PTB-XL size, 21,837
+records, for throughput only: its records repeat), also for 5 epochs validating once; the
+host cost per step of the tiled teacher on both input paths; and ``paper_teacher`` (the official recipe, experiments/configs/paper.py, a few steps:
 its step time projects the 10-fold study). Writes benchmarks/results/end_to_end.json and
 prints a table; every row carries the load average at its start and end.
 """

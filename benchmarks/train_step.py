@@ -45,8 +45,8 @@ data existed; the kernel's peak counter is reset (`/proc/self/clear_refs` = 5) a
 warm-up so compilation transients are excluded (the JSON also has the peak including
 compilation). Before that reset the JAX worker returns the heap that compilation freed to the
 OS (glibc ``malloc_trim``), as ``mvkt.train`` does after its first steps; without it glibc
-keeps that heap mapped and it counts as resident for the whole run. Same method for both frameworks (tracemalloc would miss the native
-allocations of both). Where JAX's device reports memory statistics (GPU), the JAX
+keeps that heap mapped and it counts as resident for the whole run. Same method for both
+frameworks (tracemalloc would miss the native allocations of both). Where JAX's device reports memory statistics (GPU), the JAX
 column is `memory_stats()["peak_bytes_in_use"]` instead; the JSON says which.
 
 Usage

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None; looked up once (``find_library`` runs ``ldconfig``)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory() -> bool:
     """``malloc_trim(0)`` where the C library has it (glibc); False elsewhere."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return False
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)

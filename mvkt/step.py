@@ -272,7 +272,8 @@ def create_train_state(
     memory_bank = None
     if loss_spec.uses_clt:
         # The heads' initial parameters depend on the features' shape only. Running the net here, op
-        # by op, compiled one program per operation and kept them all (about 100-230 MB on CPU).
+        # by op, compiled one program per operation and kept them all (94-173 MB on CPU,
+        # benchmarks/memory.py).
         features = jax.eval_shape(lambda v: model.apply(v, sample_x, train=False)[1], variables)
         s_rng, t_rng = jax.random.split(head_rng)
         params["heads"] = {

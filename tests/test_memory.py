@@ -8,15 +8,12 @@ import sys
 
 import pytest
 
+from benchmarks import harness
 from mvkt import memory
 
 
 def _rss_anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no RssAnon in /proc/self/status")
+    return harness.status_kb("RssAnon") / 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc: Linux only")
