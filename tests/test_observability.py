@@ -4,6 +4,10 @@ resume), on the embedded real PTB-XL sample."""
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,6 +47,33 @@ def test_event_files_hold_the_values_of_metrics_jsonl(config, tmp_path):
             "val/macro_auc"} <= set(events)
     assert any(tag.startswith("val/auc/") for tag in events)   # per class
     _assert_same(events, _jsonl_as_tags(tmp_path))
+
+
+def test_logging_to_tensorboard_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (1.2-1.9 s per run): a torch whose
+    import fails loudly stands in for an installed one (CI has none)."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('torch was imported')\n")
+    code = f"""
+import sys
+from mvkt import run_dir
+log = run_dir.MetricsLog({str(tmp_path / 'run')!r}, resume_step=0, enabled=True)
+log.write({{"step": 1, "epoch": 0.5, "loss": 0.25}})
+log.close()
+assert "torch" not in sys.modules
+try:
+    import torch
+except RuntimeError as e:
+    print("afterwards:", e)
+"""
+    (tmp_path / "run").mkdir()
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(repo)]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "afterwards: torch was imported" in out.stdout  # torch is importable again afterwards
+    assert read_events(tmp_path / "run") == {"train/loss": [(1, 0.25)]}
 
 
 def test_a_resumed_run_continues_the_same_curves_without_duplicated_steps(config, tmp_path):
