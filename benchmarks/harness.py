@@ -95,19 +95,20 @@ def num_cores() -> int:
 # ----------------------------------------------------------------------------- synthetic workload
 
 
-def make_data(*, batch_size: int, crop: int, num_batches: int, seed: int = 0):
+def make_data(*, batch_size: int, crop: int, num_batches: int, seed: int = 0, num_records: int = NUM_RECORDS):
     """Deterministic synthetic batches shared by both frameworks (NumPy, channels-last x).
 
-    Labels of all NUM_RECORDS records (multi-hot, p=0.3), and per batch distinct record
-    indices whose labels are the batch labels, as the real loader produces.
+    Labels of all ``num_records`` records (multi-hot, p=0.3; the rows of the CLT memory bank),
+    and per batch distinct record indices whose labels are the batch labels, as the real loader
+    produces.
     """
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    labels = (rng.random((NUM_RECORDS, NUM_CLASSES)) < 0.3).astype(np.float32)
+    labels = (rng.random((num_records, NUM_CLASSES)) < 0.3).astype(np.float32)
     batches = []
     for _ in range(num_batches):
-        index = rng.permutation(NUM_RECORDS)[:batch_size].astype(np.int32)
+        index = rng.permutation(num_records)[:batch_size].astype(np.int32)
         x = rng.standard_normal((batch_size, crop, NUM_LEADS)).astype(np.float32)
         batches.append({"x": x, "y": labels[index], "index": index})
     return labels, batches
@@ -128,7 +129,7 @@ def add_teacher_cache(batches, *, feature_dim: int, seed: int = 1):
 
 
 def build_step(arch: str, config: str, *, batch_size: int, crop: int, num_batches: int, total_steps: int,
-               precision: str = "float32") -> dict:
+               precision: str = "float32", num_records: int = NUM_RECORDS) -> dict:
     """The JAX side of a row, exactly as ``mvkt.train`` builds it: ``training`` (state and
     jitted step from ``mvkt.step.build_training``), the frozen ``teacher`` or None, the
     synthetic ``labels`` and ``host_batches``, ``batches`` on the mesh, ``rng`` and ``parallel``."""
@@ -157,7 +158,8 @@ def build_step(arch: str, config: str, *, batch_size: int, crop: int, num_batche
         # init would leave one compiled program per operation in this process's memory.
         init = jax.jit(functools.partial(teacher_model.init, train=False))
         teacher = (teacher_model, init(jax.random.PRNGKey(1), jnp.zeros((1, crop, NUM_LEADS))))
-    labels, host_batches = make_data(batch_size=batch_size, crop=crop, num_batches=num_batches)
+    labels, host_batches = make_data(batch_size=batch_size, crop=crop, num_batches=num_batches,
+                                     num_records=num_records)
     if cache:
         add_teacher_cache(host_batches, feature_dim=models.feature_dim(arch))
     training = step_lib.build_training(

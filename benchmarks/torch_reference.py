@@ -304,7 +304,8 @@ def torch_worker(args) -> None:
     feature_dim = model.head.layers[0].num_features  # BatchNorm over the concat-pooled features
     trainable = list(model.parameters()) + [p for h in (heads or []) for p in h.parameters()]
     bank = None
-    labels, host_batches = harness.make_data(batch_size=args.batch_size, crop=args.crop, num_batches=args.num_batches)
+    labels, host_batches = harness.make_data(batch_size=args.batch_size, crop=args.crop, num_batches=args.num_batches,
+                                             num_records=args.num_records)
     if cache:
         harness.add_teacher_cache(host_batches, feature_dim=feature_dim)
     if uses_clt and variant == "memory_bank":

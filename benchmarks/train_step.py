@@ -54,6 +54,8 @@ Usage
     pip install torch==2.13.0       # benchmark-only dependency (CPU wheel), not used by mvkt
     python benchmarks/train_step.py                      # full run, both archs
     python benchmarks/train_step.py --quick              # smoke check (tiny, ~1-2 min)
+    python benchmarks/train_step.py --configs=mvkt_memory_bank --num_records=17400  # full PTB-XL's bank
+    python benchmarks/train_step.py --no_torch --notrim  # the JAX step without mvkt.train's heap trim
 
 Without torch the JAX columns are still measured and the torch columns say why they
 are empty. `--jax_env XLA_FLAGS=...` passes environment variables to the JAX workers only
@@ -95,7 +97,8 @@ def jax_worker(args) -> None:
     device = jax.devices()[0]
     baseline_mb = harness.rss_mb()
     built = harness.build_step(args.arch, args.config, batch_size=args.batch_size, crop=args.crop,
-                               num_batches=args.num_batches, total_steps=args.total_steps, precision=args.precision)
+                               num_batches=args.num_batches, total_steps=args.total_steps, precision=args.precision,
+                               num_records=args.num_records)
     training, teacher, batches, base_rng = built["training"], built["teacher"], built["batches"], built["rng"]
     state, update = training.state, training.update
 
@@ -137,7 +140,8 @@ def jax_worker(args) -> None:
     run_steps(max(args.warmup - 1, 0))
     metrics = {k: float(v) for k, v in jax.device_get(holder["metrics"]).items()}
     peak_with_compile_mb = harness.hwm_mb() - baseline_mb
-    memory.release_freed_memory()  # as mvkt.train does after its first steps
+    if args.trim:
+        memory.release_freed_memory()  # as mvkt.train does after its first steps
     held_before_steps_mb = harness.rss_mb() - baseline_mb
     peak_reset = harness.reset_peak()
 
@@ -199,7 +203,8 @@ def params_worker(args) -> None:
 def _worker_args(args, arch: str, config: str) -> list[str]:
     return [f"--worker_arch={arch}", f"--worker_config={config}", f"--batch_size={args.batch_size}",
             f"--crop={args.crop}", f"--warmup={args.warmup}", f"--num_batches={args.num_batches}",
-            f"--total_steps={args.total_steps}", f"--torch_device={args.torch_device}", f"--precision={args.precision}"]
+            f"--total_steps={args.total_steps}", f"--torch_device={args.torch_device}", f"--precision={args.precision}",
+            f"--num_records={args.num_records}", f"--trim={args.trim}"]
 
 
 def bench_config(args, arch: str, config: str, have_torch: bool, jax_env: dict,
@@ -330,6 +335,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("crop", 250, "crop length in samples (2.5 s at 100 Hz)")
     flags.DEFINE_integer("num_batches", 4, "distinct synthetic batches cycled through")
     flags.DEFINE_integer("total_steps", 10_000, "length of the one-cycle LR schedule")
+    flags.DEFINE_integer("num_records", harness.NUM_RECORDS, "training records: rows of the CLT memory bank "
+                         "(1,442: the subset's training split; 17,400: full PTB-XL's)")
+    flags.DEFINE_bool("trim", True, "JAX: return the compiler's freed heap to the OS after the warm-up steps, "
+                      "as mvkt.train does (--notrim: the A/B of its effect on step time and memory)")
     flags.DEFINE_bool("quick", False, "smoke check: resnet1d_wang only (unless --archs), batch 16, 1 step x 2 rounds")
     flags.DEFINE_bool("no_torch", False, "skip the PyTorch reference")
     flags.DEFINE_multi_string("jax_env", [], "KEY=VALUE environment variable for the JAX workers only, "
@@ -448,9 +457,9 @@ def main(argv) -> int:
 
     settings = {k: getattr(args, k) for k in ("archs", "configs", "steps", "repeats", "warmup", "batch_size",
                                               "crop", "num_batches", "total_steps", "quick", "torch_device",
-                                              "settle_s", "precision")}
+                                              "settle_s", "precision", "num_records", "trim")}
     settings.update({"num_classes": harness.NUM_CLASSES, "num_leads": harness.NUM_LEADS,
-                     "memory_bank_records": harness.NUM_RECORDS,
+                     "memory_bank_records": args.num_records,
                      "command": " ".join([os.path.basename(sys.executable)] + sys.argv)})
     env = harness.environment(jax_env=jax_env)
     out = pathlib.Path(args.out)

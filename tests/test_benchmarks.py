@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 
@@ -50,6 +52,18 @@ def test_step_flops_count_the_convolutions_of_forward_and_weight_gradient():
     forward = 2 * 8 * 100 * 16 * 32 * 5  # multiply-adds of one convolution
     flops = harness.step_flops(lowered, lowered.compile())
     assert flops is not None and abs(flops / (2 * forward) - 1) < 0.05  # forward + weight gradient
+
+
+def test_the_memory_bank_size_and_the_trim_reach_both_workers():
+    labels, batches = harness.make_data(batch_size=16, crop=8, num_batches=3, num_records=17_400)
+    assert labels.shape == (17_400, harness.NUM_CLASSES)
+    for b in batches:
+        assert len(set(b["index"].tolist())) == 16 and b["index"].max() < 17_400
+        np.testing.assert_array_equal(b["y"], labels[b["index"]])
+    args = types.SimpleNamespace(batch_size=128, crop=250, warmup=2, num_batches=4, total_steps=10,
+                                 torch_device="cpu", precision="float32", num_records=17_400, trim=False)
+    worker_args = train_step._worker_args(args, "resnet1d_wang", "mvkt_memory_bank")
+    assert "--num_records=17400" in worker_args and "--trim=False" in worker_args
 
 
 def test_busy_load_scales_with_the_cores(monkeypatch):
