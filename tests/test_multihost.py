@@ -5,7 +5,8 @@ SIGTERM on one process, kill -9 of one process, evaluation.
 
 Tolerance: metrics.jsonl loss terms within 1e-6 relative and validation macro-AUC within
 1e-6 absolute of the 1-process run (they were bitwise equal when this was written: both
-are one jit over the same global arrays; only the collectives' transport differs).
+are one jit over the same global arrays; only the collectives' transport differs); 1e-5
+where a stopped and resumed run is held against an uninterrupted one (other programs).
 
 Every process runs under a hard deadline and is killed when it passes it: a test may
 fail, it never hangs.
@@ -137,8 +138,8 @@ def metric_rows(workdir: pathlib.Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-def assert_same_metrics(a: pathlib.Path, b: pathlib.Path) -> None:
-    rows_a, rows_b = metric_rows(a), metric_rows(b)
+def assert_same_metrics(a: pathlib.Path, b: pathlib.Path, after_step: int = 0, rtol: float = 1e-6) -> None:
+    rows_a, rows_b = ([r for r in metric_rows(w) if r["step"] > after_step] for w in (a, b))
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     assert any("val_macro_auc" in r for r in rows_a)
     for ra, rb in zip(rows_a, rows_b):
@@ -147,7 +148,7 @@ def assert_same_metrics(a: pathlib.Path, b: pathlib.Path) -> None:
             if key == "val_macro_auc":
                 np.testing.assert_allclose(rb[key], ra[key], atol=1e-6, err_msg=f"step {ra['step']} {key}")
             else:
-                np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=f"step {ra['step']} {key}")
+                np.testing.assert_allclose(rb[key], ra[key], rtol=rtol, err_msg=f"step {ra['step']} {key}")
 
 
 def wait_for_metric_row(workdir: pathlib.Path, job: Job, timeout: float = DEADLINE_S) -> None:
@@ -202,11 +203,15 @@ def test_student_stopped_and_resumed_on_two_processes_equals_one_process(teacher
     run("experiments.train", train_args("student", two, ptbxl_sample_shards, *student, "--config.train.stop_at_step=3"), tmp_path)
     assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [3]
     run("experiments.train", train_args("student", two, ptbxl_sample_shards, *student), tmp_path)
-    # Stopped at the same step: a stop is a log point, and K-step calls resume at the same points.
-    run("experiments.train", train_args("student", one, ptbxl_sample_shards, *student, "--config.train.stop_at_step=3"),
-        tmp_path, processes=1, devices=2)
+    # Against one process that was never stopped (one launch instead of two): the two-process
+    # run's rows after the resume's first log point (step 4, whose means cover step 4 alone) are
+    # the uninterrupted run's. Within 1e-5, not 1e-6: the stopped run took step 3 alone, in the
+    # one-step program, the uninterrupted run steps 3-4 in the two-step one; same sums, other
+    # rounding (1.4e-6 relative seen). tests/test_dispatch.py checks stopped against
+    # uninterrupted K-step runs on one process.
     run("experiments.train", train_args("student", one, ptbxl_sample_shards, *student), tmp_path, processes=1, devices=2)
-    assert_same_metrics(one, two)
+    assert [r["step"] for r in metric_rows(two)] == [2, 3, 4, 4, 6, 8, 8], metric_rows(two)
+    assert_same_metrics(one, two, after_step=4, rtol=1e-5)
     assert {"loss_mkd", "loss_clt"} <= set(metric_rows(two)[0])
 
 
