@@ -241,6 +241,17 @@ def main(argv) -> int:
         needed = set(args.workloads) | {w.teacher for w in chosen if w.name in args.workloads and w.teacher}
         chosen = [w for w in chosen if w.name in needed]
     started = time.perf_counter()
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: list[dict], markdown: str | None) -> None:
+        # Rewritten after every row, so that a run cut short (a time limit on a lent GPU) keeps its rows.
+        result = {"command": "python -m benchmarks.end_to_end " + " ".join(sys.argv[1:]),
+                  "environment": harness.environment(), "busy_load": harness.busy_load(), "rows": rows,
+                  "complete": markdown is not None, "markdown": markdown,
+                  "total_seconds": time.perf_counter() - started}
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     rates = _isolated_rates(args, {w.isolated for w in chosen if w.isolated})
     runs: dict[str, dict] = {}
     for workload in chosen:
@@ -252,14 +263,10 @@ def main(argv) -> int:
         runs[workload.name] = row
         print(f"{workload.name}: {row['job_wall_s']:.1f} s, loop {row['loop_samples_per_s']:.0f} samples/s, "
               f"load {row['load_average_start']:.2f}", flush=True)
+        write(list(runs.values()), None)
     markdown = table(list(runs.values()))
     print("\n" + markdown)
-    result = {"command": "python -m benchmarks.end_to_end " + " ".join(sys.argv[1:]),
-              "environment": harness.environment(), "busy_load": harness.busy_load(),
-              "rows": list(runs.values()), "markdown": markdown, "total_seconds": time.perf_counter() - started}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write(list(runs.values()), markdown)
     print(f"wrote {out}")
     return 0
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from benchmarks import conv_formulations, harness, profile_step, train_step
+from benchmarks import conv_formulations, gpu_check, harness, profile_step, train_step
 
 
 def test_profile_classifies_the_compiled_ops_of_a_conv_gradient():
@@ -64,6 +64,18 @@ def test_the_memory_bank_size_and_the_trim_reach_both_workers():
                                  torch_device="cpu", precision="float32", num_records=17_400, trim=False)
     worker_args = train_step._worker_args(args, "resnet1d_wang", "mvkt_memory_bank")
     assert "--num_records=17400" in worker_args and "--trim=False" in worker_args
+
+
+def test_the_gpu_check_sees_the_cpu_kernels_only_where_they_apply():
+    from mvkt import cpu_conv
+
+    on_cpu = gpu_check.cpu_kernels_in_loss("xresnet1d50", width_mult=0.25, crop=64)
+    assert on_cpu["pointwise"] > 0 and on_cpu["strided"] > 0 and on_cpu["materialized"] > 0, on_cpu
+    cpu_conv.set_enabled(False)  # what a GPU backend gives: XLA's own convolutions
+    try:
+        assert set(gpu_check.cpu_kernels_in_loss("xresnet1d50", width_mult=0.25, crop=64).values()) == {0}
+    finally:
+        cpu_conv.set_enabled(None)
 
 
 def test_busy_load_scales_with_the_cores(monkeypatch):
