@@ -15,17 +15,20 @@ against ``benchmarks/train_step.py``'s isolated step rate of the same net, batch
 measured by this run on this machine, in this run.
 
 ``*_trivial`` workloads replace the jitted step by one that only advances the step counter
-(and reads one sample of the batch, so the transfer or the on-device crop still happens).
+(and reads one sample of the batch, so the transfer or the on-device crop still happens;
+``*_trivial_noop_*`` not even that, so no device work is left).
 "host us/step" is (input + dispatch + logging) / steps: the host's time per step that the
-devices cannot overlap.
+devices cannot overlap. On XLA:CPU a call runs its program before the host goes on, so there
+the no-op row is host work alone and the other trivial rows an upper bound of it.
 
 Workloads: ``subset_teacher`` (the default 12-lead teacher, 20 epochs, on ptbxl-subset-1819)
 with the training data on the devices (the default) and on the host loader, with 10
 steps per dispatch, and validating every 5 epochs; ``subset_student`` (the MVKT memory-bank
 student of that teacher); ``tiled_teacher`` (the subset tiled to full PTB-XL size, 21,837
 records, for throughput only: its records repeat), also for 5 epochs validating once; the
-host cost per step of the tiled teacher on both input paths; and ``paper_teacher`` (the official recipe, experiments/configs/paper.py, a few steps:
-its step time projects the 10-fold study). Writes benchmarks/results/end_to_end.json and
+host cost per step of the tiled teacher on both input paths; and ``paper_teacher`` (the
+official recipe, experiments/configs/paper.py, a few steps: its step time projects the 10-fold
+study). Writes benchmarks/results/end_to_end.json and
 prints a table; every row carries the load average at its start and end.
 """
 
@@ -51,6 +54,7 @@ from benchmarks.data_prep import tile_ptbxl  # noqa: E402
 
 FULL_PTBXL_RECORDS = 21_837
 TRIVIAL_FLAG = "--trivial_step_worker"
+NOOP_FLAG = "--noop"  # after TRIVIAL_FLAG: the step does not read its batch either
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Workload:
     data: str  # "subset" | "tiled"
     overrides: tuple[str, ...] = ()
     trivial: bool = False
+    noop: bool = False  # trivial, and the batch is not read: no device work, host work alone
     teacher: str | None = None  # workload whose run is this student's teacher
     isolated: tuple[str, str] | None = ("resnet1d_wang", "teacher_bce")  # train_step.py row to compare with
     note: str = ""
@@ -96,13 +101,23 @@ def workloads(epochs: int, student_epochs: int, tiled_epochs: int, paper_steps: 
                  (f"--config.train.epochs={tiled_epochs}", "--config.train.steps_per_dispatch=10",
                   "--config.train.log_every_steps=50", *quick_eval), trivial=True, isolated=None,
                  note="host cost per step: data on the devices, K=10, log every 50"),
+        Workload("tiled_teacher_trivial_noop_device_k10", "teacher", "tiled",
+                 (f"--config.train.epochs={tiled_epochs}", "--config.train.steps_per_dispatch=10",
+                  "--config.train.log_every_steps=50", *quick_eval), trivial=True, noop=True, isolated=None,
+                 note="host work per step alone: as the K=10 row, but the step reads no batch, so no crop runs"),
         Workload("paper_teacher", "paper", "subset", (f"--config.train.stop_at_step={paper_steps}",),
                  isolated=None, note=f"official recipe, first {paper_steps} steps (xresnet1d101, batch 32, 10 s)"),
     ]
 
 
 def trivial_worker(argv: list[str]) -> None:
-    """``experiments.train`` with the step replaced by one that does (almost) nothing."""
+    """``experiments.train`` with the step replaced by one that does (almost) nothing: it reads
+    one sample of its batch, so the batch (or its crop on the devices) is still made, unless
+    ``argv`` starts with NOOP_FLAG. On XLA:CPU a call also runs its program before the host
+    goes on, so only the no-op step's calls are host work alone there; the other trivial rows
+    bound the host work from above."""
+    noop = bool(argv) and argv[0] == NOOP_FLAG
+    argv = argv[1:] if noop else argv
     import jax
     import jax.numpy as jnp
 
@@ -116,7 +131,8 @@ def trivial_worker(argv: list[str]) -> None:
         training = original(*args, **kwargs)
 
         def trivial(state, batch, rng):
-            touched = batch["x"][0, 0, 0] * 0.0  # the batch (or its on-device crop) is still made
+            # The batch (or its on-device crop) is still made, unless noop: then XLA drops the crop.
+            touched = state.step * 0.0 if noop else batch["x"][0, 0, 0] * 0.0
             metrics = {"loss": touched, "loss_bce": touched, "grad_norm": touched, "learning_rate": touched}
             return state.replace(step=state.step + 1), metrics
 
@@ -146,6 +162,7 @@ def _run(args, workload: Workload, shards: pathlib.Path, runs: dict) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, "-m", "benchmarks.end_to_end", TRIVIAL_FLAG] if workload.trivial else [
         sys.executable, "-m", "experiments.train"]
+    command += [NOOP_FLAG] if workload.noop else []
     command += [f"--config=experiments/configs/{workload.config}.py", f"--workdir={workdir}",
                 f"--config.data.dir={shards}", *workload.overrides]
     if workload.teacher:

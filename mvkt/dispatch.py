@@ -133,6 +133,7 @@ class Dispatcher:
         self._k = jax.jit(k_steps, donate_argnums=donated) if self.k > 1 else None
         # Stacked inputs: the batch axis (1) is the sharded one.
         self._stacked = NamedSharding(parallel.mesh, P(None, parallel_lib.DATA_AXIS))
+        self._called: set[int] = set()
 
     @property
     def on_device(self) -> bool:
@@ -166,10 +167,18 @@ class Dispatcher:
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *[self._feed(first + i) for i in range(count)])
         return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self._stacked, a), stacked)
 
+    def _program(self, feed: dict) -> Callable:
+        """K steps when the inputs are stacked (``produce`` of a K-step chunk), else one."""
+        return self._k if self._k is not None and feed["index"].ndim == 2 else self._one
+
+    def first_call(self, feed: dict) -> bool:
+        """Whether the call with ``feed`` is the first of its program in this process."""
+        return id(self._program(feed)) not in self._called
+
     def __call__(self, state, feed: dict, rng: jax.Array):
-        """One call: K steps when the inputs are stacked (``produce`` of a K-step chunk), else one."""
-        k_steps = self._k is not None and feed["index"].ndim == 2
-        return (self._k if k_steps else self._one)(state, self.device_data, feed, rng)
+        program = self._program(feed)
+        self._called.add(id(program))
+        return program(state, self.device_data, feed, rng)
 
 
 def choose_device_data(split: data_lib.Split, *, crop_length: int, device_data_gb: float) -> tuple[bool, str]:

@@ -19,7 +19,7 @@ PHASES = {
     "verify_shards": "part of setup: the shards' hashes checked (cached after the first start)",
     "device_data": "part of setup: the training split placed on the devices",
     "restore": "the latest checkpoint restored",
-    "compile": "the first call of the jitted step (tracing + compilation)",
+    "compile": "the first call of each step program (tracing + compilation): the K-step one and the one-step one",
     "input": "the loop waiting for the next batch from the prefetch threads",
     "dispatch": "calling the jitted step (host work: it returns before the devices finish)",
     "device_wait": "waiting at log points for the dispatched steps to finish",

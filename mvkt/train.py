@@ -99,7 +99,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, parallel
                 if item is None:
                     break
                 (first, count), feed = item
-                with phases("dispatch" if done > start_step else "compile"):
+                # A program's first call traces and compiles it (the K-step one, then the one-step
+                # one before a cadence point): compilation, not host work per step.
+                with phases("compile" if dispatcher.first_call(feed) else "dispatch"):
                     state, step_metrics = dispatcher(state, feed, rng)
                 meter.pending.append((step_metrics, count))
                 done = first + count

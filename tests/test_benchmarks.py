@@ -147,7 +147,8 @@ def test_a_tiled_ptbxl_copy_prepares_to_that_many_patient_disjoint_records(sampl
 
 
 def test_the_end_to_end_table_splits_a_real_runs_time(ptbxl_sample_shards, tmp_path):
-    """One trivial-step run of the sample through the benchmark's own subprocess path."""
+    """One trivial-step run of the sample through the benchmark's own subprocess path (the
+    no-op step, whose calls are host work alone)."""
     import types
 
     from benchmarks import end_to_end
@@ -156,7 +157,7 @@ def test_the_end_to_end_table_splits_a_real_runs_time(ptbxl_sample_shards, tmp_p
     args = types.SimpleNamespace(work=str(tmp_path), settle_s=0.0, timeout_s=300)
     workload = end_to_end.Workload("sample_trivial_k4", "teacher", "subset", (
         "--config.train.epochs=2", "--config.train.batch_size=32", "--config.train.steps_per_dispatch=4",
-        *TINY_NET_FLAGS), trivial=True, isolated=None)
+        *TINY_NET_FLAGS), trivial=True, noop=True, isolated=None)
     row = end_to_end._run(args, workload, ptbxl_sample_shards, {})
     assert row["steps"] == 4 and row["steps_per_dispatch"] == 4 and row["training_data"] == "devices"
     assert row["job_wall_s"] > row["startup_s"] > 0

@@ -106,3 +106,33 @@ def test_open_split_validates_manifest_and_sizes(ptbxl_sample_shards, tmp_path):
         data_lib.open_split(copy, "val")
     with pytest.raises(data_lib.ShardError, match="not a data_prep output folder"):
         data_lib.open_split(tmp_path, "train")
+
+
+def test_batches_by_step_are_the_same_drawn_in_any_order_and_from_threads(ptbxl_sample_shards):
+    """The epoch's record order is drawn once and kept (the prefetch threads ask for steps of two
+    epochs at once): every step's batch is still the pure function of (seed, step)."""
+    import concurrent.futures
+
+    from mvkt import input_pipeline
+
+    def loader():
+        return input_pipeline.TrainBatches(data_lib.open_split(ptbxl_sample_shards, "train"), global_batch_size=16,
+                                           crop_length=250, random_crop=True, seed=7)
+
+    def by_hand(batches, step):  # the draw without any kept state
+        epoch, position = divmod(step, batches.steps_per_epoch)
+        order = np.random.default_rng([7, epoch]).permutation(len(batches.split))
+        return order[position * 16:(position + 1) * 16]
+
+    steps = list(range(4 * 5)) + [3, 0, 17, 2, 19, 4]  # 4 steps per epoch; epochs revisited
+    in_order = loader()
+    expected = {s: by_hand(in_order, s) for s in steps}
+    for s in steps:
+        np.testing.assert_array_equal(in_order.indices_at(s)[0], expected[s])
+    threaded = loader()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: threaded.indices_at(s), steps[::-1] * 3))
+    for s, (indices, starts) in zip(steps[::-1] * 3, got):
+        np.testing.assert_array_equal(indices, expected[s])
+        np.testing.assert_array_equal(starts, in_order.indices_at(s)[1])
+    assert len(threaded._orders) <= 2  # kept for two epochs at most

@@ -4,6 +4,7 @@ batches and metrics as the host loader, points of the cadence unchanged, exact r
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -119,6 +120,30 @@ def test_calls_never_run_past_a_point_of_the_cadence():
         # Past the planned stop every step is one (the loop has stopped there).
         points = {d for d in range(1, 26) if cadence.log_point(d)}
         assert points <= ends, (k, sorted(points - ends))
+
+
+def test_the_first_call_of_each_program_is_compilation_not_dispatch():
+    """The loop charges a program's first call to "compile" (timings.json): the K-step program's
+    and the one-step program's before a cadence point, not only the run's first call."""
+    import jax.numpy as jnp
+
+    class Loader:
+        crop_length = 8
+
+    def update_fn(state, batch, rng):
+        return state + jnp.sum(batch["index"]), {"loss": state}
+
+    calls = dispatch.Dispatcher(update_fn=update_fn, host_update=jax.jit(update_fn), loader=Loader(), source=None,
+                                parallel=parallel_lib.make_parallelism(), steps_per_dispatch=4)
+    stacked, one = {"index": np.ones((4, 2), np.int32)}, {"index": np.ones(2, np.int32)}
+    state, rng = jnp.zeros((), jnp.int32), jax.random.PRNGKey(0)
+    assert calls.first_call(stacked) and calls.first_call(one)
+    state, _ = calls(state, stacked, rng)
+    assert not calls.first_call(stacked) and calls.first_call(one)
+    state, _ = calls(state, one, rng)
+    state, metrics = calls(state, stacked, rng)
+    assert not calls.first_call(stacked) and not calls.first_call(one)
+    assert int(state) == 8 + 2 + 8 and metrics["loss"].shape == (4,)
 
 
 def test_the_budget_decides_where_the_training_data_lives(ptbxl_sample_shards):
