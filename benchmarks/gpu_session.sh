@@ -10,14 +10,16 @@
 # (.gpu/out when unset): gpu_session.log, gpu_check.json (the backend, and mvkt.cpu_conv's kernels
 # counted in each net's traced loss: all 0 where XLA's own convolutions run),
 # end_to_end_host_gpu.json (the host cost per step: a trivial step on the full-size tiled data on
-# the devices, K=1 and K=10), end_to_end_gpu.json (the 20-epoch subset teacher, K=1 and K=10) and
+# the devices, K=1 and K=10), dispatch_calls_gpu.json (the same as medians per call),
+# end_to_end_gpu.json (the 20-epoch subset teacher, K=1 and K=10) and
 # train_step_gpu.json (the step table at batch 128, PyTorch on the same GPU); about 9 minutes.
 # Each benchmark rewrites its JSON after every row and runs under its own time limit, so a cut
 # run keeps what it measured. Copy the files to benchmarks/results/ and the tables to
 # docs/BENCHMARKS.md.
 #
 # Environment: PYTHON (default python3: the device image's, with torch), E2E_EPOCHS (20),
-# E2E_TILED_EPOCHS (2), E2E_HOST_LIMIT_S (140), E2E_LIMIT_S (200), STEP_LIMIT_S (150), STEP_ARCHS,
+# E2E_TILED_EPOCHS (2), E2E_HOST_LIMIT_S (140), CALLS_LIMIT_S (60), E2E_LIMIT_S (200),
+# STEP_LIMIT_S (130), STEP_ARCHS,
 # STEP_CONFIGS (each *_LIMIT_S is a hard limit in seconds; the rows done by then are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,13 +73,17 @@ run() {
     --tiled_epochs="${E2E_TILED_EPOCHS:-2}" --settle_s=0 --out="$out/end_to_end_host_gpu.json" \
     || echo "end_to_end (host cost) stopped: $?"
 
+  echo "== host work per call, medians (benchmarks/dispatch_calls.py)"
+  timeout "${CALLS_LIMIT_S:-60}" "$PYTHON" -m benchmarks.dispatch_calls --data=/tmp/mvkt-gpu/e2e/shards_tiled \
+    --epochs=1 --settle_s=0 --out="$out/dispatch_calls_gpu.json" || echo "dispatch_calls stopped: $?"
+
   echo "== whole runs (benchmarks/end_to_end.py)"
   timeout "${E2E_LIMIT_S:-200}" "$PYTHON" -m benchmarks.end_to_end --subset="$subset" --work=/tmp/mvkt-gpu/e2e \
     --workloads=subset_teacher,subset_teacher_k10 --epochs="${E2E_EPOCHS:-20}" --settle_s=0 \
     --out="$out/end_to_end_gpu.json" || echo "end_to_end stopped: $?"
 
   echo "== train step (benchmarks/train_step.py)"
-  timeout "${STEP_LIMIT_S:-150}" "$PYTHON" benchmarks/train_step.py --archs="${STEP_ARCHS:-resnet1d_wang,xresnet1d50}" \
+  timeout "${STEP_LIMIT_S:-130}" "$PYTHON" benchmarks/train_step.py --archs="${STEP_ARCHS:-resnet1d_wang,xresnet1d50}" \
     --configs="${STEP_CONFIGS:-teacher_bce,mvkt_memory_bank}" --repeats=5 --steps=20 --settle_s=0 \
     --out="$out/train_step_gpu.json" || echo "train_step stopped: $?"
   ls -la "$out"

@@ -78,6 +78,17 @@ def test_the_gpu_check_sees_the_cpu_kernels_only_where_they_apply():
         cpu_conv.set_enabled(None)
 
 
+def test_dispatch_call_medians_leave_out_each_programs_first_call():
+    from benchmarks import dispatch_calls
+
+    calls = {"dispatch": [(9.0, 10), (0.002, 10), (0.004, 10), (0.003, 10), (5.0, 1), (0.001, 1)],
+             "produce": [(0.02, 10), (0.03, 10), (0.001, 1)]}
+    row = dispatch_calls.summarise(calls, 10)
+    assert row["dispatch"]["calls"] == 3 and abs(row["dispatch"]["median_ms_per_call"] - 3.0) < 1e-9
+    assert abs(row["dispatch"]["median_us_per_step"] - 300.0) < 1e-6
+    assert row["produce"]["calls"] == 2 and abs(row["produce"]["median_us_per_step"] - 2500.0) < 1e-6
+
+
 def test_busy_load_scales_with_the_cores(monkeypatch):
     monkeypatch.setattr(harness, "num_cores", lambda: 2)
     assert harness.busy_load() == 1.5  # the 2-core CI machine: the threshold
