@@ -28,8 +28,8 @@ student of that teacher); ``tiled_teacher`` (the subset tiled to full PTB-XL siz
 records, for throughput only: its records repeat), also for 5 epochs validating once; the
 host cost per step of the tiled teacher on both input paths; and ``paper_teacher`` (the
 official recipe, experiments/configs/paper.py, a few steps: its step time projects the 10-fold
-study). Writes benchmarks/results/end_to_end.json and
-prints a table; every row carries the load average at its start and end.
+study). Writes benchmarks/results/end_to_end.json and prints a table; every row carries the
+load average at its start and end.
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ def _run(args, workload: Workload, shards: pathlib.Path, runs: dict) -> dict:
     batch = timings["batch_size"]
     host = phases.get("input", 0) + phases.get("dispatch", 0) + phases.get("logging", 0)
     loop = host + phases.get("device_wait", 0)
-    row = {"workload": workload.name, "note": workload.note, "command": " ".join(command[1:]),
-           "workdir": str(workdir), "steps": steps, "batch_size": batch,
+    row = {"workload": workload.name, "note": workload.note, "trivial": workload.trivial, "noop": workload.noop,
+           "command": " ".join(command[1:]), "workdir": str(workdir), "steps": steps, "batch_size": batch,
            "steps_per_epoch": info["steps_per_epoch"], "training_data": timings["training_data"],
            "steps_per_dispatch": timings["steps_per_dispatch"], "job_wall_s": wall,
            "startup_s": wall - timings["wall_s"], "phases_s": phases, "other_s": timings["other_s"],
@@ -228,7 +228,7 @@ def table(rows: list[dict]) -> str:
                   f"{r['loop_samples_per_s'] / iso:.2f}" if iso else "-",
                   # Only the trivial step's calls are host work alone: on XLA:CPU a real call
                   # computes part of its step before it returns.
-                  f"{r['host_s_per_step'] * 1e6:.0f}" if "trivial" in r["workload"] else "-",
+                  f"{r['host_s_per_step'] * 1e6:.0f}" if r["trivial"] else "-",
                   f"{r['load_average_start']:.2f}/{r['load_average_end']:.2f}" + (" BUSY" if r["busy"] else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -133,7 +133,7 @@ class Dispatcher:
         self._k = jax.jit(k_steps, donate_argnums=donated) if self.k > 1 else None
         # Stacked inputs: the batch axis (1) is the sharded one.
         self._stacked = NamedSharding(parallel.mesh, P(None, parallel_lib.DATA_AXIS))
-        self._called: set[int] = set()
+        self._called: set[Callable] = set()  # the programs called once (compiled)
 
     @property
     def on_device(self) -> bool:
@@ -173,11 +173,11 @@ class Dispatcher:
 
     def first_call(self, feed: dict) -> bool:
         """Whether the call with ``feed`` is the first of its program in this process."""
-        return id(self._program(feed)) not in self._called
+        return self._program(feed) not in self._called
 
     def __call__(self, state, feed: dict, rng: jax.Array):
         program = self._program(feed)
-        self._called.add(id(program))
+        self._called.add(program)
         return program(state, self.device_data, feed, rng)
 
 

@@ -268,8 +268,9 @@ def import_tensorboardx():
     tensorboardX's writer imports torch whenever it is installed, only to accept torch
     tensors; mvkt logs Python floats. Where torch is installed (most researchers' machines)
     that import cost every training run 1.2-1.9 s and 180 MB (tensorboardX 2.6.5, torch
-    2.13.0, 2-core CPU machine; 0.09 s without torch). Called by the chief of a training run only, so that predict, export and
-    evaluate, which import this module, do not pay for tensorboardX either.
+    2.13.0, 2-core CPU machine; 0.09 s without torch). Called by the chief of a training run
+    only, so that predict, export and evaluate, which import this module, do not pay for
+    tensorboardX either.
     """
     if "torch" in sys.modules or "tensorboardX" in sys.modules:  # already paid, or in use
         import tensorboardX  # noqa: PLC0415

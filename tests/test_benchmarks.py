@@ -173,9 +173,10 @@ def test_the_end_to_end_table_splits_a_real_runs_time(ptbxl_sample_shards, tmp_p
     assert row["steps"] == 4 and row["steps_per_dispatch"] == 4 and row["training_data"] == "devices"
     assert row["job_wall_s"] > row["startup_s"] > 0
     assert {"compile", "dispatch", "validation", "checkpointing"} <= set(row["phases_s"])
-    assert row["host_s_per_step"] > 0
+    assert row["host_s_per_step"] > 0 and row["trivial"] and row["noop"]
     table = end_to_end.table([row])
     assert "sample_trivial_k4" in table and table.count("\n") == 2
+    assert f"| {row['host_s_per_step'] * 1e6:.0f} |" in table  # host us/step: shown for trivial rows only
 
 
 def test_the_memory_breakdown_measures_the_step_and_what_the_trim_returns():
