@@ -449,6 +449,9 @@ def main(argv) -> int:
     unknown = [c for c in configs if c not in harness.CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {list(harness.CONFIGS)}")
+    if args.num_records < args.batch_size:
+        raise SystemExit(f"--num_records={args.num_records} is below --batch_size={args.batch_size}: "
+                         "a batch holds distinct records")
     jax_env = dict(kv.split("=", 1) for kv in args.jax_env)
     have_torch, why = _torch_reference(args)
     started = time.perf_counter()

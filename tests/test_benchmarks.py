@@ -89,6 +89,17 @@ def test_dispatch_call_medians_leave_out_each_programs_first_call():
     assert row["produce"]["calls"] == 2 and abs(row["produce"]["median_us_per_step"] - 2500.0) < 1e-6
 
 
+def test_a_memory_bank_smaller_than_a_batch_is_refused_before_anything_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "benchmarks/train_step.py", "--num_records=100", "--no_torch",
+                           f"--out={out}"], cwd=harness.ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--num_records=100 is below --batch_size=128" in done.stderr
+    assert not out.exists()
+
+
 def test_busy_load_scales_with_the_cores(monkeypatch):
     monkeypatch.setattr(harness, "num_cores", lambda: 2)
     assert harness.busy_load() == 1.5  # the 2-core CI machine: the threshold
